@@ -1,0 +1,111 @@
+"""Checkpoint format shared by the pretext, transfer and eval stages.
+
+One ``.pt`` file (a dict) per checkpoint, written atomically:
+
+- ``format``: :data:`FORMAT`; ``method``: context_encoder | autoencoder | random_init
+- ``arch``, ``output``, ``dropout``: enough to rebuild the network with :func:`build_model`
+- ``model``: full state dict; ``discriminator`` (or None); ``optimizers``; ``step``; ``rng``
+- ``data_mean``: per-channel fill value in [-1, 1] (masked pixels get the dataset mean, §3.3)
+- ``config``: the resolved training config as a dict; ``elapsed_s``: training time so far
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretext.atomic_io import atomic_save
+from pretext.models import ARCHS, ContextEncoder, build_model
+
+FORMAT = "context-encoder-suite/checkpoint-v1"
+METHODS = ("context_encoder", "autoencoder", "random_init")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or of the wrong kind / architecture."""
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` (plus the format tag) atomically: a kill leaves the previous file intact."""
+    state = {"format": FORMAT, **state}
+    atomic_save(path, lambda fh: torch.save(state, fh))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / "checkpoints" / "last.pt"
+        if not candidate.is_file():
+            raise CheckpointError(f"{path}: a folder without checkpoints/last.pt")
+        path = candidate
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint ({type(err).__name__}: {err})"
+        ) from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"{path}: not a context-encoder-suite checkpoint (format {found!r}, expected {FORMAT!r})"
+        )
+    if state.get("arch") not in ARCHS:
+        raise CheckpointError(f"{path}: unknown arch {state.get('arch')!r}; known: {sorted(ARCHS)}")
+    return state
+
+
+def model_from_checkpoint(
+    state: dict[str, Any], path: str | Path = "<checkpoint>"
+) -> ContextEncoder:
+    model = build_model(state["arch"], dropout=state.get("dropout", 0.0), output=state["output"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{path}: weights do not match arch {state['arch']!r} ({str(err).splitlines()[0]})"
+        ) from err
+    return model
+
+
+def load_encoder(
+    path: str | Path, expected_arch: str | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The pretrained encoder of a pretext checkpoint, and its metadata.
+
+    Returns (encoder, meta) with meta = {method, arch, step, data_mean, sha256, path, input_size}.
+    ``expected_arch``: raise :class:`CheckpointError` if the checkpoint is of another architecture.
+    """
+    state = load_checkpoint(path)
+    if expected_arch is not None and state["arch"] != expected_arch:
+        raise CheckpointError(
+            f"{path}: checkpoint arch is {state['arch']!r}, but {expected_arch!r} was asked for"
+        )
+    model = model_from_checkpoint(state, path)
+    meta = {
+        "method": state["method"],
+        "arch": state["arch"],
+        "step": state["step"],
+        "data_mean": state["data_mean"],
+        "input_size": model.input_size,
+        "path": str(path),
+        "sha256": file_sha256(resolve_checkpoint_path(path)),
+    }
+    return model.encoder, meta
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path / "checkpoints" / "last.pt" if path.is_dir() else path
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

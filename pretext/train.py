@@ -1,0 +1,538 @@
+"""Train a context encoder (or the autoencoder / random-init baselines): ``python -m pretext.train``.
+
+    python -m pretext.train --config pretext/configs/builtin.yaml run_dir=runs/ce mask.kind=central
+
+A run folder holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per logged step),
+``checkpoints/last.pt`` (atomic), and when finished ``inpainting.json``, ``inpainting_grid.png`` and
+``result.json``. Started again on the same folder, a run resumes from its last checkpoint and
+produces the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from pretext import distributed
+from pretext.atomic_io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from pretext.checkpoint import load_checkpoint, save_checkpoint
+from pretext.config import ConfigError, dump_yaml, load_config, read_yaml, to_dict
+from pretext.data import (
+    MaskedImages,
+    StepBatchSampler,
+    dataset_mean,
+    fill_holes,
+    is_builtin_root,
+    make_loader,
+    to_unit_range,
+)
+from pretext.inpainting import evaluate_inpainting
+from pretext.losses import (
+    discriminator_loss,
+    generator_adversarial_loss,
+    joint_loss,
+    masked_l2_loss,
+    reconstruction_weights,
+)
+from pretext.masks import MaskGenerator, builtin_shapes, central_square
+from pretext.models import ARCHS, Discriminator, build_model
+
+log = logging.getLogger("pretext.train")
+
+
+@dataclass
+class DataConfig:
+    format: Literal["voc", "folder"] = "voc"
+    root: str = "data/minivoc/VOC2007"  # the built-in mini-VOC is generated here when missing
+    split: str = "train"
+    val_split: str = "val"
+    skip_bad: bool = False
+    num_workers: int = 2
+
+
+@dataclass
+class MaskConfig:
+    kind: Literal["random_region", "random_block", "central", "none"] = "random_region"
+    overlap: int = 4  # px of context band predicted around the hole, weighted overlap_weight (§4)
+    overlap_weight: float = 10.0
+    max_coverage: float = 0.25
+    shapes: Literal["auto", "builtin", "voc"] = "auto"  # auto: VOC SegmentationObject if present
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "small64"
+    dropout: float = 0.0
+    output: Literal["auto", "full", "center"] = (
+        "auto"  # auto: centre for central masks on inpaint128
+    )
+
+
+@dataclass
+class LossConfig:
+    adversarial: bool = False  # reconstruction-only is the paper's choice for feature learning
+    lambda_rec: float = 0.999
+    lambda_adv: float = 0.001
+    disc_lr_ratio: float = 0.1  # generator learning rate is 10x the discriminator's (§5.1)
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    cosine: bool = True
+
+
+@dataclass
+class Config:
+    method: Literal["context_encoder", "autoencoder", "random_init"] = "context_encoder"
+    run_dir: str = "runs/pretext/default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint_every: int = 100
+    log_every: int = 10
+    eval_images: int = 256
+    device: str = "auto"  # auto | cpu | cuda
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, off on CPU
+    channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on GPU only
+    compile: bool = False
+    threads: int = 0  # torch intra-op threads on CPU (0: torch's default)
+    force: bool = False  # resume a run folder whose saved config differs
+    fail_at_step: int = -1  # testing aid: inject a NaN loss at this step
+
+
+# Keys that may differ between a run and its resumption without changing its results.
+RESUME_FREE_KEYS = {"force", "data.num_workers", "device", "log_every", "fail_at_step", "threads"}
+
+
+def resolve(cfg: Config) -> Config:
+    """Derived settings and cross-field checks (unknown keys and types are checked on load)."""
+    if cfg.model.arch not in ARCHS:
+        raise ConfigError(
+            f"model.arch: unknown arch {cfg.model.arch!r}; choose one of {sorted(ARCHS)}"
+        )
+    mask = cfg.mask
+    if cfg.method == "autoencoder":
+        # The autoencoder baseline: same network, no mask, reconstructs the whole image.
+        mask = dataclasses.replace(mask, kind="none")
+    elif mask.kind == "none" and cfg.method == "context_encoder":
+        raise ConfigError("mask.kind=none trains an autoencoder: set method=autoencoder instead")
+    output = cfg.model.output
+    if output == "auto":
+        output = "center" if mask.kind == "central" and cfg.model.arch == "inpaint128" else "full"
+    if output == "center" and mask.kind != "central":
+        raise ConfigError(
+            "model.output=center predicts only the central square: use mask.kind=central"
+        )
+    if cfg.loss.adversarial and cfg.method != "context_encoder":
+        raise ConfigError("loss.adversarial applies to method=context_encoder only")
+    model = dataclasses.replace(cfg.model, output=output)
+    return dataclasses.replace(cfg, mask=mask, model=model)
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML overrides of the full default (pretext/configs/)")
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value, e.g. mask.kind=central optim.steps=100"
+    )
+    args = parser.parse_args(argv)
+    return resolve(load_config(Config, args.config, args.overrides))
+
+
+# ---- set-up helpers --------------------------------------------------------------------------
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_images(cfg: DataConfig, split: str, train: bool, image_size: int):
+    """The image dataset of ``split`` (uint8 [3, S, S] items)."""
+    from pretext.datasets import ImageFolderImages, VOCImages
+
+    root = Path(cfg.root)
+    if cfg.format == "voc":
+        if not root.exists() and is_builtin_root(root):
+            from pretext import minivoc
+
+            log.info("generating the built-in mini-VOC under %s", root.parent)
+            minivoc.generate(root.parent)
+        return VOCImages(root, split, image_size, train=train, skip_bad=cfg.skip_bad)
+    folder = root / split if (root / split).is_dir() else root
+    return ImageFolderImages(folder, image_size, train=train, skip_bad=cfg.skip_bad)
+
+
+def region_shapes(cfg: Config) -> list[np.ndarray]:
+    if cfg.mask.kind != "random_region":
+        return []
+    use_voc = cfg.mask.shapes == "voc" or (
+        cfg.mask.shapes == "auto"
+        and cfg.data.format == "voc"
+        and (Path(cfg.data.root) / "SegmentationObject").is_dir()
+    )
+    if use_voc:
+        from pretext.voc import object_shapes
+
+        return object_shapes(cfg.data.root)
+    return builtin_shapes()
+
+
+def check_resume_config(run_dir: Path, cfg: Config) -> None:
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved, current = _flatten(read_yaml(saved_path)), _flatten(to_dict(cfg))
+    diff = sorted(
+        k
+        for k in set(saved) | set(current)
+        if saved.get(k) != current.get(k) and k not in RESUME_FREE_KEYS
+    )
+    if diff and not cfg.force:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)
+        raise ConfigError(
+            f"{saved_path}: the run folder was started with a different config ({details}); "
+            "use another run_dir, or force=true to resume anyway"
+        )
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Linear warm-up then cosine decay to 1% (or constant)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if not cfg.cosine:
+        return cfg.lr
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+# ---- the training step -------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """The networks, optimizers and loss settings of one training step."""
+
+    model: torch.nn.Module
+    disc: torch.nn.Module | None
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer | None
+    cfg: Config
+    mean: torch.Tensor
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+
+    def __call__(self, images: torch.Tensor, hole: torch.Tensor) -> dict[str, float]:
+        """images: uint8 [N, 3, S, S]; hole: bool [N, 1, S, S]. One optimisation step."""
+        x = to_unit_range(images.to(self.device, non_blocking=True))
+        hole = hole.to(self.device, non_blocking=True).float()
+        context = fill_holes(x, hole, self.mean).contiguous(memory_format=self.memory_format)
+        target, weights = (
+            x,
+            reconstruction_weights(hole, self.cfg.mask.overlap, self.cfg.mask.overlap_weight),
+        )
+        if self.cfg.model.output == "center":
+            lo, hi = central_square(x.shape[-1])
+            target, weights = x[..., lo:hi, lo:hi], weights[..., lo:hi, lo:hi]
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        ):
+            pred = self.model(context)
+        rec = masked_l2_loss(pred, target, weights)
+        out = {"loss_rec": rec}
+        loss = rec
+        if self.disc is not None:
+            with torch.autocast(
+                self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+            ):
+                adv = generator_adversarial_loss(self.disc(pred).float())
+            loss = joint_loss(rec, adv, self.cfg.loss.lambda_rec, self.cfg.loss.lambda_adv)
+            out["loss_adv"] = adv
+        out["loss"] = loss
+        if not torch.isfinite(loss):
+            return {k: float(v) for k, v in out.items()}
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_g.step()
+        if self.disc is not None and self.opt_d is not None:
+            with torch.autocast(
+                self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+            ):
+                d_loss = discriminator_loss(
+                    self.disc(target).float(), self.disc(pred.detach()).float()
+                )
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_d.step()
+            out["loss_disc"] = d_loss
+        return {k: float(v) for k, v in out.items()}
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+
+def main(cfg: Config) -> dict[str, float]:
+    """Train (or resume) the run in ``cfg.run_dir``; returns the final metrics (also in result.json)."""
+    cfg = resolve(cfg)
+    env = distributed.read_env()
+    distributed.init(env)
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and env.world_size > 1:
+        device = torch.device("cuda", env.local_rank)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.run_dir)
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    result_path = run_dir / "result.json"
+    if result_path.exists() and ckpt_path.exists():
+        log.info("%s is finished; nothing to do", run_dir)
+        return json.loads(result_path.read_text())
+    check_resume_config(run_dir, cfg)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = build_model(cfg.model.arch, cfg.model.dropout, cfg.model.output)
+    size = model.input_size
+    train_images = build_images(cfg.data, cfg.data.split, train=True, image_size=size)
+    disc = Discriminator() if cfg.loss.adversarial else None
+    opt_g = torch.optim.Adam(
+        model.parameters(),
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    opt_d = (
+        torch.optim.Adam(
+            disc.parameters(), lr=cfg.optim.lr * cfg.loss.disc_lr_ratio, betas=cfg.optim.betas
+        )
+        if disc is not None
+        else None
+    )
+    step, elapsed = 0, 0.0
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        if disc is not None:
+            disc.load_state_dict(state["discriminator"])
+            opt_d.load_state_dict(state["optimizers"]["disc"])  # type: ignore[union-attr]
+        opt_g.load_state_dict(state["optimizers"]["gen"])
+        _set_rng_state(state["rng"])
+        step, elapsed, mean_list = state["step"], state["elapsed_s"], state["data_mean"]
+        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        log.info("resuming %s from step %d", run_dir, step)
+    else:
+        mean_list = dataset_mean(
+            build_images(cfg.data, cfg.data.split, train=False, image_size=size)
+        )
+
+    def checkpoint_state() -> dict[str, Any]:
+        return {
+            "method": cfg.method,
+            "arch": cfg.model.arch,
+            "output": cfg.model.output,
+            "dropout": cfg.model.dropout,
+            "model": _unwrap(model).state_dict(),
+            "discriminator": disc.state_dict() if disc is not None else None,
+            "optimizers": {
+                "gen": opt_g.state_dict(),
+                "disc": opt_d.state_dict() if opt_d else None,
+            },
+            "step": step,
+            "rng": _rng_state(),
+            "data_mean": mean_list,
+            "config": to_dict(cfg),
+            "elapsed_s": elapsed,
+        }
+
+    total = 0 if cfg.method == "random_init" else cfg.optim.steps
+    if step == 0 and env.is_main and not ckpt_path.exists():
+        save_checkpoint(
+            ckpt_path, checkpoint_state()
+        )  # a loadable step-0 checkpoint from the start
+
+    use_gpu = device.type == "cuda"
+    memory_format = (
+        torch.channels_last
+        if (cfg.channels_last == "on" or (cfg.channels_last == "auto" and use_gpu))
+        else torch.contiguous_format
+    )
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    if cfg.amp == "auto" and use_gpu:
+        autocast_dtype = torch.bfloat16
+    model.to(device, memory_format=memory_format)
+    if disc is not None:
+        disc.to(device, memory_format=memory_format)
+    _move_optimizer(opt_g, device)
+    if opt_d is not None:
+        _move_optimizer(opt_d, device)
+    train_model: torch.nn.Module = model
+    if env.world_size > 1:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if use_gpu else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    mean = torch.tensor(mean_list, device=device)
+    train_step = Step(
+        train_model, disc, opt_g, opt_d, cfg, mean, device, autocast_dtype, memory_format
+    )
+
+    if step < total:
+        masks = MaskGenerator(
+            cfg.mask.kind, size, cfg.mask.overlap, cfg.mask.max_coverage, region_shapes(cfg)
+        )
+        sampler = StepBatchSampler(
+            len(train_images), cfg.optim.batch_size, cfg.seed, step, total, env.rank, env.world_size
+        )
+        loader = make_loader(
+            MaskedImages(train_images, masks), sampler, cfg.data.num_workers, pin_memory=use_gpu
+        )
+        model.train()
+        bar = tqdm(
+            total=total,
+            initial=step,
+            desc=f"pretext {run_dir.name}",
+            disable=not env.is_main,
+            mininterval=2,
+            file=sys.stderr,
+        )
+        t_last, n_last = time.perf_counter(), 0
+        for images, hole in loader:
+            for group in opt_g.param_groups:
+                group["lr"] = lr_at(step, cfg.optim)
+            if opt_d is not None:
+                for group in opt_d.param_groups:
+                    group["lr"] = lr_at(step, cfg.optim) * cfg.loss.disc_lr_ratio
+            t0 = time.perf_counter()
+            if step == cfg.fail_at_step:
+                images = images.clone()
+                hole = hole.clone()
+                train_step.mean = torch.full_like(mean, float("nan"))
+            losses = train_step(images, hole)
+            if not math.isfinite(losses["loss"]):
+                raise FloatingPointError(
+                    f"{run_dir}: non-finite loss {losses['loss']} at step {step}; stopped without saving. "
+                    f"The last good checkpoint is {ckpt_path} (step {load_checkpoint(ckpt_path)['step']})"
+                )
+            elapsed += time.perf_counter() - t0
+            step += 1
+            n_last += len(images) * env.world_size
+            bar.update(1)
+            if env.is_main and (step % cfg.log_every == 0 or step == total):
+                now = time.perf_counter()
+                record = {
+                    "step": step,
+                    "lr": lr_at(step - 1, cfg.optim),
+                    **losses,
+                    "images_per_s": n_last / max(now - t_last, 1e-9),
+                    "train_time_s": elapsed,
+                }
+                append_jsonl(run_dir / "metrics.jsonl", record)
+                bar.set_postfix(loss=f"{losses['loss']:.4f}")
+                t_last, n_last = now, 0
+            if env.is_main and (step % cfg.checkpoint_every == 0 or step == total):
+                save_checkpoint(ckpt_path, checkpoint_state())
+        bar.close()
+
+    if not env.is_main:
+        return {}
+    eval_images = build_images(cfg.data, cfg.data.val_split, train=False, image_size=size)
+    inpaint = evaluate_inpainting(
+        model,
+        eval_images,
+        mean_list,
+        overlap=cfg.mask.overlap,
+        max_images=cfg.eval_images,
+        device=device,
+        grid_path=run_dir / "inpainting_grid.png",
+    )
+    atomic_write_json(run_dir / "inpainting.json", inpaint)
+    last = read_jsonl(run_dir / "metrics.jsonl")
+    result = {
+        **{f"inpaint_{k}": v for k, v in inpaint.items()},
+        "final_loss_rec": last[-1]["loss_rec"] if last else float("nan"),
+        "steps": float(step),
+        "train_time_s": elapsed,
+        "images_per_s": step * cfg.optim.batch_size / elapsed if elapsed > 0 else 0.0,
+    }
+    atomic_write_json(result_path, result)
+    return result
+
+
+def _move_optimizer(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    for state in opt.state.values():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and k != "step":
+                state[k] = v.to(device)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from, so no step appears twice."""
+    records = read_jsonl(path)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    if len(kept) != len(records) or (path.exists() and not path.read_text().endswith("\n")):
+        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+
+def cli(argv: list[str] | None = None) -> dict[str, float]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return main(parse_config(argv))
+
+
+if __name__ == "__main__":
+    cli()
