@@ -46,11 +46,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-VOC_CLASSES: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-    "tvmonitor",
-)  # fmt: skip
+from pretext.voc import VOC_CLASSES
+
 CLASSES: tuple[str, ...] = VOC_CLASSES[:8]
 DEFAULT_N_IMAGES = 1000
 FORMAT_VERSION = 1  # bump whenever the drawing changes: a stamp of another version is regenerated
