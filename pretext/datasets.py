@@ -1,0 +1,236 @@
+"""Torch datasets of square uint8 images (item: [3, S, S]) from VOC splits and image folders.
+
+Views: ``train=True`` takes a random resized crop (area 40-100 %, aspect 3/4-4/3) and a random
+horizontal flip, drawn from torch's global RNG, so a seeded DataLoader (its generator seeds each
+worker) or ``torch.manual_seed`` around ``ds[i]`` reproduces them; ``train=False`` resizes the short
+side to S and takes the centre S x S crop. Images are decoded by ``pretext.images.load_rgb``
+(see its policy; ``convert=True`` converts grayscale / RGBA / CMYK / 16-bit instead of refusing).
+
+An image whose short side is below ``min_size`` (default S // 2: more than 2x upsampling) is bad.
+Bad files raise ``BadImageError``; with ``skip_bad=True`` they are left out and listed in
+``dataset.skipped`` as (file, reason). A cheap header scan at construction finds most of them;
+a file that only fails when decoded is replaced by the next good index (deterministic, so the RNG
+stream is unchanged) and appended to ``skipped`` in the process that met it (a DataLoader worker's
+list is not seen by the main process; the warning in the log is).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from pretext import voc
+from pretext.images import IMAGE_EXTENSIONS, BadImageError, load_rgb, probe_image
+
+log = logging.getLogger(__name__)
+
+CROP_SCALE = (0.4, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def random_resized_crop_box(
+    height: int, width: int, scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+) -> tuple[int, int, int, int]:  # fmt: skip
+    """(top, left, h, w) of a crop covering ``scale`` of the area with aspect in ``ratio`` (w/h),
+    drawn from torch's global RNG (torchvision's RandomResizedCrop.get_params algorithm)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(*scale).item()
+        aspect = math.exp(torch.empty(1).uniform_(*log_ratio).item())
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,)).item())
+            left = int(torch.randint(0, width - w + 1, (1,)).item())
+            return top, left, h, w
+    aspect = width / height  # fallback: the largest centred crop with a legal aspect
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def train_view(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> random resized crop + random flip, uint8 [size, size, 3]."""
+    top, left, h, w = random_resized_crop_box(*image.shape[:2])
+    crop = Image.fromarray(image[top : top + h, left : left + w])
+    out = np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR))
+    if torch.rand(1).item() < 0.5:
+        out = out[:, ::-1]
+    return out
+
+
+def eval_view(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> short side resized to ``size``, centre crop, uint8 [size, size, 3]."""
+    h, w = image.shape[:2]
+    k = size / min(h, w)
+    nw, nh = max(size, round(w * k)), max(size, round(h * k))
+    im = Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return np.asarray(im)[top : top + size, left : left + size]
+
+
+def _reason(e: Exception) -> str:
+    return e.problem if isinstance(e, BadImageError) else "file not found"
+
+
+class ImageFiles(Dataset):
+    """A list of image files -> uint8 [3, S, S] views; the shared core of the datasets below."""
+
+    def __init__(
+        self,
+        files: Sequence[str | Path],
+        image_size: int,
+        train: bool,
+        skip_bad: bool = False,
+        convert: bool = False,
+        min_size: int | None = None,
+        scan: bool = True,
+    ):
+        self.image_size, self.train = image_size, train
+        self.skip_bad, self.convert = skip_bad, convert
+        self.min_size = image_size // 2 if min_size is None else min_size
+        self.skipped: list[tuple[str, str]] = []
+        self.keep: list[int] = []  # positions in ``files`` that passed the scan
+        for k, path in enumerate(files):
+            if scan:
+                try:
+                    probe_image(path, self.min_size, convert)
+                except (BadImageError, FileNotFoundError) as e:
+                    if not skip_bad:
+                        raise
+                    self.skipped.append((str(path), _reason(e)))
+                    continue
+            self.keep.append(k)
+        self.files = [str(files[k]) for k in self.keep]
+        if self.skipped:
+            log.warning(
+                "skipped %d of %d images as bad, e.g. %s: %s",
+                len(self.skipped), len(files), *self.skipped[0],
+            )  # fmt: skip
+        if not self.files:
+            raise ValueError(f"no usable images among {len(files)} files")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def view(self, image: np.ndarray) -> torch.Tensor:
+        out = (
+            train_view(image, self.image_size) if self.train else eval_view(image, self.image_size)
+        )
+        return torch.from_numpy(np.array(out)).permute(2, 0, 1).contiguous()  # a writable copy
+
+    def load(self, index: int) -> tuple[int, np.ndarray]:
+        """(index actually used, uint8 [H, W, 3]); with skip_bad a file that fails to decode is
+        replaced by the next one that does."""
+        for step in range(len(self.files)):
+            i = (index + step) % len(self.files)
+            try:
+                return i, load_rgb(self.files[i], self.min_size, self.convert)
+            except (BadImageError, FileNotFoundError) as e:
+                if not self.skip_bad:
+                    raise
+                self.skipped.append((self.files[i], _reason(e)))
+                log.warning("skipping bad image %s", e)
+        raise RuntimeError(f"none of the {len(self.files)} images decodes")
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.view(self.load(index)[1])
+
+
+class VOCImages(ImageFiles):
+    """``JPEGImages/<id>.jpg`` for the ids of ``ImageSets/Main/<split>.txt``."""
+
+    def __init__(
+        self,
+        voc_root: str | Path,
+        split: str,
+        image_size: int,
+        train: bool,
+        skip_bad: bool = False,
+        convert: bool = False,
+        min_size: int | None = None,
+    ):
+        self.voc_root = Path(voc_root)
+        ids = voc.read_split(self.voc_root, split)
+        files = [self.voc_root / "JPEGImages" / f"{i}.jpg" for i in ids]
+        super().__init__(files, image_size, train, skip_bad, convert, min_size)
+        self.ids = [ids[k] for k in self.keep]
+
+
+class ImageFolderImages(ImageFiles):
+    """Every image under ``root``, recursively, sorted by path (ImageNet ``train/<wnid>/*.JPEG``,
+    Paris StreetView's flat folders). ``extensions`` match case-insensitively; dot-files are ignored.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int,
+        train: bool,
+        skip_bad: bool = False,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        convert: bool = False,
+        min_size: int | None = None,
+    ):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: image folder not found")
+        ext = tuple(e.lower() for e in extensions)
+        files = sorted(
+            p
+            for p in self.root.rglob("*")
+            if p.suffix.lower() in ext and not p.name.startswith(".") and p.is_file()
+        )
+        if not files:
+            raise FileNotFoundError(f"{self.root}: no files with extensions {', '.join(ext)}")
+        super().__init__(files, image_size, train, skip_bad, convert, min_size)
+
+
+class VOCClassification(VOCImages):
+    """VOC multi-label classification. Item: (uint8 [3, S, S], labels float [C], difficult_only
+    float [C]): labels[c] = 1 when class c has a non-difficult object, difficult_only[c] = 1 when
+    it appears only as difficult objects (the VOC07 protocol ignores those entries)."""
+
+    def __init__(
+        self,
+        voc_root: str | Path,
+        split: str,
+        image_size: int,
+        train: bool,
+        class_names: Sequence[str] | None = None,
+        skip_bad: bool = False,
+        convert: bool = False,
+        min_size: int | None = None,
+    ):
+        found = voc.class_names(voc_root)
+        if class_names is not None and tuple(class_names) != found:
+            raise ValueError(
+                f"{voc_root}: class_names {tuple(class_names)} do not match the dataset's {found}"
+            )
+        super().__init__(voc_root, split, image_size, train, skip_bad, convert, min_size)
+        self.class_names = found
+        n = len(self.ids)
+        self.labels = torch.zeros(n, len(found))
+        self.difficult_only = torch.zeros(n, len(found))
+        for row, image_id in enumerate(self.ids):
+            ann = voc.parse_annotation(self.voc_root / "Annotations" / f"{image_id}.xml", found)
+            for c, name in enumerate(found):
+                flags = [o.difficult for o in ann.objects if o.name == name]
+                self.labels[row, c] = float(bool(flags) and not all(flags))
+                self.difficult_only[row, c] = float(bool(flags) and all(flags))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        i, image = self.load(index)
+        return self.view(image), self.labels[i], self.difficult_only[i]
