@@ -103,6 +103,7 @@ class ImageFiles(Dataset):
         self.min_size = image_size // 2 if min_size is None else min_size
         self.skipped: list[tuple[str, str]] = []
         self.keep: list[int] = []  # positions in ``files`` that passed the scan
+        self.failed: set[int] = set()  # indices whose decode failed (in this process)
         for k, path in enumerate(files):
             if scan:
                 try:
@@ -136,11 +137,14 @@ class ImageFiles(Dataset):
         replaced by the next one that does."""
         for step in range(len(self.files)):
             i = (index + step) % len(self.files)
+            if i in self.failed:
+                continue
             try:
                 return i, load_rgb(self.files[i], self.min_size, self.convert)
             except (BadImageError, FileNotFoundError) as e:
                 if not self.skip_bad:
                     raise
+                self.failed.add(i)  # counted once, not retried
                 self.skipped.append((self.files[i], _reason(e)))
                 log.warning("skipping bad image %s", e)
         raise RuntimeError(f"none of the {len(self.files)} images decodes")
