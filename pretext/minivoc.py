@@ -33,6 +33,7 @@ import functools
 import io
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import time
@@ -579,6 +580,9 @@ def generate(
         splits, seg = split_indices(params)
         segmented = set(seg["trainval"])
         workers = workers or os.cpu_count() or 1
+        if multiprocessing.current_process().daemon:  # e.g. inside a DataLoader worker
+            workers = 1
+        background_sources()  # loaded once here; forked workers inherit it
         chunks = [list(range(k, n_images, workers)) for k in range(workers)]
         jobs = [(str(tmp), c, params, segmented) for c in chunks if c]
         if workers > 1:
