@@ -41,7 +41,9 @@ class StageJob:
         return f"StageJob({self.module!r}, {self.argv!r})"
 
 
-def make_executor(cluster: str, folder: str | Path, resources: dict[str, Any]) -> submitit.AutoExecutor:
+def make_executor(
+    cluster: str, folder: str | Path, resources: dict[str, Any]
+) -> submitit.AutoExecutor:
     """An executor for ``cluster`` ("slurm" or "local") writing its logs/pickles under ``folder``.
 
     ``resources`` are submitit AutoExecutor parameters, verbatim (``timeout_min``, ``cpus_per_task``,

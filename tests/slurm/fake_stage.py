@@ -1,9 +1,11 @@
 """A stand-in stage with the real stage API: resumable, deterministic, optionally failing.
 
-argv: ``run_dir=DIR steps=N step_s=SECONDS seed=S fail=0|1 [key=value ...]``. Each step updates a
+argv: ``run_dir=DIR steps=N step_s=SECONDS seed=S [fail_if_exists=PATH] [checkpoint=PATH] [k=v]``. Each step updates a
 value deterministically from (seed, step) and checkpoints it to ``run_dir/checkpoints/last.pt``
 (JSON inside), so an interrupted run resumed from its checkpoint ends with the same value as an
-uninterrupted one. Each start appends the step it started from to ``run_dir/starts.txt``.
+uninterrupted one. Each start appends the step it started from to ``run_dir/starts.txt``; other
+keys are saved in ``run_dir/extra.json``; a ``checkpoint=`` that does not exist is an error (like a
+transfer stage started before its pretext run finished).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-DEFAULTS = {"run_dir": "", "steps": 5, "step_s": 0.0, "seed": 0, "fail": 0}
+DEFAULTS = {"run_dir": "", "steps": 5, "step_s": 0.0, "seed": 0, "fail_if_exists": ""}
 
 
 def parse_config(argv: list[str]) -> SimpleNamespace:
@@ -24,7 +26,7 @@ def parse_config(argv: list[str]) -> SimpleNamespace:
         if not sep:
             raise ValueError(f"fake_stage: expected key=value, got {arg!r}")
         if key in DEFAULTS:
-            values[key] = type(DEFAULTS[key])(raw) if key != "run_dir" else raw
+            values[key] = type(DEFAULTS[key])(raw)
         else:
             values["extra"][key] = raw  # grid keys of the real stages, recorded only
     if not values["run_dir"]:
@@ -41,6 +43,14 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def expected_value(seed: int, steps: int) -> float:
+    """The final value of an uninterrupted run (the oracle for resumed ones)."""
+    value = float(seed)
+    for step in range(steps):
+        value = (value * 1.5 + step + seed) % 97.0
+    return value
+
+
 def main(cfg: SimpleNamespace) -> dict[str, float]:
     run_dir = Path(cfg.run_dir)
     ckpt = run_dir / "checkpoints" / "last.pt"
@@ -48,8 +58,11 @@ def main(cfg: SimpleNamespace) -> dict[str, float]:
     state = json.loads(ckpt.read_text()) if ckpt.exists() else {"step": 0, "value": float(cfg.seed)}
     with open(run_dir / "starts.txt", "a") as f:
         f.write(f"{state['step']}\n")
-    if cfg.fail:
-        raise RuntimeError(f"fake_stage: asked to fail (run_dir={run_dir})")
+    _write_json(run_dir / "extra.json", cfg.extra)
+    if cfg.fail_if_exists and Path(cfg.fail_if_exists).exists():
+        raise RuntimeError(f"fake_stage: failing because {cfg.fail_if_exists} exists")
+    if "checkpoint" in cfg.extra and not Path(cfg.extra["checkpoint"]).exists():
+        raise FileNotFoundError(f"fake_stage: checkpoint {cfg.extra['checkpoint']} does not exist")
     for step in range(state["step"], cfg.steps):
         time.sleep(cfg.step_s)
         state = {"step": step + 1, "value": (state["value"] * 1.5 + step + cfg.seed) % 97.0}

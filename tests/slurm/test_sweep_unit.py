@@ -1,0 +1,180 @@
+"""Sweep files, grid, path scheme, submission plan and a local-executor run: no SLURM needed."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+
+import pytest
+from sweep_specs import two_stage_spec, write_sweep
+
+from slurm.launcher import StageJob, make_executor
+from slurm.sweep import CellStatus, Dependency, collect_results, plan, submit, sweep_status
+from slurm.sweep_file import SweepFileError, expand_grid, load_sweep, run_dir, stage_argv
+
+
+def test_grid_expands_in_file_order_with_hydra_style_names():
+    cells = expand_grid({"mask.kind": ["central", "random_block"], "seed": [0, 1], "lr": [0.1]})
+    assert [c.name for c in cells] == [
+        "mask.kind=central,seed=0,lr=0.1",
+        "mask.kind=central,seed=1,lr=0.1",
+        "mask.kind=random_block,seed=0,lr=0.1",
+        "mask.kind=random_block,seed=1,lr=0.1",
+    ]
+    assert cells[3].values == {"mask.kind": "random_block", "seed": 1, "lr": 0.1}
+    assert [c.name for c in expand_grid({})] == ["default"]
+
+
+def test_path_scheme_and_argv(tmp_path):
+    sweep = write_sweep(tmp_path, two_stage_spec("s", {"mask.kind": ["central"], "seed": [3]}))
+    cell = expand_grid(sweep.grid)[0]
+    pre = run_dir("/r", "s", "pretext", cell.name)
+    assert str(pre) == "/r/s/pretext/mask.kind=central,seed=3"
+    assert stage_argv(sweep, sweep.stages["pretext"], cell, "/r") == [
+        f"run_dir={pre}",
+        "mask.kind=central",
+        "seed=3",
+        "steps=4",
+    ]
+    # The dependent stage gets only its grid_keys, and the pretext run folder through {pretext}.
+    assert stage_argv(sweep, sweep.stages["classify"], cell, "/r") == [
+        "run_dir=/r/s/classify/mask.kind=central,seed=3",
+        "seed=3",
+        "steps=2",
+        f"checkpoint={pre}/checkpoints/last.pt",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"name": "x", "stages": {"a": {"module": "m"}}, "grdi": {}}, "unknown keys ['grdi']"),
+        (
+            {"name": "x", "stages": {"a": {"module": "m", "after": "b"}}},
+            "after='b' must name an earlier stage",
+        ),
+        ({"name": "x", "stages": {"a": {"modul": "m"}}}, "needs at least `module"),
+        (
+            {
+                "name": "x",
+                "grid": {"seed": [0]},
+                "stages": {"a": {"module": "m", "grid_keys": ["lr"]}},
+            },
+            "not all in grid",
+        ),
+        ({"name": "a/b", "stages": {"a": {"module": "m"}}}, "plain folder name"),
+    ],
+)
+def test_bad_sweep_files_name_the_file_and_problem(tmp_path, spec, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(SweepFileError, match="bad.yaml") as err:
+        load_sweep(path)
+    assert message in str(err.value)
+
+
+def test_unknown_placeholder_is_an_error(tmp_path):
+    spec = two_stage_spec("s", {"seed": [0]})
+    spec["stages"]["classify"]["overrides"]["checkpoint"] = "{pretrain}/last.pt"
+    sweep = write_sweep(tmp_path, spec)
+    with pytest.raises(SweepFileError, match=r"unknown placeholder 'pretrain'.*\{pretext\}"):
+        stage_argv(sweep, sweep.stages["classify"], expand_grid(sweep.grid)[0], "/r")
+
+
+def _statuses(sweep, states: dict[tuple[str, str], tuple[str, str | None]]):
+    out = {}
+    for stage in sweep.stages:
+        for cell in expand_grid(sweep.grid):
+            state, job = states.get((stage, cell.name), ("missing", None))
+            out[stage, cell.name] = CellStatus(
+                stage, cell.name, state, run_dir("/r", sweep.name, stage, cell.name), job
+            )
+    return out
+
+
+def test_fresh_plan_is_one_array_then_aftercorr(tmp_path):
+    sweep = write_sweep(tmp_path, two_stage_spec("s", {"mask.kind": ["a", "b"], "seed": [0, 1]}))
+    groups = plan(sweep, _statuses(sweep, {}), tmp_path)
+    assert [(g.stage.name, len(g.tasks)) for g in groups] == [("pretext", 4), ("classify", 4)]
+    assert groups[1].dependency == Dependency("aftercorr", group=0)
+    # task i of the classify array is the same cell as task i of the pretext array
+    assert [t.cell.name for t in groups[0].tasks] == [t.cell.name for t in groups[1].tasks]
+
+
+def test_resubmit_plan_only_missing_or_failed_and_wires_dependencies(tmp_path):
+    sweep = write_sweep(tmp_path, two_stage_spec("s", {"seed": [0, 1, 2, 3]}))
+    c = [cell.name for cell in expand_grid(sweep.grid)]
+    states = {
+        ("pretext", c[0]): ("done", "10_0"),
+        ("classify", c[0]): ("done", "11_0"),  # finished: not resubmitted
+        ("pretext", c[1]): ("failed", "10_1"),
+        ("classify", c[1]): ("failed", "11_1"),  # cancelled by its failed upstream
+        ("pretext", c[2]): ("running", "10_2"),
+        ("classify", c[2]): ("missing", None),  # waits for the running upstream job
+        ("pretext", c[3]): ("done", "10_3"),
+        ("classify", c[3]): ("failed", "11_3"),  # upstream done: no dependency
+    }
+    groups = plan(sweep, _statuses(sweep, states), tmp_path)
+    summary = [(g.stage.name, [t.cell.name for t in g.tasks], g.dependency) for g in groups]
+    assert summary == [
+        ("pretext", [c[1]], None),
+        ("classify", [c[2]], Dependency("afterok", job_id="10_2")),
+        ("classify", [c[3]], None),
+        ("classify", [c[1]], Dependency("afterok", group=0, index=0)),
+    ]
+
+
+def test_dry_run_prints_plan_and_submits_nothing(tmp_path):
+    sweep = write_sweep(tmp_path, two_stage_spec("s", {"seed": [0, 1]}))
+    out = io.StringIO()
+    submit(sweep, "slurm", tmp_path / "runs", dry_run=True, out=out)
+    text = out.getvalue()
+    assert (
+        "[0] pretext: 2 cell(s)" in text
+        and "[1] classify: 2 cell(s), dependency aftercorr:<pretext#0>" in text
+    )
+    assert "checkpoint=" in text and "'timeout_min': 5" in text
+    assert not (tmp_path / "runs").exists()
+
+
+def test_stage_job_runs_stage_and_checkpoint_requeues_itself(tmp_path, fake_stage_path):
+    import fake_stage
+
+    job = StageJob("fake_stage", [f"run_dir={tmp_path}", "steps=3", "seed=2"])
+    assert job() == {"final_value": fake_stage.expected_value(2, 3), "steps": 3.0}
+    delayed = job.checkpoint()
+    assert delayed.function is job and delayed.args == ()
+    assert pickle.loads(pickle.dumps(job)).argv == job.argv
+
+
+def test_make_executor_rejects_unknown_cluster_and_parameters(tmp_path):
+    with pytest.raises(ValueError, match="unknown cluster 'slrum'"):
+        make_executor("slrum", tmp_path, {})
+    with pytest.raises(NameError, match="gpus_per_nod"):
+        make_executor("local", tmp_path, {"gpus_per_nod": 1})
+
+
+def test_local_sweep_runs_both_stages_then_resubmits_nothing(tmp_path, fake_stage_path):
+    sweep = write_sweep(
+        tmp_path, two_stage_spec("loc", {"seed": [0, 1]}, resources={"timeout_min": 2})
+    )
+    runs = tmp_path / "runs"
+    submit(sweep, "local", runs, out=io.StringIO())
+    statuses = sweep_status(sweep, runs)
+    assert {s.state for s in statuses.values()} == {"done"}
+    rows = {(r["stage"], r["seed"]): r for r in collect_results(sweep, runs)}
+    import fake_stage
+
+    assert rows["pretext", 1]["final_value"] == fake_stage.expected_value(1, 4)
+    assert rows["classify", 0]["final_value"] == fake_stage.expected_value(0, 2)
+    info = json.loads((runs / "loc/classify/seed=1/run.json").read_text())
+    assert (info["stage"], info["task"], info["variant"], info["seed"]) == (
+        "transfer",
+        "classify",
+        "default",
+        1,
+    )
+    out = io.StringIO()
+    assert submit(sweep, "local", runs, out=out) == []
+    assert "0 cells to submit, 4 done or in flight" in out.getvalue()
