@@ -286,7 +286,7 @@ class Step:
             out["loss_adv"] = adv
         out["loss"] = loss
         if not torch.isfinite(loss):
-            return {k: float(v) for k, v in out.items()}
+            return {k: float(v.detach()) for k, v in out.items()}
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_g.step()
@@ -301,7 +301,7 @@ class Step:
             d_loss.backward()
             self.opt_d.step()
             out["loss_disc"] = d_loss
-        return {k: float(v) for k, v in out.items()}
+        return {k: float(v.detach()) for k, v in out.items()}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -338,10 +338,10 @@ def main(cfg: Config) -> dict[str, float]:
     run_dir = Path(cfg.run_dir)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     result_path = run_dir / "result.json"
+    check_resume_config(run_dir, cfg)
     if result_path.exists() and ckpt_path.exists():
         log.info("%s is finished; nothing to do", run_dir)
         return json.loads(result_path.read_text())
-    check_resume_config(run_dir, cfg)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))

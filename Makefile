@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make table` (the whole pipeline, ending in results/) and `make test`.
+PY := .venv/bin/python
+PROFILE ?= builtin
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup test test-fast lint format table bench data clean-runs
+
+setup:
+	@bash scripts/setup_env.sh
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not slurm"
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format: setup
+	.venv/bin/ruff check --fix .
+	.venv/bin/ruff format .
+
+data: setup
+	$(PY) -m pretext.minivoc --out data/minivoc
+
+table: setup
+	$(PY) -m eval.pipeline --profile $(PROFILE)
+
+bench: setup
+	$(PY) -m bench.run
+
+clean-runs:
+	rm -rf runs/$(PROFILE)
