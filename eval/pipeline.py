@@ -1,0 +1,188 @@
+"""``make table``: run what is missing of a profile (pretext -> transfer -> eval), then the tables.
+
+    python -m eval.pipeline --profile builtin          # eval/profiles/builtin.yaml
+    python -m eval.pipeline --profile paper --dry-run  # list the jobs and their state
+
+Each job runs as its own process (``python -m <module> <argv>``), so a crash or a kill loses at
+most that job's progress since its last checkpoint: run the command again and finished jobs are
+skipped (their ``result.json`` exists), half-finished ones resume from their checkpoints, and
+failed ones are retried. A job's ``run.json`` records what it is, its command and its status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+
+from eval.jobs import Job, Profile, expand, load_profile
+from pretext.atomic_io import atomic_write_json
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+
+def profile_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    return PROFILES_DIR / f"{name}.yaml"
+
+
+def job_state(job: Job) -> str:
+    run_dir = Path(job.run_dir)
+    if (run_dir / "result.json").exists():
+        return "done"
+    run_json = run_dir / "run.json"
+    if run_json.exists():
+        try:
+            return json.loads(run_json.read_text()).get("status", "pending")
+        except json.JSONDecodeError:
+            return "pending"
+    return "missing"
+
+
+def write_run_json(job: Job, status: str, **extra) -> None:
+    atomic_write_json(Path(job.run_dir) / "run.json", {**job.identity(), "status": status, **extra})
+
+
+def run_job(job: Job, threads: int) -> tuple[bool, float]:
+    """Run one job to completion in a subprocess; returns (success, wall seconds)."""
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", job.module, *job.argv]
+    write_run_json(job, "running", command=command, started=time.time())
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "CE_NUM_THREADS": str(threads),
+        "PYTHONUNBUFFERED": "1",
+    }
+    t0 = time.perf_counter()
+    with open(run_dir / "log.txt", "ab") as log:
+        log.write(f"\n$ {' '.join(command)}\n".encode())
+        log.flush()
+        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+    wall = time.perf_counter() - t0
+    ok = proc.returncode == 0 and (run_dir / "result.json").exists()
+    if ok:
+        write_run_json(job, "done", command=command, wall_s=wall)
+    else:
+        tail = (run_dir / "log.txt").read_text(errors="replace").splitlines()[-15:]
+        write_run_json(
+            job, "failed", command=command, wall_s=wall, returncode=proc.returncode, log_tail=tail
+        )
+    return ok, wall
+
+
+def run_pipeline(profile: Profile, parallel: int | None = None, out=sys.stdout) -> dict[str, str]:
+    """Run every job of ``profile`` that is not done, respecting dependencies.
+
+    Returns {job name: final state}. Jobs whose dependency failed are marked ``blocked``.
+    """
+    jobs = expand(profile)
+    parallel = parallel or profile.parallel
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    by_dir = {j.run_dir: j for j in jobs}
+    state = {j.run_dir: job_state(j) for j in jobs}
+    todo = [j for j in jobs if state[j.run_dir] != "done"]
+    print(
+        f"pipeline {profile.name}: {len(jobs) - len(todo)}/{len(jobs)} jobs done, {len(todo)} to run",
+        file=out,
+    )
+    running: dict[Future, Job] = {}
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        while todo or running:
+            for job in list(todo):
+                if len(running) >= parallel:
+                    break
+                dep_states = [state[d] if d in state else job_state_from_dir(d) for d in job.deps]
+                if any(s in ("failed", "blocked") for s in dep_states):
+                    state[job.run_dir] = "blocked"
+                    write_run_json(job, "blocked", reason=f"a dependency failed: {job.deps}")
+                    print(f"  blocked  {job.name} (dependency failed)", file=out)
+                    todo.remove(job)
+                elif all(s == "done" for s in dep_states):
+                    print(f"  start    {job.name}", file=out, flush=True)
+                    running[pool.submit(run_job, job, threads)] = job
+                    state[job.run_dir] = "running"
+                    todo.remove(job)
+            if not running:
+                if todo:  # dependencies outside this profile that are not done
+                    for job in todo:
+                        state[job.run_dir] = "blocked"
+                        print(f"  blocked  {job.name} (dependency not done)", file=out)
+                    break
+                continue
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job = running.pop(fut)
+                ok, wall = fut.result()
+                state[job.run_dir] = "done" if ok else "failed"
+                word = "done   " if ok else "FAILED "
+                print(
+                    f"  {word}  {job.name} ({wall:.0f} s){'' if ok else ' log: ' + job.run_dir + '/log.txt'}",
+                    file=out,
+                    flush=True,
+                )
+    return {by_dir[d].name: s for d, s in state.items()}
+
+
+def job_state_from_dir(run_dir: str) -> str:
+    return "done" if (Path(run_dir) / "result.json").exists() else "missing"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--profile",
+        default=os.environ.get("PROFILE", "builtin"),
+        help="builtin | paper | a YAML path",
+    )
+    parser.add_argument(
+        "--parallel", type=int, default=None, help="jobs at once (default: the profile's)"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list jobs and their state, run nothing"
+    )
+    parser.add_argument("--no-tables", action="store_true", help="run the jobs only")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    profile = load_profile(profile_path(args.profile))
+    if args.dry_run:
+        for job in expand(profile):
+            print(f"{job_state(job):8s} {job.name:55s} python -m {job.module} {' '.join(job.argv)}")
+        return 0
+    t0 = time.perf_counter()
+    states = run_pipeline(profile, args.parallel)
+    wall = time.perf_counter() - t0
+    if not args.no_tables:
+        from eval.report import write_report
+
+        write_report(
+            profile,
+            pipeline_wall_s=wall,
+            command=" ".join(["python -m eval.pipeline", *(argv or sys.argv[1:])]),
+        )
+    bad = sorted(name for name, s in states.items() if s != "done")
+    if bad:
+        print(f"{len(bad)} job(s) not done: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    print(
+        f"pipeline {profile.name}: all jobs done in {wall / 60:.1f} min; tables in {profile.results_dir}/"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

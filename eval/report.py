@@ -1,0 +1,141 @@
+"""Write ``results/``: Table 1 and Table 2 (CSV + Markdown), figures, and how they were made.
+
+Everything here is read from run folders (``run.json`` + ``result.json`` + ``metrics.jsonl``), so
+the committed tables are the output of the recorded runs; ``*_runs.csv`` traces each cell to them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import shutil
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+
+from eval.jobs import Profile
+from eval.tables import (
+    TABLE1_COLUMNS,
+    TABLE2_COLUMNS,
+    build_table,
+    collect_runs,
+    to_markdown,
+    write_table,
+)
+from pretext.atomic_io import atomic_save, atomic_write_text, read_jsonl
+
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "mmcv",
+    "mmdet",
+    "mmsegmentation",
+    "mmengine",
+    "faiss-cpu",
+    "scikit-learn",
+    "pandas",
+    "numpy",
+)
+
+
+def table2_rows(profile: Profile) -> list[tuple[str, str]]:
+    return [(spec.get("title", name), name) for name, spec in profile.pretext["variants"].items()]
+
+
+def table1_rows(profile: Profile) -> list[tuple[str, str]]:
+    rows = profile.eval.get("inpainting", {}).get("rows", {})
+    return [(title, variant) for variant, title in rows.items()]
+
+
+def training_curves(runs: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    pretext = runs[(runs["stage"] == "pretext") & (runs["status"] == "done")]
+    for (variant, seed), sel in pretext.groupby(["variant", "seed"]):
+        records = read_jsonl(Path(sel["run_dir"].iloc[0]) / "metrics.jsonl")
+        if records:
+            ax.plot(
+                [r["step"] for r in records],
+                [r["loss_rec"] for r in records],
+                label=f"{variant} s{seed}",
+                lw=1,
+            )
+    ax.set_xlabel("step")
+    ax.set_ylabel("reconstruction loss (masked L2)")
+    ax.set_yscale("log")
+    ax.set_title("Pretext training curves")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    atomic_save(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    plt.close(fig)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def copy_figure(src: Path, dst: Path) -> bool:
+    if not src.exists():
+        return False
+    atomic_save(dst, lambda fh: fh.write(src.read_bytes()))
+    return True
+
+
+def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path:
+    out = Path(profile.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = collect_runs(profile.runs_root)
+    sections = []
+    t2, t2_long = build_table(runs, TABLE2_COLUMNS, table2_rows(profile))
+    write_table(t2, t2_long, out, "table2_transfer", "Table 2: transfer from pretext features")
+    sections.append(("Table 2: feature learning, transfer to PASCAL VOC", t2))
+    if table1_rows(profile):
+        t1, t1_long = build_table(runs, TABLE1_COLUMNS, table1_rows(profile))
+        write_table(t1, t1_long, out, "table1_inpainting", "Table 1: inpainting, central masks")
+        sections.insert(0, ("Table 1: semantic inpainting on held-out images (central masks)", t1))
+    figures = out / "figures"
+    training_curves(runs, figures / "training_curves.png")
+    for name, rel in profile.eval.get("figures", {}).items():
+        copy_figure(Path(rel), figures / name)
+    atomic_write_text(out / "runs.csv", runs.to_csv(index=False))
+
+    lines = [f"# Results: profile `{profile.name}`", ""]
+    for title, df in sections:
+        lines += [f"## {title}", "", to_markdown(df)]
+    lines += [
+        "Cells: mean ± sample std over seeds (n = finished runs; `n=k/m` when some of the m recorded "
+        "runs are missing or failed). Each cell's run folders are listed in the matching `*_runs.csv`.",
+        "",
+        "## Provenance",
+        "",
+        f"- command: `{command}` (profile file `{profile.path}`)",
+        f"- date (UTC): {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M')}",
+        f"- git commit: {git_commit()}",
+        f"- machine: {platform.machine()}, {platform.system()}, {shutil.os.cpu_count()} CPUs",
+        f"- pipeline wall time of this invocation: {pipeline_wall_s / 60:.1f} min (jobs already done were skipped)",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        "",
+    ]
+    atomic_write_text(out / "README.md", "\n".join(lines))
+    return out
