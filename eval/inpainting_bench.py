@@ -1,0 +1,302 @@
+"""The paper's Table 1: semantic inpainting of a central hole on held-out images.
+
+    python -m eval.inpainting_bench ce_l2=runs/ce_central ce_l2_adv=runs/ce_central_adv \
+        data=data/minivoc/VOC2007 run_dir=runs/eval/inpainting
+
+Every held-out image (``split``, eval view at the models' input size S) loses the central hole of
+:func:`pretext.masks.central_mask` (the S/2 square shrunk by ``overlap`` px per side) and is filled by
+
+- ``mean_fill``: the training set's mean colour (the context encoder's own input, §3.3);
+- ``nn_hog``: NN-inpainting (Hays & Efros style, §5.1): the training image whose *context* (the image
+  with the same hole mean-filled) is nearest in HOG space donates its hole pixels;
+- ``nn_ce``: the same with the context encoder's pool5 features of the context ("our features");
+- ``telea``: OpenCV's ``cv2.inpaint`` (Telea's fast marching), an outside classical reference;
+- ``ce_l2`` / ``ce_l2_adv``: the central-mask context encoder trained with the L2 loss / the joint
+  L2 + adversarial loss; its prediction is pasted into the hole (the known context is kept).
+
+Scores are those of :func:`pretext.inpainting.hole_errors` (over hole pixels, values in [0, 1]: mean
+L1, mean L2 and PSNR = 10 log10(1 / L2) per image), averaged over images.
+
+Run folder: ``config.yaml``; ``result.json`` with flat keys ``<method>/l1``, ``<method>/l2``,
+``<method>/psnr``, ``<method>/time_s`` for each method run, and ``n_images``, ``overlap``,
+``image_size``, ``time_s``; ``inpainting_grid.png`` (rows: images; columns: masked input (hole
+white) | each method in :data:`METHODS` order | ground truth) with ``inpainting_grid.json`` naming
+its columns and image ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from skimage.feature import hog
+
+from eval.features import (
+    DEFAULT_CACHE_DIR,
+    encode_images,
+    extract_features,
+    l2_normalize,
+    load_model,
+    pick_device,
+    voc_images,
+)
+from eval.retrieval import build_index, search
+from pretext.atomic_io import atomic_write_json, atomic_write_text
+from pretext.config import dump_yaml, load_config
+from pretext.data import dataset_mean, fill_holes, to_unit_range
+from pretext.inpainting import hole_errors, predict_full, save_grid
+from pretext.masks import central_mask
+from pretext.models import ContextEncoder
+
+log = logging.getLogger(__name__)
+
+METHODS = ("mean_fill", "nn_hog", "nn_ce", "telea", "ce_l2", "ce_l2_adv")
+NEEDS = {"nn_ce": "nn_features", "ce_l2": "ce_l2", "ce_l2_adv": "ce_l2_adv"}  # method -> key
+DEFAULT_SIZE, DEFAULT_OVERLAP = 64, 4
+
+
+# ---- the fillers: each returns filled images [N, 3, S, S] in [0, 1] ---------------------------
+
+
+def unit01(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] (the convention of :func:`pretext.inpainting.evaluate_inpainting`)."""
+    return x.add(1).div(2).clamp(0, 1)
+
+
+def context_of(images: torch.Tensor, hole: np.ndarray, mean: list[float]) -> torch.Tensor:
+    """uint8 [N, 3, S, S] -> float [N, 3, S, S] in [-1, 1] with the hole filled with ``mean``."""
+    holes = torch.from_numpy(hole).expand(len(images), 1, *hole.shape)
+    return fill_holes(to_unit_range(images), holes, torch.tensor(mean, dtype=torch.float32))
+
+
+def mean_fill(images: torch.Tensor, hole: np.ndarray, mean: list[float]) -> torch.Tensor:
+    return unit01(context_of(images, hole, mean))
+
+
+def hog_features(images01: torch.Tensor, cell: int = 8) -> np.ndarray:
+    """HOG (9 orientations, ``cell`` px cells, 2x2-cell L2-Hys blocks) of [N, 3, S, S] -> [N, D]."""
+    return np.stack(
+        [
+            hog(
+                im.permute(1, 2, 0).numpy(),
+                orientations=9,
+                pixels_per_cell=(cell, cell),
+                cells_per_block=(2, 2),
+                channel_axis=-1,
+            )
+            for im in images01
+        ]
+    ).astype(np.float32)
+
+
+def nn_inpaint(
+    images: torch.Tensor,
+    query_feats: np.ndarray,
+    database: torch.Tensor,
+    database_feats: np.ndarray,
+    hole: np.ndarray,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Paste into each image's hole the hole of the database image nearest in feature space.
+
+    images: uint8 [N, 3, S, S]; database: uint8 [M, 3, S, S]; feats: [N, D], [M, D] (exact L2).
+    Returns (filled [N, 3, S, S] in [0, 1], nearest database rows [N]).
+    """
+    _, rows = search(build_index(database_feats, "flat", "l2"), query_feats, 1)
+    nearest = rows[:, 0]
+    donors = database[torch.from_numpy(nearest)]
+    filled = torch.where(torch.from_numpy(hole), donors, images)
+    return filled.float() / 255, nearest
+
+
+def telea_inpaint(images: torch.Tensor, hole: np.ndarray, radius: int = 3) -> torch.Tensor:
+    """``cv2.inpaint(..., cv2.INPAINT_TELEA)`` of each uint8 [3, S, S] image -> [N, 3, S, S] in [0, 1]."""
+    mask = hole.astype(np.uint8) * 255
+    out = []
+    for im in images:
+        known = np.ascontiguousarray(im.permute(1, 2, 0).numpy()).copy()
+        known[hole] = 0  # the hole's true pixels never reach the method
+        out.append(cv2.inpaint(known, mask, radius, cv2.INPAINT_TELEA))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255
+
+
+@torch.no_grad()
+def ce_inpaint(
+    model: ContextEncoder,
+    images: torch.Tensor,
+    hole: np.ndarray,
+    mean: list[float],
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """The context encoder's prediction pasted into the hole (context kept) -> [N, 3, S, S] in [0, 1]."""
+    model.eval().to(device)
+    hole_t = torch.from_numpy(hole)
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_unit_range(images[i : i + batch_size])
+        context = context_of(images[i : i + batch_size], hole, mean)
+        pred = predict_full(model, context.to(device)).float().cpu()
+        out.append(unit01(torch.where(hole_t, pred, x)))
+    return torch.cat(out)
+
+
+# ---- the stage ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    data: str = "data/minivoc/VOC2007"
+    run_dir: str = "runs/eval/inpainting"
+    seed: int = 0  # unused (every method is deterministic); accepted for sweep launchers
+    split: str = "test"  # held-out images
+    train_split: str = "train"  # NN-inpainting's donors and the mean colour's source
+    ce_l2: str = ""  # central-mask context encoder, L2 loss (pretext run folder or .pt)
+    ce_l2_adv: str = ""  # central-mask context encoder, L2 + adversarial loss
+    nn_features: str = ""  # checkpoint whose pool5 features drive nn_ce ("": ce_l2)
+    methods: tuple[str, ...] = ()  # (): every method whose checkpoint is given
+    image_size: int = 0  # 0: the checkpoints' input size (64 without checkpoints)
+    overlap: int = -1  # -1: the ce_l2 checkpoint's mask.overlap (4 without one)
+    max_images: int = 250
+    telea_radius: int = 3
+    hog_cell: int = 8
+    grid_rows: int = 6
+    batch_size: int = 64
+    cache_dir: str = DEFAULT_CACHE_DIR
+    device: str = "auto"
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill ``nn_features`` and ``methods``; check that every method has what it needs."""
+    if not cfg.nn_features and cfg.ce_l2:
+        cfg.nn_features = cfg.ce_l2
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"methods: unknown method(s) {unknown}; choose from {METHODS}")
+    if not cfg.methods:
+        cfg.methods = tuple(m for m in METHODS if getattr(cfg, NEEDS.get(m, "data")) != "")
+    for m in cfg.methods:
+        if m in NEEDS and not getattr(cfg, NEEDS[m]):
+            raise ValueError(f"method {m} needs a checkpoint: set {NEEDS[m]}=<run folder or .pt>")
+    return cfg
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML overrides of the defaults (inpainting_bench.Config)")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. ce_l2=runs/ce_central")
+    args = parser.parse_args(argv)
+    return resolve(load_config(Config, args.config, args.overrides))
+
+
+def stack(images: Any, n: int | None = None) -> torch.Tensor:
+    """The first ``n`` items of an image dataset as one uint8 tensor [n, 3, S, S]."""
+    n = len(images) if n is None else min(n, len(images))
+    return torch.stack([images[i] for i in range(n)])
+
+
+def main(cfg: Config) -> dict[str, float]:
+    """Table 1 on ``cfg.split``; returns (and writes to result.json) the flat metrics."""
+    cfg = resolve(cfg)
+    run_dir = Path(cfg.run_dir)
+    result_path = run_dir / "result.json"
+    if result_path.exists():
+        log.info("%s is finished; nothing to do", run_dir)
+        return json.loads(result_path.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    device = pick_device(cfg.device)
+    models = {m: load_model(getattr(cfg, m)) for m in ("ce_l2", "ce_l2_adv") if m in cfg.methods}
+    if "nn_ce" in cfg.methods:
+        models["nn_features"] = load_model(cfg.nn_features)
+    sizes = {m.input_size for m, _ in models.values()}
+    if len(sizes) > 1 or (cfg.image_size and sizes and cfg.image_size not in sizes):
+        raise ValueError(
+            f"checkpoints take different input sizes {sorted(sizes)} (image_size={cfg.image_size})"
+        )
+    size = cfg.image_size or (sizes.pop() if sizes else DEFAULT_SIZE)
+    if cfg.overlap < 0:
+        ref = models.get("ce_l2") or models.get("ce_l2_adv")
+        cfg.overlap = (
+            ref[1]["config"].get("mask", {}).get("overlap", DEFAULT_OVERLAP)
+            if ref
+            else DEFAULT_OVERLAP
+        )
+    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    hole = central_mask(size, cfg.overlap)
+    test_set = voc_images(cfg.data, cfg.split, size)
+    images = stack(test_set, cfg.max_images)
+    ids = test_set.ids[: len(images)]
+    if "ce_l2" in models:  # the mean the context encoder was trained with (§3.3)
+        mean = models["ce_l2"][1]["data_mean"]
+    else:
+        mean = dataset_mean(voc_images(cfg.data, cfg.train_split, size))
+    truth = images.float() / 255
+    needs_db = {"nn_hog", "nn_ce"} & set(cfg.methods)
+    database = stack(voc_images(cfg.data, cfg.train_split, size)) if needs_db else None
+
+    filled: dict[str, torch.Tensor] = {}
+    result: dict[str, float] = {}
+    for method in cfg.methods:
+        t0 = time.perf_counter()
+        if method == "mean_fill":
+            filled[method] = mean_fill(images, hole, mean)
+        elif method == "nn_hog":
+            qf = hog_features(mean_fill(images, hole, mean), cfg.hog_cell)
+            dbf = hog_features(mean_fill(database, hole, mean), cfg.hog_cell)
+            filled[method] = nn_inpaint(images, qf, database, dbf, hole)[0]
+        elif method == "nn_ce":
+            model, meta = models["nn_features"]
+            qf = encode_images(
+                model, images, meta["data_mean"], "pool5", hole, cfg.batch_size, device
+            )
+            db = extract_features(
+                cfg.nn_features, cfg.data, cfg.train_split, "pool5", hole, cfg.cache_dir,
+                cfg.batch_size, device,
+            )  # fmt: skip
+            filled[method] = nn_inpaint(
+                images, l2_normalize(qf), database, l2_normalize(db.features), hole
+            )[0]
+        elif method == "telea":
+            filled[method] = telea_inpaint(images, hole, cfg.telea_radius)
+        else:
+            model, meta = models[method]
+            filled[method] = ce_inpaint(
+                model, images, hole, meta["data_mean"], cfg.batch_size, device
+            )
+        errors = hole_errors(filled[method], truth, torch.from_numpy(hole))
+        for key, values in errors.items():
+            result[f"{method}/{key}"] = float(values.mean())
+        result[f"{method}/time_s"] = time.perf_counter() - t0
+        log.info(
+            "%s: %s", method, {k: round(v, 4) for k, v in result.items() if k.startswith(method)}
+        )
+    result.update(n_images=float(len(images)), overlap=float(cfg.overlap), image_size=float(size))
+    result["time_s"] = time.perf_counter() - start
+
+    rows = min(cfg.grid_rows, len(images))
+    if rows:
+        masked = truth[:rows].clone()
+        masked[:, :, torch.from_numpy(hole)] = 1.0  # the hole in white
+        columns = [masked, *(filled[m][:rows] for m in cfg.methods), truth[:rows]]
+        save_grid(run_dir / "inpainting_grid.png", tuple(columns))
+        atomic_write_json(
+            run_dir / "inpainting_grid.json",
+            {"columns": ["masked_input", *cfg.methods, "truth"], "ids": ids[:rows]},
+        )
+    atomic_write_json(result_path, result)
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    print(json.dumps(main(parse_config()), indent=2))

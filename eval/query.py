@@ -1,0 +1,149 @@
+"""Nearest images of a query image in a dataset, by a pretext checkpoint's encoder features.
+
+    python -m eval.query --checkpoint runs/ce --data data/minivoc/VOC2007 --image cat.jpg \
+        [--box x0,y0,x1,y1] [--k 8] [--layer pool5] [--out grid.png]
+
+Prints one line per neighbour (``rank  id  distance``, best first) and writes a PNG of one row:
+query | neighbours. Both the query and the dataset images are seen in the eval view (short side
+resized to the model's input size S, centre crop). Database features come from the cache of
+:mod:`eval.features`, so a second query costs one forward pass.
+
+``--box``: pixel coordinates in the query file (0-based, x1 and y1 exclusive). The box is removed
+(filled with the training mean) and only its context is encoded, in the query and, at the same
+place, in every database image: the paper's Fig. 8 ("context nearest neighbours").
+
+Distances: squared L2 between L2-normalised features (``--no-normalize``: raw features), or inner
+products with ``--metric ip`` (larger is closer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval.features import (
+    DEFAULT_CACHE_DIR,
+    LAYERS,
+    encode_images,
+    extract_features,
+    l2_normalize,
+    load_model,
+    voc_images,
+)
+from eval.retrieval import INDEX_KINDS, METRICS, build_index, search
+from pretext.data import fill_holes, to_unit_range
+from pretext.datasets import eval_view
+from pretext.images import load_rgb
+from pretext.inpainting import save_grid
+
+
+@dataclass
+class QueryConfig:
+    checkpoint: str
+    data: str
+    image: str
+    box: tuple[int, int, int, int] | None = None
+    k: int = 8
+    layer: str = "pool5"
+    split: str = "trainval"
+    out: str | None = None
+    normalize: bool = True
+    metric: str = "l2"
+    index: str = "flat"
+    cache_dir: str = DEFAULT_CACHE_DIR
+
+
+def parse_box(text: str) -> tuple[int, int, int, int]:
+    try:
+        x0, y0, x1, y1 = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--box {text!r}: expected four integers x0,y0,x1,y1"
+        ) from None
+    if x1 <= x0 or y1 <= y0:
+        raise argparse.ArgumentTypeError(f"--box {text!r}: needs x1 > x0 and y1 > y0")
+    return x0, y0, x1, y1
+
+
+def parse_config(argv: list[str] | None = None) -> QueryConfig:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--checkpoint", required=True, help="pretext run folder or .pt file")
+    p.add_argument("--data", required=True, help="VOC root (JPEGImages/, ImageSets/Main/)")
+    p.add_argument("--image", required=True, help="query image file")
+    p.add_argument("--box", type=parse_box, help="x0,y0,x1,y1: encode only the context of this box")
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--layer", choices=LAYERS, default="pool5")
+    p.add_argument("--split", default="trainval", help="the images searched (ImageSets/Main/)")
+    p.add_argument("--out", help="grid PNG (query | neighbours)")
+    p.add_argument("--no-normalize", dest="normalize", action="store_false")
+    p.add_argument("--metric", choices=METRICS, default="l2")
+    p.add_argument("--index", choices=INDEX_KINDS, default="flat")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
+    args = p.parse_args(argv)
+    if args.k < 1:
+        p.error(f"--k must be >= 1, got {args.k}")
+    return QueryConfig(**vars(args))
+
+
+def box_to_view_hole(
+    box: tuple[int, int, int, int], height: int, width: int, size: int
+) -> np.ndarray:
+    """The hole [S, S] bool that ``box`` (in a height x width image) covers in its eval view."""
+    scale = size / min(height, width)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    x0, y0, x1, y1 = box
+    vx0 = math.floor(x0 * new_w / width) - left
+    vx1 = math.ceil(x1 * new_w / width) - left
+    vy0 = math.floor(y0 * new_h / height) - top
+    vy1 = math.ceil(y1 * new_h / height) - top
+    vx0, vy0 = max(vx0, 0), max(vy0, 0)
+    vx1, vy1 = min(vx1, size), min(vy1, size)
+    if vx1 <= vx0 or vy1 <= vy0:
+        raise ValueError(f"box {box} lies outside the centre crop of the {width}x{height} image")
+    hole = np.zeros((size, size), dtype=bool)
+    hole[vy0:vy1, vx0:vx1] = True
+    return hole
+
+
+def main(cfg: QueryConfig) -> dict[str, float]:
+    """Prints and returns the k nearest images: {image id: distance}, best first."""
+    model, meta = load_model(cfg.checkpoint)
+    size = model.input_size
+    raw = load_rgb(cfg.image)
+    hole = None if cfg.box is None else box_to_view_hole(cfg.box, *raw.shape[:2], size)
+    query = torch.from_numpy(np.array(eval_view(raw, size))).permute(2, 0, 1)[None]
+    qfeat = encode_images(model, query, meta["data_mean"], cfg.layer, hole)
+    db = extract_features(cfg.checkpoint, cfg.data, cfg.split, cfg.layer, hole, cfg.cache_dir)
+    dbfeat = db.features
+    if cfg.normalize:
+        qfeat, dbfeat = l2_normalize(qfeat), l2_normalize(dbfeat)
+    index = build_index(dbfeat, cfg.index, cfg.metric)
+    dist, rows = search(index, qfeat, cfg.k)
+    found = [(db.ids[r], float(d)) for r, d in zip(rows[0], dist[0]) if r >= 0]
+    for rank, (image_id, d) in enumerate(found, 1):
+        print(f"{rank:3d}  {image_id}  {d:.6f}")
+    if cfg.out:
+        images = voc_images(cfg.data, cfg.split, size)
+        shown = to_unit_range(query)
+        if hole is not None:  # show what the encoder saw: the box filled with the mean
+            mean = torch.tensor(meta["data_mean"], dtype=torch.float32)
+            shown = fill_holes(shown, torch.from_numpy(hole)[None, None], mean)
+        cells = [shown.add(1).div(2).clamp(0, 1)]
+        cells += [images[int(r)][None].float() / 255 for r in rows[0] if r >= 0]
+        save_grid(Path(cfg.out), tuple(cells))
+        print(f"wrote {cfg.out}")
+    return dict(found)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    main(parse_config())

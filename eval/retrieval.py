@@ -1,0 +1,310 @@
+"""Nearest-neighbour retrieval of encoder features with FAISS, and its quality on VOC-style data.
+
+    python -m eval.retrieval checkpoints.context_encoder=runs/ce checkpoints.autoencoder=runs/ae \
+        checkpoints.random_init=runs/rand data=data/minivoc/VOC2007 run_dir=runs/eval/retrieval
+
+Indexes (:func:`build_index`): ``flat`` (exact ``IndexFlatL2`` / ``IndexFlatIP``, the default),
+``ivf`` (``IndexIVFFlat``: ``nlist`` k-means cells, ``nprobe`` of them searched) and ``hnsw``
+(``IndexHNSWFlat``: graph with ``hnsw_m`` links, ``ef_search``) for large sets. Flat and IVF move to
+the GPU when faiss was built with GPU support and sees a GPU; HNSW stays on the CPU (faiss has no GPU
+HNSW).
+
+Quality (:func:`retrieval_benchmark`): every image of ``query_split`` (held out) is a query against
+``database_split``.
+
+- precision@k: the fraction of the k neighbours that share at least one object class with the
+  query (multi-label: classes with a non-difficult object, from the VOC XML), averaged over queries
+  that have a class. ``chance/precision`` is the same for a random neighbour (expected value).
+- recall@k of an approximate index: |approx top-k ∩ exact top-k| / k, averaged over queries.
+
+Run folder: ``config.yaml``, ``result.json`` (flat keys, see :func:`retrieval_benchmark`),
+``retrieval_grid_<name>.png`` (rows: queries; columns: query | top-k neighbours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+import torch
+
+from eval.features import DEFAULT_CACHE_DIR, LAYERS, extract_features, l2_normalize, voc_images
+from pretext import voc
+from pretext.atomic_io import atomic_write_json, atomic_write_text
+from pretext.config import dump_yaml, load_config
+from pretext.inpainting import save_grid
+
+log = logging.getLogger(__name__)
+
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+METRICS = ("l2", "ip")
+
+
+# ---- index -------------------------------------------------------------------------------------
+
+
+def gpu_available() -> bool:
+    """faiss built with GPU support (faiss-gpu) and at least one GPU visible."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def default_nlist(n: int) -> int:
+    """About 4 sqrt(N) cells, but at least 39 training points per cell (faiss's own minimum)."""
+    return max(1, min(int(round(4 * math.sqrt(n))), n // 39))
+
+
+def build_index(
+    features: np.ndarray,
+    kind: str = "flat",
+    metric: str = "l2",
+    nlist: int | None = None,
+    nprobe: int = 8,
+    hnsw_m: int = 32,
+    ef_search: int = 64,
+    gpu: bool | None = None,
+) -> faiss.Index:
+    """A FAISS index holding ``features`` [N, D] (row i gets id i).
+
+    ``metric``: ``l2`` (search returns squared L2 distances, smallest first) or ``ip`` (inner
+    products, largest first; cosine similarity on L2-normalised features). ``gpu``: None = use a GPU
+    when :func:`gpu_available`.
+    """
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; choose one of {INDEX_KINDS}")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"features must be a non-empty [N, D] array, got shape {x.shape}")
+    n, d = x.shape
+    faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    if kind == "flat":
+        index: faiss.Index = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        nlist = nlist or default_nlist(n)
+        quantizer = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss_metric)
+        index.nprobe = min(nprobe, nlist)  # faiss's wrapper keeps ``quantizer`` alive
+    else:
+        index = faiss.IndexHNSWFlat(d, hnsw_m, faiss_metric)
+        index.hnsw.efSearch = ef_search
+    use_gpu = gpu_available() if gpu is None else gpu
+    if use_gpu and kind != "hnsw":
+        if not gpu_available():
+            raise RuntimeError("gpu=True but faiss has no GPU support or sees no GPU")
+        resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(resources, 0, index)
+        index._resources = resources
+    if not index.is_trained:
+        index.train(x)
+    index.add(x)
+    return index
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distances [Q, k] float32, ids [Q, k] int64), best first; ids are rows of the indexed set
+    (-1 where fewer than k were found)."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    if q.ndim != 2 or q.shape[1] != index.d:
+        raise ValueError(f"queries must be [Q, {index.d}], got shape {q.shape}")
+    k = min(k, index.ntotal)
+    return index.search(q, k)
+
+
+# ---- quality -----------------------------------------------------------------------------------
+
+
+def image_labels(voc_root: str | Path, ids: list[str]) -> np.ndarray:
+    """bool [N, C]: image i has a non-difficult object of class c (VOC classification labels)."""
+    names = voc.class_names(voc_root)
+    labels = np.zeros((len(ids), len(names)), dtype=bool)
+    for row, image_id in enumerate(ids):
+        ann = voc.parse_annotation(Path(voc_root) / "Annotations" / f"{image_id}.xml", names)
+        for obj in ann.objects:
+            if not obj.difficult:
+                labels[row, names.index(obj.name)] = True
+    return labels
+
+
+def precision_at_k(
+    neighbours: np.ndarray, query_labels: np.ndarray, db_labels: np.ndarray
+) -> float:
+    """Mean over queries with at least one class of (# of the k neighbours sharing a class) / k.
+
+    neighbours: int [Q, k] rows of ``db_labels``; query_labels: bool [Q, C]; db_labels: bool [N, C].
+    """
+    neighbours = np.asarray(neighbours)
+    if (neighbours < 0).any():
+        raise ValueError("neighbour ids contain -1: the index returned fewer than k results")
+    shared = (query_labels[:, None, :] & db_labels[neighbours]).any(axis=2)  # [Q, k]
+    has_class = query_labels.any(axis=1)
+    if not has_class.any():
+        return float("nan")
+    return float(shared[has_class].mean())
+
+
+def chance_precision(query_labels: np.ndarray, db_labels: np.ndarray) -> float:
+    """Expected precision of a uniformly random neighbour (the floor a feature must beat)."""
+    has_class = query_labels.any(axis=1)
+    shared = (query_labels[has_class].astype(np.int64) @ db_labels.T.astype(np.int64)) > 0
+    return float(shared.mean()) if has_class.any() else float("nan")
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean over queries of |approx row ∩ exact row| / k (ids [Q, k], -1 ignored)."""
+    k = exact.shape[1]
+    hits = [len(set(a[a >= 0].tolist()) & set(e.tolist())) for a, e in zip(approx, exact)]
+    return float(np.mean(hits) / k)
+
+
+# ---- the benchmark stage -----------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    checkpoints: dict[str, str] = field(default_factory=dict)  # name -> pretext run folder or .pt
+    data: str = "data/minivoc/VOC2007"
+    run_dir: str = "runs/eval/retrieval"
+    seed: int = 0  # unused (retrieval is deterministic); accepted for sweep launchers
+    query_split: str = "val"
+    database_split: str = "train"
+    layers: tuple[str, ...] = ("pool5", "bottleneck")
+    ks: tuple[int, ...] = (1, 5, 10)
+    normalize: bool = True  # L2-normalise features (cosine ranking)
+    metric: Literal["l2", "ip"] = "l2"
+    approx: tuple[str, ...] = ("ivf", "hnsw")  # approximate indexes whose recall is measured
+    nlist: int = 0  # 0: default_nlist(N)
+    nprobe: int = 4
+    hnsw_m: int = 16
+    ef_search: int = 32
+    cache_dir: str = DEFAULT_CACHE_DIR
+    device: str = "auto"
+    grid_queries: int = 6
+    grid_k: int = 8
+
+
+def check_config(cfg: Config) -> Config:
+    if not cfg.checkpoints:
+        raise ValueError("no checkpoints given: set checkpoints.<name>=<run folder or .pt>")
+    for name in cfg.checkpoints:
+        if "/" in name:
+            raise ValueError(f"checkpoint name {name!r} may not contain '/'")
+    bad = [layer for layer in cfg.layers if layer not in LAYERS]
+    if bad:
+        raise ValueError(f"unknown layer(s) {bad}; choose from {LAYERS}")
+    bad = [a for a in cfg.approx if a not in INDEX_KINDS or a == "flat"]
+    if bad:
+        raise ValueError(f"approx: unknown approximate index kind(s) {bad}; choose from ivf, hnsw")
+    if not cfg.ks or min(cfg.ks) < 1:
+        raise ValueError(f"ks must be positive integers, got {cfg.ks}")
+    return cfg
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML overrides of the defaults (eval.retrieval.Config)")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. checkpoints.ce=runs/ce")
+    args = parser.parse_args(argv)
+    return check_config(load_config(Config, args.config, args.overrides))
+
+
+def retrieval_benchmark(cfg: Config) -> dict[str, float]:
+    """Precision@k of each checkpoint's features and recall@k of the approximate indexes.
+
+    Writes ``<run_dir>/result.json`` with flat keys (``<name>`` from ``cfg.checkpoints``):
+    ``<name>/<layer>/precision@<k>``, ``<name>/<layer>/<ivf|hnsw>/recall@<k>``,
+    ``<name>/<layer>/extract_s`` (feature time, 0 when cached), ``chance/precision``,
+    ``n_queries``, ``n_database``, ``time_s``. A finished run folder is returned as is.
+    """
+    cfg = check_config(cfg)
+    run_dir = Path(cfg.run_dir)
+    result_path = run_dir / "result.json"
+    if result_path.exists():
+        log.info("%s is finished; nothing to do", run_dir)
+        return json.loads(result_path.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    start = time.perf_counter()
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
+    device = "cpu" if device == "auto" else device
+    kmax = max(cfg.ks)
+    result: dict[str, float] = {}
+    labels: dict[str, np.ndarray] = {}
+    for name, ckpt in cfg.checkpoints.items():
+        for layer in cfg.layers:
+            t0 = time.perf_counter()
+            feats = {
+                split: extract_features(
+                    ckpt, cfg.data, split, layer, None, cfg.cache_dir, device=device
+                )
+                for split in (cfg.query_split, cfg.database_split)
+            }
+            result[f"{name}/{layer}/extract_s"] = time.perf_counter() - t0
+            qset, dbset = feats[cfg.query_split], feats[cfg.database_split]
+            for split, fs in feats.items():
+                if split not in labels:
+                    labels[split] = image_labels(cfg.data, fs.ids)
+            q, db = qset.features, dbset.features
+            if cfg.normalize:
+                q, db = l2_normalize(q), l2_normalize(db)
+            exact = build_index(db, "flat", cfg.metric)
+            _, exact_ids = search(exact, q, kmax)
+            for k in cfg.ks:
+                result[f"{name}/{layer}/precision@{k}"] = precision_at_k(
+                    exact_ids[:, :k], labels[cfg.query_split], labels[cfg.database_split]
+                )
+            for kind in cfg.approx:
+                approx = build_index(
+                    db, kind, cfg.metric, cfg.nlist or None, cfg.nprobe, cfg.hnsw_m, cfg.ef_search
+                )
+                _, approx_ids = search(approx, q, kmax)
+                for k in cfg.ks:
+                    result[f"{name}/{layer}/{kind}/recall@{k}"] = recall_at_k(
+                        approx_ids[:, :k], exact_ids[:, :k]
+                    )
+            if layer == cfg.layers[0] and cfg.grid_queries > 0:
+                write_retrieval_grid(
+                    run_dir / f"retrieval_grid_{name}.png", cfg.data, qset, dbset,
+                    exact_ids[: cfg.grid_queries, : cfg.grid_k],
+                )  # fmt: skip
+    result["chance/precision"] = chance_precision(
+        labels[cfg.query_split], labels[cfg.database_split]
+    )
+    result["n_queries"] = float(len(labels[cfg.query_split]))
+    result["n_database"] = float(len(labels[cfg.database_split]))
+    result["time_s"] = time.perf_counter() - start
+    atomic_write_json(result_path, result)
+    return result
+
+
+def write_retrieval_grid(
+    path: Path, voc_root: str, qset: Any, dbset: Any, neighbours: np.ndarray
+) -> None:
+    """Rows: queries; columns: query | its neighbours (eval views at the model's input size)."""
+    size = qset.identity["data"]["image_size"]
+    qimages = voc_images(voc_root, qset.identity["data"]["split"], size)
+    dbimages = voc_images(voc_root, dbset.identity["data"]["split"], size)
+    rows = len(neighbours)
+    cols = [torch.stack([qimages[i] for i in range(rows)])]
+    for j in range(neighbours.shape[1]):
+        cols.append(torch.stack([dbimages[int(neighbours[i, j])] for i in range(rows)]))
+    save_grid(path, tuple(c.float() / 255 for c in cols))
+
+
+def main(cfg: Config) -> dict[str, float]:
+    return retrieval_benchmark(cfg)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    print(json.dumps(main(parse_config()), indent=2))
