@@ -95,7 +95,7 @@ SlurmdPort=$D_PORT
 AuthType=auth/munge
 CredType=cred/munge
 # cred_expire also sets how long a requeued job waits before it may start again (default 120 s).
-AuthInfo=socket=$STATE/munge/munge.socket.2,cred_expire=10
+AuthInfo=socket=$STATE/munge/munge.socket.2,cred_expire=5
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool
 SlurmctldPidFile=$STATE/run/slurmctld.pid
@@ -112,6 +112,8 @@ SelectTypeParameters=CR_Core_Memory
 # Without a default, a job that asks no memory gets the whole node and jobs never share it.
 DefMemPerCPU=1024
 SchedulerType=sched/backfill
+# Schedule every few seconds (defaults 60/30 s) so that requeued and dependent jobs start promptly.
+SchedulerParameters=sched_interval=5,bf_interval=5
 ReturnToService=2
 # Short grace between SIGTERM and SIGKILL at a time limit; fast turnaround of finished jobs.
 KillWait=5

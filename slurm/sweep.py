@@ -7,9 +7,10 @@
 A cell of a stage is done when ``<run dir>/result.json`` exists. Job ids and log paths of every
 submission are kept in ``<runs_root>/<name>/.sweep/jobs.json``; submitit's pickles and logs in
 ``<runs_root>/<name>/.submitit/<stage>/<job id>/``. ``submit`` only (re)submits cells that are
-missing or failed; the root stage's cells go in one job array, and a dependent stage's cells wait
-for their own upstream cell (``aftercorr`` on the upstream array when it maps one to one,
-``afterok:<job>`` otherwise, plus ``kill-on-invalid-dep`` so a failed upstream cancels them).
+missing or failed. The root stage's cells go in one job array; each cell of a dependent stage is
+one job waiting for its own upstream cell (``afterok:<array>_<task>``, or none when that cell is
+done), with ``kill-on-invalid-dep`` so that a failed upstream cancels it instead of leaving it
+pending forever (and the next ``submit`` resubmits both).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -56,6 +58,7 @@ ACTIVE_STATES = {
     "SUSPENDED": "running",
 }
 RESUBMIT = ("missing", "failed")
+SUBMIT_GRACE_S = 30  # a job may take this long to show up in sacct/squeue
 
 
 @dataclass
@@ -82,8 +85,7 @@ class Task:
 
 @dataclass
 class Dependency:
-    """``afterok`` on a job id already known, or on task ``index`` of plan group ``group``;
-    ``aftercorr`` on all of plan group ``group`` (task i of this array waits for task i there)."""
+    """``afterok`` on a job id already known, or on task ``index`` of plan group ``group``."""
 
     kind: str
     job_id: str | None = None
@@ -143,14 +145,40 @@ def _job_outcome(record: dict[str, Any]) -> tuple[str, str] | None:
     return kind, str(payload)
 
 
+def _squeue_states() -> dict[str, str]:
+    """Job id ("12" or "12_3") -> state of this user's jobs still in the queue."""
+    try:
+        run = subprocess.run(
+            ["squeue", "--me", "-h", "-r", "-o", "%i %T"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return (
+        dict(line.split()[:2] for line in run.stdout.splitlines() if line.strip())
+        if run.returncode == 0
+        else {}
+    )
+
+
 def scheduler_states(records: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """Key -> SLURM state (one sacct call for all slurm jobs, through submitit's watcher)."""
+    """Key -> SLURM state: one sacct call for all slurm jobs (through submitit's watcher), squeue
+    for those sacct does not know (no accounting, or not recorded yet)."""
     slurm_jobs = {
         key: submitit.SlurmJob(folder=rec["folder"], job_id=rec["job_id"])
         for key, rec in records.items()
         if rec["cluster"] == "slurm"
     }
+    if slurm_jobs:
+        submitit.SlurmJob.watcher.update()  # now, not after submitit's adaptive delay
     states = {key: job.state.split()[0] for key, job in slurm_jobs.items()}  # "CANCELLED by 0"
+    if "UNKNOWN" in states.values():
+        queued = _squeue_states()
+        for key, state in states.items():
+            if state == "UNKNOWN" and records[key]["job_id"] in queued:
+                states[key] = queued[records[key]["job_id"]]
     for key, rec in records.items():
         if rec["cluster"] == "local":
             states[key] = "RUNNING" if _local_alive(rec["job_id"]) else "UNKNOWN"
@@ -182,6 +210,8 @@ def cell_status(
         status.reason = outcome[1].strip().splitlines()[-1] if outcome[1].strip() else "error"
     elif outcome is not None:
         status.state, status.reason = "failed", "the stage returned without writing result.json"
+    elif scheduler_state == "UNKNOWN" and time.time() - record.get("submitted", 0) < SUBMIT_GRACE_S:
+        status.state, status.reason = "pending", "just submitted, not in sacct/squeue yet"
     elif scheduler_state == "UNKNOWN" and record["cluster"] == "slurm":
         # sacct has no record of it (no accounting, or purged): not provably dead, not resubmitted.
         status.state, status.reason = "unknown", "no job state from sacct"
@@ -239,21 +269,11 @@ def plan(sweep: Sweep, statuses: dict[tuple[str, str], CellStatus], runs_root: P
         for job_id, tasks in by_job.items():
             dep = Dependency("afterok", job_id=job_id) if job_id else None
             groups.append(Group(stage, tasks, dep))
-        if waiting_on_new:
-            up_group = waiting_on_new[0][0][0]
-            refs = [ref for ref, _ in waiting_on_new]
-            one_to_one = refs == [(up_group, i) for i in range(len(groups[up_group].tasks))]
-            if one_to_one and len(refs) > 1:
-                groups.append(
-                    Group(
-                        stage,
-                        [t for _, t in waiting_on_new],
-                        Dependency("aftercorr", group=up_group),
-                    )
-                )
-            else:
-                for (g, i), task in waiting_on_new:
-                    groups.append(Group(stage, [task], Dependency("afterok", group=g, index=i)))
+        # One job per cell: SLURM applies a dependency (and kill-on-invalid-dep) to a whole array,
+        # so an `aftercorr` array would be cancelled entirely, running tasks included, when one
+        # upstream task fails (measured on Slurm 22.05).
+        for (g, i), task in waiting_on_new:
+            groups.append(Group(stage, [task], Dependency("afterok", group=g, index=i)))
         _note_new(new, groups)
     return groups
 
@@ -272,12 +292,8 @@ def dependency_text(dep: Dependency | None, groups: list[Group]) -> str | None:
         return f"{dep.kind}:{dep.job_id}"
     up = groups[dep.group]
     if up.jobs:
-        job_ids = [j.job_id for j in up.jobs]
-        if dep.kind == "aftercorr":
-            return f"aftercorr:{job_ids[0].split('_')[0]}"
-        return f"afterok:{job_ids[dep.index]}"
-    index = "" if dep.index is None else f"[{dep.index}]"
-    return f"{dep.kind}:<{up.stage.name}#{dep.group}{index}>"
+        return f"{dep.kind}:{up.jobs[dep.index].job_id}"
+    return f"{dep.kind}:<{up.stage.name}#{dep.group}[{dep.index}]>"
 
 
 def submit(

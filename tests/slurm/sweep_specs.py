@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from slurm.sweep import sweep_status
+from slurm.sweep import ACTIVE_STATES, sweep_status
 from slurm.sweep_file import Sweep, load_sweep
 
 
@@ -44,11 +44,15 @@ def two_stage_spec(
 
 
 def wait_settled(sweep: Sweep, runs_root: Path, timeout_s: float) -> dict:
-    """Polls until no cell is pending/running; returns the statuses."""
+    """Polls until no cell is pending/running and no job is still active (a job's result.json
+    lands a moment before SLURM sees it end); returns the statuses."""
     end = time.monotonic() + timeout_s
     while True:
         statuses = sweep_status(sweep, runs_root)
-        if not any(s.state in ("pending", "running") for s in statuses.values()):
+        if not any(
+            s.state in ("pending", "running") or s.scheduler_state in ACTIVE_STATES
+            for s in statuses.values()
+        ):
             return statuses
         if time.monotonic() > end:
             raise TimeoutError({k: (s.state, s.scheduler_state) for k, s in statuses.items()})

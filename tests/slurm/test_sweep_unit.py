@@ -93,13 +93,15 @@ def _statuses(sweep, states: dict[tuple[str, str], tuple[str, str | None]]):
     return out
 
 
-def test_fresh_plan_is_one_array_then_aftercorr(tmp_path):
+def test_fresh_plan_is_one_array_then_one_job_per_cell_on_its_own_task(tmp_path):
     sweep = write_sweep(tmp_path, two_stage_spec("s", {"mask.kind": ["a", "b"], "seed": [0, 1]}))
     groups = plan(sweep, _statuses(sweep, {}), tmp_path)
-    assert [(g.stage.name, len(g.tasks)) for g in groups] == [("pretext", 4), ("classify", 4)]
-    assert groups[1].dependency == Dependency("aftercorr", group=0)
-    # task i of the classify array is the same cell as task i of the pretext array
-    assert [t.cell.name for t in groups[0].tasks] == [t.cell.name for t in groups[1].tasks]
+    assert [(g.stage.name, len(g.tasks)) for g in groups] == [("pretext", 4)] + [
+        ("classify", 1)
+    ] * 4
+    for i, group in enumerate(groups[1:]):
+        assert group.dependency == Dependency("afterok", group=0, index=i)
+        assert group.tasks[0].cell == groups[0].tasks[i].cell  # waits for its own pretext cell
 
 
 def test_resubmit_plan_only_missing_or_failed_and_wires_dependencies(tmp_path):
@@ -130,10 +132,8 @@ def test_dry_run_prints_plan_and_submits_nothing(tmp_path):
     out = io.StringIO()
     submit(sweep, "slurm", tmp_path / "runs", dry_run=True, out=out)
     text = out.getvalue()
-    assert (
-        "[0] pretext: 2 cell(s)" in text
-        and "[1] classify: 2 cell(s), dependency aftercorr:<pretext#0>" in text
-    )
+    assert "[0] pretext: 2 cell(s)" in text
+    assert "[2] classify: 1 cell(s), dependency afterok:<pretext#0[1]>" in text
     assert "checkpoint=" in text and "'timeout_min': 5" in text
     assert not (tmp_path / "runs").exists()
 
