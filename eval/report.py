@@ -46,7 +46,7 @@ def table2_rows(profile: Profile) -> list[tuple[str, str]]:
 
 def table1_rows(profile: Profile) -> list[tuple[str, str]]:
     rows = profile.eval.get("inpainting", {}).get("rows", {})
-    return [(title, variant) for variant, title in rows.items()]
+    return [(title, "all", f"{method}/") for method, title in rows.items()]
 
 
 def training_curves(runs: pd.DataFrame, path: Path) -> None:

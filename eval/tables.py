@@ -90,15 +90,17 @@ def format_cell(values: list[float], digits: int, expected: int) -> str:
 
 
 def build_table(
-    runs: pd.DataFrame, columns: tuple[Column, ...], rows: list[tuple[str, str]]
+    runs: pd.DataFrame, columns: tuple[Column, ...], rows: list[tuple[str, ...]]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(display table, long table). ``rows``: (row title, variant name) in display order.
+    """(display table, long table). ``rows``: (row title, variant name[, metric prefix]) in display
+    order; a row reads metric ``<prefix><column metric>`` (e.g. ``telea/psnr`` for Table 1, where one
+    run scores every method).
 
     The long table has one line per (row, column) with mean, std, n, the expected number of runs
     (runs recorded for that cell, whatever their status) and the run folders used.
     """
     display, long = [], []
-    for title, variant in rows:
+    for title, variant, *prefix in rows:
         line = {"Method": title}
         for col in columns:
             sel = runs[
@@ -106,7 +108,7 @@ def build_table(
                 & (runs["task"] == col.task)
                 & (runs["variant"] == variant)
             ]
-            key = f"m.{col.metric}"
+            key = f"m.{prefix[0] if prefix else ''}{col.metric}"
             done = sel[sel["status"] == "done"]
             done = done[done[key].notna()] if key in done.columns else done.iloc[0:0]
             values = [float(v) * col.scale for v in done[key]] if len(done) else []

@@ -75,3 +75,20 @@ def test_bad_run_json_names_the_file(tmp_path):
     bad.write_text("{")
     with pytest.raises(ValueError, match=r"x/run.json: not valid JSON"):
         collect_runs(tmp_path)
+
+
+def test_table1_rows_read_prefixed_metrics_of_one_run(tmp_path):
+    from eval.tables import TABLE1_COLUMNS
+
+    result = {
+        "mean_fill/l1": 0.2,
+        "mean_fill/l2": 0.05,
+        "mean_fill/psnr": 13.0,
+        "ce_l2/psnr": 17.25,
+    }
+    record(tmp_path, "eval", "inpainting", "all", 0, result=result)
+    rows = [("Mean fill", "all", "mean_fill/"), ("CE", "all", "ce_l2/")]
+    table, _ = build_table(collect_runs(tmp_path), TABLE1_COLUMNS, rows)
+    by = table.set_index("Method")
+    assert list(by.loc["Mean fill"]) == ["20.00 (n=1)", "5.00 (n=1)", "13.00 (n=1)"]
+    assert list(by.loc["CE"]) == ["—", "—", "17.25 (n=1)"]
