@@ -1,0 +1,62 @@
+"""Feature extraction and its on-disk cache."""
+
+import numpy as np
+import torch
+from conftest import MEAN, write_checkpoint
+
+from eval import features
+from eval.features import encode_images, extract_features, load_model, voc_images
+from pretext.masks import central_mask
+
+
+def test_cache_reloads_identical_features_without_recomputing(
+    tiny_voc, tiny_ckpt, tmp_path, monkeypatch
+):
+    first = extract_features(tiny_ckpt, tiny_voc, "val", "pool5", cache_dir=tmp_path)
+    assert first.features.dtype == np.float32 and first.features.shape[1] == 96 * 4 * 4
+    assert first.ids == voc_images(tiny_voc, "val", 64).ids
+
+    def boom(*args, **kwargs):
+        raise AssertionError("recomputed although cached")
+
+    monkeypatch.setattr(features, "encode_images", boom)
+    again = extract_features(tiny_ckpt, tiny_voc, "val", "pool5", cache_dir=tmp_path)
+    np.testing.assert_array_equal(again.features, first.features)
+    assert again.ids == first.ids
+    # what was cached is what the network computes
+    model, _ = load_model(tiny_ckpt)
+    direct = encode_images(model, voc_images(tiny_voc, "val", 64), MEAN, "pool5")
+    np.testing.assert_allclose(first.features, direct, rtol=1e-5, atol=1e-6)
+
+
+def test_new_checkpoint_hash_invalidates_the_cache(tiny_voc, tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ck.pt", seed=1)
+    cache = tmp_path / "cache"
+    a = extract_features(ckpt, tiny_voc, "val", "pool5", cache_dir=cache)
+    write_checkpoint(ckpt, seed=2)  # retrained in place: same path, new bytes
+    b = extract_features(ckpt, tiny_voc, "val", "pool5", cache_dir=cache)
+    assert a.identity["checkpoint_sha256"] != b.identity["checkpoint_sha256"]
+    assert not np.allclose(a.features, b.features)
+    assert len(list(cache.glob("*.npy"))) == 2
+
+
+def test_bottleneck_from_cached_pool5_equals_direct_forward(tiny_voc, tiny_ckpt, tmp_path):
+    got = extract_features(tiny_ckpt, tiny_voc, "val", "bottleneck", cache_dir=tmp_path)
+    model, _ = load_model(tiny_ckpt)
+    direct = encode_images(model, voc_images(tiny_voc, "val", 64), MEAN, "bottleneck")
+    np.testing.assert_allclose(got.features, direct, rtol=1e-4, atol=1e-5)
+
+
+def test_hole_pixels_do_not_reach_the_encoder(tiny_ckpt):
+    """With a hole only the context is encoded: changing the hole changes nothing, the context does."""
+    model, _ = load_model(tiny_ckpt)
+    hole = central_mask(64, 2)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=gen)
+    other_hole = images.clone()
+    other_hole[:, :, torch.from_numpy(hole)] = 0
+    other_context = images.clone()
+    other_context[:, :, 0:4, 0:4] = 255 - other_context[:, :, 0:4, 0:4]
+    f = encode_images(model, images, MEAN, "pool5", hole)
+    np.testing.assert_array_equal(f, encode_images(model, other_hole, MEAN, "pool5", hole))
+    assert not np.allclose(f, encode_images(model, other_context, MEAN, "pool5", hole))
