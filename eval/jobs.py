@@ -5,8 +5,8 @@ transfer tasks and the eval stages. :func:`expand` turns it into :class:`Job` re
 pipeline (:mod:`eval.pipeline`) and the SLURM sweeps both run these same jobs and write the same
 run folders, which the table builder reads.
 
-Run-folder scheme (one place): ``<runs_root>/<stage>/<task>/<variant>/seed<k>`` where the pretext
-stage uses task ``pretext``.
+Run-folder scheme (one place, :func:`run_dir_for`): ``<runs_root>/<stage>/<task>/<variant>/seed<k>``,
+and ``<runs_root>/pretext/<variant>/seed<k>`` for the pretext stage.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ class Job:
 
 
 def run_dir_for(runs_root: str | Path, stage: str, task: str, variant: str, seed: int) -> str:
-    return str(Path(runs_root) / stage / task / variant / f"seed{seed}")
+    """``<runs_root>/<stage>/<task>/<variant>/seed<k>`` (``<task>/`` left out when it is the stage)."""
+    parts = [stage] if task == stage else [stage, task]
+    return str(Path(runs_root, *parts, variant, f"seed{seed}"))
 
 
 @dataclass
@@ -106,7 +108,7 @@ def expand(profile: Profile) -> list[Job]:
             run_dir = run_dir_for(root, "pretext", "pretext", variant, seed)
             argv = (
                 "--config", spec.get("config", pre["config"]),
-                f"run_dir={run_dir}", f"seed={seed}", f"data.root={profile.data}",
+                f"run_dir={run_dir}", f"seed={seed}", f"data.root={pre.get('data', profile.data)}",
                 *pre.get("overrides", []), *spec.get("overrides", []),
             )  # fmt: skip
             jobs.append(Job("pretext", "pretext", variant, seed, "pretext.train", argv, run_dir))
@@ -126,6 +128,7 @@ def _downstream_jobs(
 ) -> list[Job]:
     """Jobs of a transfer task or an eval stage.
 
+    ``data`` (default: the profile's) is the dataset root of this task.
     ``per: variant`` (default) runs once per pretext (variant, seed) listed in ``variants``, with
     ``{checkpoint}`` in its args replaced by that pretext run's folder. ``per: profile`` runs once
     (seed 0) with ``{checkpoint:<variant>}`` placeholders for several pretext runs.
@@ -142,7 +145,7 @@ def _downstream_jobs(
                     deps.append(ckpt)
             argv.append(arg)
         run_dir = run_dir_for(profile.runs_root, stage, task, "all", 0)
-        argv += [f"run_dir={run_dir}", f"data={profile.data}"]
+        argv += [f"run_dir={run_dir}", f"data={spec.get('data', profile.data)}"]
         return [Job(stage, task, "all", 0, spec["module"], tuple(argv), run_dir, tuple(deps))]
     for variant in spec.get("variants", []):
         seeds = [s for (v, s) in pretext_dirs if v == variant]
@@ -154,7 +157,7 @@ def _downstream_jobs(
             ckpt = pretext_dirs[(variant, seed)]
             run_dir = run_dir_for(profile.runs_root, stage, task, variant, seed)
             argv = [a.replace("{checkpoint}", ckpt) for a in args]
-            argv += [f"run_dir={run_dir}", f"seed={seed}", f"data={profile.data}"]
+            argv += [f"run_dir={run_dir}", f"seed={seed}", f"data={spec.get('data', profile.data)}"]
             jobs.append(
                 Job(stage, task, variant, seed, spec["module"], tuple(argv), run_dir, (ckpt,))
             )
