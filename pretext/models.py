@@ -133,6 +133,24 @@ class ChannelWiseFC(nn.Module):
         return self.mix(self.dropout(y))
 
 
+def _full_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A convolution whose kernel covers its whole (unpadded) input, [N, C, k, k] -> [N, O, 1, 1],
+    computed as the fully connected layer it is: one matmul instead of oneDNN's much slower
+    convolution kernels for this shape (same sum, same parameters)."""
+    if x.shape[-2:] != conv.kernel_size or conv.padding != (0, 0) or conv.groups != 1:
+        return conv(x)
+    y = F.linear(x.flatten(1), conv.weight.flatten(1), conv.bias)
+    return y[:, :, None, None]
+
+
+def _dense_upconv(up: nn.ConvTranspose2d, z: torch.Tensor) -> torch.Tensor:
+    """ConvTranspose2d (stride 1, no padding) of a 1x1 input: [N, I, 1, 1] -> [N, O, k, k], one matmul
+    with the [I, O*k*k] weight."""
+    k1, k2 = up.kernel_size
+    y = (z.flatten(1) @ up.weight.flatten(1)).view(z.shape[0], up.out_channels, k1, k2)
+    return y if up.bias is None else y + up.bias.view(1, -1, 1, 1)
+
+
 class ConvBottleneck(nn.Module):
     """Fully connected bottleneck as a convolution (the 128-px inpainting net, §4: 4000 units).
 
@@ -146,7 +164,7 @@ class ConvBottleneck(nn.Module):
         self.out_channels = units
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.leaky_relu(self.norm(self.conv(x)), 0.2, inplace=True)
+        return F.leaky_relu(self.norm(_full_conv(self.conv, x)), 0.2, inplace=True)
 
 
 class UpConvDecoder(nn.Module):
@@ -180,7 +198,15 @@ class UpConvDecoder(nn.Module):
         self.out_size = out_size
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.layers(z)
+        first = self.layers[0]
+        dense = z.shape[-2:] == (1, 1) and first.stride == (1, 1) and first.padding == (0, 0)
+        if dense and first.groups == 1 and first.dilation == (1, 1):
+            # 1x1 -> k x k up-convolution = one matmul (oneDNN's conv path is far slower here)
+            x = _dense_upconv(first, z)
+            for layer in list(self.layers)[1:]:
+                x = layer(x)
+        else:
+            x = self.layers(z)
         if self.out_size is not None and x.shape[-1] != self.out_size:
             x = F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear")
         return torch.tanh(x)
@@ -270,7 +296,7 @@ class Discriminator(nn.Module):
         h = self.features(x)
         if h.shape[-1] != 4:
             h = F.adaptive_avg_pool2d(h, 4)
-        return self.head(h).flatten()
+        return _full_conv(self.head, h).flatten()
 
 
 # ---- size variants -------------------------------------------------------------------------
