@@ -258,6 +258,23 @@ class Step:
     autocast_dtype: torch.dtype | None
     memory_format: torch.memory_format
 
+    @staticmethod
+    def settings(
+        cfg: Config, device: torch.device
+    ) -> tuple[torch.memory_format, torch.dtype | None, bool]:
+        """(memory format, autocast dtype or None, torch.compile the model?) for ``cfg`` on ``device``."""
+        use_gpu = device.type == "cuda"
+        channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and use_gpu)
+        autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        if cfg.amp == "auto" and use_gpu:
+            autocast_dtype = torch.bfloat16
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        return memory_format, autocast_dtype, cfg.compile
+
+    def _autocast(self) -> torch.autocast:
+        enabled = self.autocast_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled)
+
     def __call__(self, images: torch.Tensor, hole: torch.Tensor) -> dict[str, float]:
         """images: uint8 [N, 3, S, S]; hole: bool [N, 1, S, S]. One optimisation step."""
         x = to_unit_range(images.to(self.device, non_blocking=True))
@@ -270,32 +287,34 @@ class Step:
         if self.cfg.model.output == "center":
             lo, hi = central_square(x.shape[-1])
             target, weights = x[..., lo:hi, lo:hi], weights[..., lo:hi, lo:hi]
-        with torch.autocast(
-            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-        ):
+        with self._autocast():
             pred = self.model(context)
         rec = masked_l2_loss(pred, target, weights)
         out = {"loss_rec": rec}
         loss = rec
         if self.disc is not None:
-            with torch.autocast(
-                self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-            ):
+            # The generator's loss needs D's input gradient only: its weight gradients would be
+            # discarded by opt_d.zero_grad below, so they are not computed (same result, less work).
+            self.disc.requires_grad_(False)
+            with self._autocast():
                 adv = generator_adversarial_loss(self.disc(pred).float())
             loss = joint_loss(rec, adv, self.cfg.loss.lambda_rec, self.cfg.loss.lambda_adv)
             out["loss_adv"] = adv
         out["loss"] = loss
         if not torch.isfinite(loss):
+            if self.disc is not None:
+                self.disc.requires_grad_(True)
             return {k: float(v.detach()) for k, v in out.items()}
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_g.step()
+        if self.disc is not None:
+            self.disc.requires_grad_(True)
         if self.disc is not None and self.opt_d is not None:
-            with torch.autocast(
-                self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-            ):
+            real = target.contiguous(memory_format=self.memory_format)
+            with self._autocast():
                 d_loss = discriminator_loss(
-                    self.disc(target).float(), self.disc(pred.detach()).float()
+                    self.disc(real).float(), self.disc(pred.detach()).float()
                 )
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
@@ -408,14 +427,7 @@ def main(cfg: Config) -> dict[str, float]:
         )  # a loadable step-0 checkpoint from the start
 
     use_gpu = device.type == "cuda"
-    memory_format = (
-        torch.channels_last
-        if (cfg.channels_last == "on" or (cfg.channels_last == "auto" and use_gpu))
-        else torch.contiguous_format
-    )
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    if cfg.amp == "auto" and use_gpu:
-        autocast_dtype = torch.bfloat16
+    memory_format, autocast_dtype, compile_model = Step.settings(cfg, device)
     model.to(device, memory_format=memory_format)
     if disc is not None:
         disc.to(device, memory_format=memory_format)
@@ -425,7 +437,7 @@ def main(cfg: Config) -> dict[str, float]:
     train_model: torch.nn.Module = model
     if env.world_size > 1:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if use_gpu else None)
-    if cfg.compile:
+    if compile_model:
         train_model = torch.compile(train_model)
     mean = torch.tensor(mean_list, device=device)
     train_step = Step(
