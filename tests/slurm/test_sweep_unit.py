@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
+import time
 
 import pytest
+import submitit
 from sweep_specs import two_stage_spec, write_sweep
 
 from slurm.launcher import StageJob, make_executor
-from slurm.sweep import CellStatus, Dependency, collect_results, plan, submit, sweep_status
+from slurm.sweep import (
+    CellStatus,
+    Dependency,
+    cell_status,
+    collect_results,
+    plan,
+    scheduler_states,
+    submit,
+    sweep_status,
+)
 from slurm.sweep_file import SweepFileError, expand_grid, load_sweep, run_dir, stage_argv
 
 
@@ -178,3 +190,59 @@ def test_local_sweep_runs_both_stages_then_resubmits_nothing(tmp_path, fake_stag
     out = io.StringIO()
     assert submit(sweep, "local", runs, out=out) == []
     assert "0 cells to submit, 4 done or in flight" in out.getvalue()
+
+
+def _record(tmp_path, job_id="7_1", cluster="slurm", age_s=3600.0):
+    return {
+        "job_id": job_id,
+        "cluster": cluster,
+        "folder": str(tmp_path / "%j"),
+        "stdout": str(tmp_path / job_id / f"{job_id}_0_log.out"),
+        "submitted": time.time() - age_s,
+    }
+
+
+def _write_result_pickle(record, outcome):
+    path = submitit.core.utils.JobPaths(record["folder"], job_id=record["job_id"]).result_pickle
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(outcome))
+
+
+def test_cell_status_from_result_scheduler_state_and_pickle(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rec = _record(tmp_path)
+    assert cell_status("p", "c", run, None, None).state == "missing"
+    assert cell_status("p", "c", run, rec, "PENDING").state == "pending"
+    assert cell_status("p", "c", run, rec, "REQUEUED").state == "pending"
+    assert cell_status("p", "c", run, rec, "RUNNING").state == "running"
+    # ended without a result and without a pickle: failed, with the SLURM state as the reason
+    timeout = cell_status("p", "c", run, rec, "TIMEOUT")
+    assert (timeout.state, timeout.reason, timeout.log) == (
+        "failed",
+        "job ended TIMEOUT without a result",
+        rec["stdout"],
+    )
+    # sacct does not know it: just submitted -> pending; long ago -> unknown (not resubmitted)
+    assert cell_status("p", "c", run, _record(tmp_path, age_s=1), "UNKNOWN").state == "pending"
+    assert cell_status("p", "c", run, rec, "UNKNOWN").state == "unknown"
+    # the stage raised: submitit's pickle holds the traceback, its last line is the reason
+    _write_result_pickle(rec, ("error", "Traceback (most recent call last):\nRuntimeError: boom\n"))
+    failed = cell_status("p", "c", run, rec, "FAILED")
+    assert (failed.state, failed.reason) == ("failed", "RuntimeError: boom")
+    (run / "result.json").write_text("{}")
+    assert cell_status("p", "c", run, rec, "COMPLETED").state == "done"
+    assert cell_status("p", "c", run, rec, "RUNNING").state == "done"  # result written, job exiting
+
+
+def test_local_job_state_comes_from_its_pid(tmp_path):
+    run = tmp_path / "run"
+    rec = _record(tmp_path, job_id=str(os.getpid()), cluster="local")
+    # this pytest process is no submitit job: the pid is not taken for a running job
+    assert scheduler_states({"p/c": rec}) == {"p/c": "UNKNOWN"}
+    _write_result_pickle(rec, ("success", {"x": 1.0}))
+    status = cell_status("p", "c", run, rec, "UNKNOWN")
+    assert (status.state, status.reason) == (
+        "failed",
+        "the stage returned without writing result.json",
+    )
