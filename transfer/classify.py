@@ -1,0 +1,417 @@
+"""VOC07 multi-label classification from a pretext checkpoint: ``python -m transfer.classify``.
+
+    python -m transfer.classify --checkpoint runs/dev/ce --data data/minivoc/VOC2007 run_dir=runs/cls
+
+Modes (``modes=[...]``, each adds its own keys to the result):
+
+- ``finetune``: the pretrained encoder + a new head (``finetune.head``: ``mlp`` = fc6/fc7-like
+  two hidden layers, or ``linear`` on pool5), all trained end to end (§5.2 of the paper).
+- ``linear_pool5`` / ``linear_fc``: a logistic-regression probe on frozen features: pool5, or the
+  checkpoint's channel-wise FC bottleneck output (the "fc" level of the context encoder).
+
+Training on ``train_split`` (trainval), testing on ``test_split`` (test) with the VOC07 protocol
+(difficult-only entries ignored, 11-point AP by default). Result keys: ``mAP`` (the first mode's),
+``<mode>_mAP``, ``<mode>_AP_<class>``, ``time_s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pretext.atomic_io import append_jsonl
+from pretext.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from pretext.config import load_config
+from pretext.data import to_unit_range
+from pretext.datasets import VOCClassification
+from pretext.models import AlexNetEncoder
+from transfer import run_folder
+from transfer.data_dependent_init import rescale_layers
+from transfer.voc_ap import mean_ap, voc07_classification_ap
+from transfer.voc_splits import dataset_classes, require_split, voc_root
+
+log = logging.getLogger("transfer.classify")
+
+Mode = Literal["finetune", "linear_pool5", "linear_fc"]
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 0.01
+    encoder_lr_mult: float = 1.0  # encoder lr = lr * this (0 freezes the encoder)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    head: Literal["mlp", "linear"] = "mlp"
+    hidden: int = 512  # width of fc6 / fc7 of the mlp head (AlexNet: 4096)
+    dropout: float = 0.5
+    rescale: bool = False  # Krähenbühl et al. data-dependent init of the new layers
+    rescale_batch: int = 128
+
+
+@dataclass
+class LinearConfig:
+    weight_decay: float = 1e-3  # L2 on the probe's weights (features are standardised)
+    max_iter: int = 100  # L-BFGS iterations, full batch
+
+
+@dataclass
+class Config:
+    checkpoint: str = ""  # pretext checkpoint (.pt) or pretext run folder
+    data: str = "data/minivoc/VOC2007"  # VOC root (the built-in mini-VOC is generated if missing)
+    run_dir: str = "runs/transfer/classify/default"
+    seed: int = 0
+    arch: str = ""  # expected checkpoint arch ("" = any AlexNet-style arch)
+    classes: tuple[str, ...] = ()  # expected class list ("" = the dataset's)
+    train_split: str = "trainval"
+    test_split: str = "test"
+    image_size: int = 0  # 0: the checkpoint's pretext input size
+    modes: tuple[Mode, ...] = ("finetune", "linear_pool5", "linear_fc")
+    ap_mode: Literal["11points", "area"] = "11points"
+    test_flip: bool = True  # average scores over the image and its mirror
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    num_workers: int = 0
+    threads: int = 0  # torch intra-op threads (0: torch's default)
+    progress: bool = True
+    force: bool = False  # recompute a finished run folder / reuse one started differently
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML overrides of the full default (Config)")
+    parser.add_argument("--checkpoint", help="pretext checkpoint (.pt or run folder)")
+    parser.add_argument("--data", help="VOC root, e.g. VOCdevkit/VOC2007")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. finetune.epochs=5")
+    args = parser.parse_args(argv)
+    extra = [f"checkpoint={args.checkpoint}"] if args.checkpoint else []
+    extra += [f"data={args.data}"] if args.data else []
+    return load_config(Config, args.config, [*extra, *args.overrides])
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+
+class DecodedViews(Dataset):
+    """A VOCClassification whose images are decoded once and kept in memory (small datasets).
+
+    Item: (uint8 [3, S, S] view, labels [C], difficult_only [C]); views are drawn per access.
+    """
+
+    def __init__(self, base: VOCClassification):
+        self.base = base
+        self.images = [base.load(i)[1] for i in range(len(base))]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.base.view(self.images[i]), self.base.labels[i], self.base.difficult_only[i]
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+
+class Classifier(nn.Module):
+    """Pretrained encoder + new head. x: [N, 3, S, S] in [-1, 1] -> logits [N, C].
+
+    ``mlp``: pool5 -> fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout -> fc8 (AlexNet's head);
+    ``linear``: pool5 -> fc8.
+    """
+
+    def __init__(self, encoder: AlexNetEncoder, num_classes: int, cfg: FinetuneConfig):
+        super().__init__()
+        self.encoder = encoder
+        dim = encoder.out_channels * encoder.out_size**2
+        if cfg.head == "mlp":
+            self.head = nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(dim, cfg.hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout(cfg.dropout),
+                nn.Linear(cfg.hidden, cfg.hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout(cfg.dropout),
+                nn.Linear(cfg.hidden, num_classes),
+            )
+        else:
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(dim, num_classes))
+        for m in self.head:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def new_layers(self) -> list[nn.Linear]:
+        return [m for m in self.head if isinstance(m, nn.Linear)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def load_pretext(checkpoint: str, arch: str) -> tuple[nn.Module, dict]:
+    """(the whole pretext network, its source meta); the encoder must be AlexNet-style."""
+    source = run_folder.source_meta(checkpoint, arch or None)
+    model = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
+    if not isinstance(model.encoder, AlexNetEncoder):
+        raise CheckpointError(
+            f"{checkpoint}: arch {source['arch']!r} has no AlexNet-style encoder; "
+            "classification transfer supports small64*, alexnet227*"
+        )
+    return model, source
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict(
+    fn: nn.Module, data: Dataset, batch_size: int, flip: bool, desc: str, progress: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """fn: images [N, 3, S, S] in [-1, 1] -> [N, D]. Returns (outputs [M, D], labels, difficult)."""
+    fn.eval()
+    outs, labels, diffs = [], [], []
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    for images, lab, diff in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        x = to_unit_range(images)
+        y = fn(x)
+        if flip:
+            y = (y + fn(x.flip(-1))) / 2
+        outs.append(y.flatten(1))
+        labels.append(lab)
+        diffs.append(diff)
+    return torch.cat(outs).numpy(), torch.cat(labels).numpy(), torch.cat(diffs).numpy()
+
+
+def ap_metrics(
+    prefix: str, scores: np.ndarray, labels: np.ndarray, diff: np.ndarray, classes, mode: str
+) -> dict[str, float]:
+    per_class = voc07_classification_ap(scores, labels, diff, mode)
+    out = {f"{prefix}_mAP": mean_ap(per_class)}
+    out.update({f"{prefix}_AP_{c}": float(ap) for c, ap in zip(classes, per_class)})
+    return out
+
+
+# ---- fine-tuning -------------------------------------------------------------------------------
+
+
+def lr_factor(epoch_pos: float, cfg: FinetuneConfig) -> float:
+    """Linear warm-up over ``warmup_epochs`` then cosine decay to 0 (epoch_pos: fractional epoch)."""
+    if epoch_pos < cfg.warmup_epochs:
+        return (epoch_pos + 1e-3) / cfg.warmup_epochs
+    t = (epoch_pos - cfg.warmup_epochs) / max(1e-9, cfg.epochs - cfg.warmup_epochs)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def finetune(
+    model: Classifier, train: Dataset, cfg: Config, run_dir: Path, generator: torch.Generator
+) -> None:
+    fc = cfg.finetune
+    if fc.rescale:
+        batch = torch.stack([train[i][0] for i in range(min(fc.rescale_batch, len(train)))])
+        x = to_unit_range(batch)
+        model.eval()
+        stats = rescale_layers(model.new_layers, lambda: model(x))
+        log.info("data-dependent init: per-layer (mean, std) after rescaling %s", stats)
+    groups = [
+        {"params": list(model.head.parameters()), "lr_mult": 1.0},
+        {"params": list(model.encoder.parameters()), "lr_mult": fc.encoder_lr_mult},
+    ]
+    if fc.encoder_lr_mult == 0:
+        groups = groups[:1]
+        model.encoder.requires_grad_(False)
+    opt = torch.optim.SGD(groups, lr=fc.lr, momentum=fc.momentum, weight_decay=fc.weight_decay)
+    loader = DataLoader(
+        train,
+        batch_size=fc.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.num_workers,
+        generator=generator,
+    )
+    steps = fc.epochs * len(loader)
+    bar = tqdm(
+        total=steps, desc=f"finetune {run_dir.name}", disable=not cfg.progress, file=sys.stderr
+    )
+    for epoch in range(fc.epochs):
+        model.train()
+        if fc.encoder_lr_mult == 0:
+            model.encoder.eval()
+        total, count = 0.0, 0
+        for i, (images, labels, diff) in enumerate(loader):
+            factor = lr_factor(epoch + i / len(loader), fc)
+            for group in opt.param_groups:
+                group["lr"] = fc.lr * group["lr_mult"] * factor
+            logits = model(to_unit_range(images))
+            # difficult-only entries are neither positive nor negative (VOC07 protocol)
+            weight = 1.0 - diff
+            loss = F.binary_cross_entropy_with_logits(logits, labels, weight, reduction="sum")
+            loss = loss / len(images)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(
+                    f"{run_dir}: non-finite fine-tuning loss at epoch {epoch}; lower finetune.lr"
+                )
+            total, count = total + loss.item() * len(images), count + len(images)
+            bar.update(1)
+        bar.set_postfix(loss=f"{total / count:.4f}")
+        append_jsonl(
+            run_dir / "metrics.jsonl",
+            {"mode": "finetune", "epoch": epoch + 1, "loss": total / count, "lr": fc.lr * factor},
+        )
+    bar.close()
+
+
+# ---- linear probe ------------------------------------------------------------------------------
+
+
+def fit_linear_probe(
+    feats: np.ndarray, labels: np.ndarray, diff: np.ndarray, cfg: LinearConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One-vs-rest logistic regression on standardised features, full-batch L-BFGS.
+
+    feats: [N, D]; labels, diff: [N, C]. Returns (mean [D], std [D], W [D, C], b [C]).
+    """
+    x = torch.from_numpy(feats).double()
+    y, w_ignore = torch.from_numpy(labels).double(), 1.0 - torch.from_numpy(diff).double()
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x = (x - mean) / std
+    weight = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(y.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], max_iter=cfg.max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        logits = x @ weight + bias
+        loss = F.binary_cross_entropy_with_logits(logits, y, w_ignore, reduction="sum") / len(x)
+        loss = loss + 0.5 * cfg.weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return mean, std, weight.detach(), bias.detach()
+
+
+def linear_probe(
+    name: str,
+    feature_fn: nn.Module,
+    train: Dataset,
+    test: Dataset,
+    cfg: Config,
+    classes: tuple[str, ...],
+) -> dict[str, float]:
+    """Fit on ``train`` (eval views, no augmentation), report AP on ``test``."""
+    tr, tr_lab, tr_diff = predict(feature_fn, train, 128, False, f"{name} features", cfg.progress)
+    te, te_lab, te_diff = predict(feature_fn, test, 128, False, f"{name} features", cfg.progress)
+    mean, std, weight, bias = fit_linear_probe(tr, tr_lab, tr_diff, cfg.linear)
+    scores = ((torch.from_numpy(te).double() - mean) / std @ weight + bias).numpy()
+    return ap_metrics(name, scores, te_lab, te_diff, classes, cfg.ap_mode)
+
+
+class Pool5(nn.Module):
+    """x -> flattened pool5 [N, C5 * n * n] of the frozen encoder."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x).flatten(1)
+
+
+class BottleneckFC(nn.Module):
+    """x -> flattened output of the checkpoint's channel-wise FC [N, C5 * n * n] (frozen)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_bottleneck(self.model.forward_encoder(x)).flatten(1)
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+
+def main(cfg: Config) -> dict[str, float]:
+    """Run (or return the recorded result of) the classification transfer in ``cfg.run_dir``."""
+    if not cfg.modes:
+        raise ValueError("modes is empty; choose among finetune, linear_pool5, linear_fc")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.run_dir)
+    model, source = load_pretext(cfg.checkpoint, cfg.arch)
+    done = run_folder.finished_result(run_dir, cfg, source)
+    if done is not None:
+        return done
+    root = voc_root(cfg.data)
+    classes = dataset_classes(root, cfg.classes)
+    for split in (cfg.train_split, cfg.test_split):
+        require_split(root, split)
+    size = cfg.image_size or model.input_size
+    meta = {"task": "classify", "source": source, "seed": cfg.seed, "data": str(root),
+            "classes": list(classes), "image_size": size}  # fmt: skip
+    run_folder.start(run_dir, cfg, meta)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a restarted run logs afresh
+    t0 = time.perf_counter()
+
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train_aug = DecodedViews(VOCClassification(root, cfg.train_split, size, True, classes))
+    train_eval = DecodedViews(VOCClassification(root, cfg.train_split, size, False, classes))
+    test = DecodedViews(VOCClassification(root, cfg.test_split, size, False, classes))
+    log.info("%d train / %d test images, %d classes", len(train_aug), len(test), len(classes))
+
+    result: dict[str, float] = {}
+    for mode in cfg.modes:
+        t_mode = time.perf_counter()
+        if mode == "finetune":
+            net = Classifier(_fresh_encoder(cfg.checkpoint), len(classes), cfg.finetune)
+            finetune(net, train_aug, cfg, run_dir, generator)
+            scores, labels, diff = predict(
+                net, test, 128, cfg.test_flip, "finetune test", cfg.progress
+            )
+            result.update(ap_metrics("finetune", scores, labels, diff, classes, cfg.ap_mode))
+        elif mode == "linear_pool5":
+            result.update(linear_probe(mode, Pool5(model.encoder), train_eval, test, cfg, classes))
+        else:
+            result.update(linear_probe(mode, BottleneckFC(model), train_eval, test, cfg, classes))
+        result[f"{mode}_time_s"] = time.perf_counter() - t_mode
+        log.info("%s: mAP %.4f", mode, result[f"{mode}_mAP"])
+        append_jsonl(run_dir / "metrics.jsonl", {"mode": mode, "mAP": result[f"{mode}_mAP"]})
+    result = {"mAP": result[f"{cfg.modes[0]}_mAP"], **result}
+    result["time_s"] = time.perf_counter() - t0
+    return run_folder.finish(run_dir, result, {**meta, "elapsed_s": result["time_s"]})
+
+
+def _fresh_encoder(checkpoint: str) -> AlexNetEncoder:
+    """A new copy of the checkpoint's encoder (fine-tuning must not touch the probes' copy)."""
+    return model_from_checkpoint(load_checkpoint(checkpoint), checkpoint).encoder
+
+
+def cli(argv: list[str] | None = None) -> dict[str, float]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return main(parse_config(argv))
+
+
+if __name__ == "__main__":
+    cli()

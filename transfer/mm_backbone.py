@@ -1,0 +1,99 @@
+"""The pretext encoder as an mmdet backbone and an mmseg backbone (the one mm adapter module).
+
+Importing this module registers :class:`PretextAlexNet` in ``mmdet.registry.MODELS`` and in
+``mmseg.registry.MODELS`` (two separate registries; a stage picks one through its config's
+``default_scope``). The configs in transfer/configs/ import it with ``custom_imports``.
+
+Images reach the backbone normalised to [-1, 1] like in pretext training: the data preprocessors
+use mean = std = 127.5 with ``bgr_to_rgb=True`` (pretext.data.to_unit_range).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from mmengine.model import BaseModule
+
+from pretext.checkpoint import CheckpointError, load_encoder
+from pretext.models import ARCHS, AlexNetEncoder
+
+FEATURES = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5")
+CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+
+
+class PretextAlexNet(BaseModule):
+    """AlexNet-style pretext encoder returning a tuple of feature maps.
+
+    Args:
+        checkpoint: a pretext checkpoint (``.pt`` or a pretext run folder); None = random init
+            (Kaiming, as at pretext step 0) of ``arch``.
+        arch: the expected architecture; with a checkpoint of another arch a CheckpointError is
+            raised. With ``checkpoint=None`` it picks the network to build.
+        out_features: names among conv1..conv5, pool5, in the order they are returned.
+        frozen_stages: conv1..conv{frozen_stages} get no gradient (0 = train everything).
+
+    forward(x: [N, 3, H, W] in [-1, 1]) -> tuple of [N, C_f, H / s_f, W / s_f] (conv5 of small64:
+    C=96, s=8; of alexnet227: C=256, s~16).
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        arch: str | None = "small64",
+        out_features: tuple[str, ...] | list[str] = ("conv5",),
+        frozen_stages: int = 0,
+        init_cfg: Any = None,
+    ):
+        super().__init__(init_cfg=init_cfg)
+        unknown = [f for f in out_features if f not in FEATURES]
+        if unknown or not out_features:
+            raise ValueError(f"out_features {list(out_features)}: choose among {list(FEATURES)}")
+        if checkpoint:
+            encoder, meta = load_encoder(checkpoint, expected_arch=arch)
+            self.source = meta
+        else:
+            if arch not in ARCHS:
+                raise ValueError(f"arch {arch!r}: choose one of {sorted(ARCHS)}")
+            encoder = ARCHS[arch]().encoder
+            self.source = {"method": "random_init", "arch": arch, "path": None}
+        if not isinstance(encoder, AlexNetEncoder):
+            raise CheckpointError(
+                f"{checkpoint or arch}: arch {self.source['arch']!r} has no AlexNet encoder "
+                "(conv1..conv5); transfer supports small64*, alexnet227*"
+            )
+        self.encoder = encoder
+        self.out_features = tuple(out_features)
+        self.frozen_stages = frozen_stages
+        self._freeze()
+
+    @property
+    def out_channels(self) -> list[int]:
+        """Channels of each returned map (for the neck / head ``in_channels``)."""
+        return [self.encoder.spec.channels[min(CONV_LAYERS.index(f), 4)] if f != "pool5"
+                else self.encoder.out_channels for f in self.out_features]  # fmt: skip
+
+    def _freeze(self) -> None:
+        for name in CONV_LAYERS[: self.frozen_stages]:
+            for p in getattr(self.encoder, name).parameters():
+                p.requires_grad_(False)
+
+    def init_weights(self) -> None:
+        # The weights come from the checkpoint (or the encoder's own init) in __init__; the
+        # runner's init_weights must not overwrite them.
+        pass
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feats = self.encoder.forward_features(x)
+        return tuple(feats[f] for f in self.out_features)
+
+
+def _register() -> None:
+    from mmdet.registry import MODELS as MMDET_MODELS
+    from mmseg.registry import MODELS as MMSEG_MODELS
+
+    for registry in (MMDET_MODELS, MMSEG_MODELS):
+        registry.register_module("PretextAlexNet", module=PretextAlexNet, force=True)
+
+
+_register()
