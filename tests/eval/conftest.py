@@ -36,5 +36,17 @@ def write_checkpoint(path: Path, seed: int, method: str = "context_encoder") -> 
 
 
 @pytest.fixture(scope="session")
+def ckpt_mean() -> list[float]:
+    """The data_mean stored in every checkpoint written here."""
+    return MEAN
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint():
+    """``make_checkpoint(path, seed)`` writes a checkpoint (a fixture: test files never import conftest)."""
+    return write_checkpoint
+
+
+@pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "last.pt", seed=0)

@@ -2,7 +2,6 @@
 
 import numpy as np
 import torch
-from conftest import MEAN, write_checkpoint
 
 from eval import features
 from eval.features import encode_images, extract_features, load_model, voc_images
@@ -10,7 +9,7 @@ from pretext.masks import central_mask
 
 
 def test_cache_reloads_identical_features_without_recomputing(
-    tiny_voc, tiny_ckpt, tmp_path, monkeypatch
+    tiny_voc, tiny_ckpt, ckpt_mean, tmp_path, monkeypatch
 ):
     first = extract_features(tiny_ckpt, tiny_voc, "val", "pool5", cache_dir=tmp_path)
     assert first.features.dtype == np.float32 and first.features.shape[1] == 96 * 4 * 4
@@ -25,29 +24,31 @@ def test_cache_reloads_identical_features_without_recomputing(
     assert again.ids == first.ids
     # what was cached is what the network computes
     model, _ = load_model(tiny_ckpt)
-    direct = encode_images(model, voc_images(tiny_voc, "val", 64), MEAN, "pool5")
+    direct = encode_images(model, voc_images(tiny_voc, "val", 64), ckpt_mean, "pool5")
     np.testing.assert_allclose(first.features, direct, rtol=1e-5, atol=1e-6)
 
 
-def test_new_checkpoint_hash_invalidates_the_cache(tiny_voc, tmp_path):
-    ckpt = write_checkpoint(tmp_path / "ck.pt", seed=1)
+def test_new_checkpoint_hash_invalidates_the_cache(tiny_voc, make_checkpoint, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ck.pt", seed=1)
     cache = tmp_path / "cache"
     a = extract_features(ckpt, tiny_voc, "val", "pool5", cache_dir=cache)
-    write_checkpoint(ckpt, seed=2)  # retrained in place: same path, new bytes
+    make_checkpoint(ckpt, seed=2)  # retrained in place: same path, new bytes
     b = extract_features(ckpt, tiny_voc, "val", "pool5", cache_dir=cache)
     assert a.identity["checkpoint_sha256"] != b.identity["checkpoint_sha256"]
     assert not np.allclose(a.features, b.features)
     assert len(list(cache.glob("*.npy"))) == 2
 
 
-def test_bottleneck_from_cached_pool5_equals_direct_forward(tiny_voc, tiny_ckpt, tmp_path):
+def test_bottleneck_from_cached_pool5_equals_direct_forward(
+    tiny_voc, tiny_ckpt, ckpt_mean, tmp_path
+):
     got = extract_features(tiny_ckpt, tiny_voc, "val", "bottleneck", cache_dir=tmp_path)
     model, _ = load_model(tiny_ckpt)
-    direct = encode_images(model, voc_images(tiny_voc, "val", 64), MEAN, "bottleneck")
+    direct = encode_images(model, voc_images(tiny_voc, "val", 64), ckpt_mean, "bottleneck")
     np.testing.assert_allclose(got.features, direct, rtol=1e-4, atol=1e-5)
 
 
-def test_hole_pixels_do_not_reach_the_encoder(tiny_ckpt):
+def test_hole_pixels_do_not_reach_the_encoder(tiny_ckpt, ckpt_mean):
     """With a hole only the context is encoded: changing the hole changes nothing, the context does."""
     model, _ = load_model(tiny_ckpt)
     hole = central_mask(64, 2)
@@ -57,6 +58,6 @@ def test_hole_pixels_do_not_reach_the_encoder(tiny_ckpt):
     other_hole[:, :, torch.from_numpy(hole)] = 0
     other_context = images.clone()
     other_context[:, :, 0:4, 0:4] = 255 - other_context[:, :, 0:4, 0:4]
-    f = encode_images(model, images, MEAN, "pool5", hole)
-    np.testing.assert_array_equal(f, encode_images(model, other_hole, MEAN, "pool5", hole))
-    assert not np.allclose(f, encode_images(model, other_context, MEAN, "pool5", hole))
+    f = encode_images(model, images, ckpt_mean, "pool5", hole)
+    np.testing.assert_array_equal(f, encode_images(model, other_hole, ckpt_mean, "pool5", hole))
+    assert not np.allclose(f, encode_images(model, other_context, ckpt_mean, "pool5", hole))
