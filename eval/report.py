@@ -114,6 +114,22 @@ def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path
         t1, t1_long = build_table(runs, TABLE1_COLUMNS, table1_rows(profile))
         write_table(t1, t1_long, out, "table1_inpainting", "Table 1: inpainting, central masks")
         sections.insert(0, ("Table 1: semantic inpainting on held-out images (central masks)", t1))
+    retrieval = [
+        (title, "all", f"{name}/pool5/")
+        for name, title in profile.eval.get("retrieval", {}).get("rows", {}).items()
+    ]
+    if retrieval:
+        t3, t3_long = build_table(runs, RETRIEVAL_COLUMNS, retrieval)
+        write_table(t3, t3_long, out, "retrieval", "Nearest-neighbour retrieval (FAISS, pool5)")
+        chance = runs[(runs["stage"] == "eval") & (runs["task"] == "retrieval")]
+        note = ""
+        if "m.chance/precision" in chance.columns and chance["m.chance/precision"].notna().any():
+            note = (
+                f" (chance precision: {100 * chance['m.chance/precision'].dropna().iloc[0]:.1f}%)"
+            )
+        sections.append(
+            (f"Nearest-neighbour retrieval: a neighbour shares an object class{note}", t3)
+        )
     figures = out / "figures"
     training_curves(runs, figures / "training_curves.png")
     for name, rel in profile.eval.get("figures", {}).items():

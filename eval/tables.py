@@ -47,6 +47,16 @@ TABLE1_COLUMNS = (
 )
 
 
+# Nearest-neighbour retrieval of pool5 features (val queries against the train set).
+RETRIEVAL_COLUMNS = (
+    Column("Precision@1 (%)", "eval", "retrieval", "precision@1", 100.0),
+    Column("Precision@5 (%)", "eval", "retrieval", "precision@5", 100.0),
+    Column("Precision@10 (%)", "eval", "retrieval", "precision@10", 100.0),
+    Column("IVF recall@10 vs exact (%)", "eval", "retrieval", "ivf/recall@10", 100.0),
+    Column("HNSW recall@10 vs exact (%)", "eval", "retrieval", "hnsw/recall@10", 100.0),
+)
+
+
 def collect_runs(root: str | Path) -> pd.DataFrame:
     """One row per run folder under ``root`` (any depth): identity, status, metrics (``m.<key>``)."""
     rows = []
