@@ -17,6 +17,7 @@ import pandas as pd
 
 from eval.jobs import Profile
 from eval.tables import (
+    RETRIEVAL_COLUMNS,
     TABLE1_COLUMNS,
     TABLE2_COLUMNS,
     build_table,
