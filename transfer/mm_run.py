@@ -1,0 +1,168 @@
+"""Shared driver of the mmdet / mmseg transfer runs (transfer.detect, transfer.segment).
+
+Loads a normal mm config file (transfer/configs/), fills in what depends on the run (backbone
+checkpoint and arch, the VOC root, the dataset's classes, the schedule, seed, work dir), trains with
+mmengine's Runner and evaluates once on the test split at the end. mmdet / mmseg are imported only
+here and in transfer.mm_backbone, never from pretext/ or eval/.
+
+The mmengine work dir is ``<run_dir>/work`` (its logs, and a checkpoint every ``checkpoint_every``
+iterations: a killed run resumes from it).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from mmengine.hooks import Hook
+from tqdm import tqdm
+
+from pretext.atomic_io import append_jsonl
+from pretext.models import ARCHS
+from transfer import run_folder
+from transfer.voc_splits import dataset_classes, require_split, voc_root
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MMConfig:
+    """Fields common to detect and segment (each subclass sets its own defaults)."""
+
+    checkpoint: str = ""  # pretext checkpoint (.pt) or pretext run folder
+    data: str = "data/minivoc/VOC2007"  # VOC year folder (built-in mini-VOC generated if missing)
+    run_dir: str = "runs/transfer/default"
+    seed: int = 0
+    arch: str = ""  # expected checkpoint arch ("" = any AlexNet-style arch)
+    classes: tuple[str, ...] = ()  # expected class list (() = the dataset's)
+    mm_config: str = ""  # the mm config file
+    train_split: str = "trainval"
+    test_split: str = "test"
+    max_iters: int = 300
+    batch_size: int = 8
+    lr: float = 0.02
+    warmup_iters: int = 50
+    frozen_stages: int = 0  # conv1..conv{k} of the encoder are not trained
+    checkpoint_every: int = 100
+    threads: int = 0
+    num_workers: int = 0
+    progress: bool = True
+    force: bool = False
+
+
+def encoder_geometry(arch: str) -> tuple[int, int]:
+    """(conv5 channels, conv5 stride in pixels) of an AlexNet-style arch."""
+    encoder = ARCHS[arch]().encoder
+    spec = getattr(encoder, "spec", None)
+    if spec is None:
+        raise run_folder.CheckpointError(
+            f"arch {arch!r} has no AlexNet-style encoder; detection / segmentation support "
+            "small64*, alexnet227*"
+        )
+    return spec.channels[4], round(encoder.conv5_stride)
+
+
+class ProgressHook(Hook):
+    """A tqdm bar over training iterations + one metrics.jsonl line every ``every`` iterations."""
+
+    priority = "VERY_LOW"
+
+    def __init__(self, metrics_path: Path, total: int, desc: str, enabled: bool, every: int = 10):
+        self.metrics_path, self.total, self.every = metrics_path, total, every
+        self.desc, self.enabled, self.bar = desc, enabled, None
+
+    def before_train(self, runner) -> None:
+        self.bar = tqdm(total=self.total, initial=runner.iter, desc=self.desc,
+                        disable=not self.enabled, file=sys.stderr)  # fmt: skip
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        self.bar.update(1)
+        step = runner.iter + 1
+        if outputs and (step % self.every == 0 or step == self.total):
+            record = {k: float(v.detach()) for k, v in outputs.items() if torch.is_tensor(v)}
+            record.update(iter=step, lr=runner.optim_wrapper.get_lr()["lr"][0])
+            append_jsonl(self.metrics_path, record)
+            self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}")
+
+    def after_train(self, runner) -> None:
+        self.bar.close()
+
+
+def run(
+    task: str,
+    cfg: MMConfig,
+    configure: Callable[[Any, MMConfig, Path, tuple[str, ...], int, int], None],
+    seg_task: str,
+    metrics: Callable[[dict[str, float]], dict[str, float]],
+) -> dict[str, float]:
+    """Run one mm transfer. ``configure(mm_cfg, cfg, root, classes, channels, stride)`` edits the
+    loaded mm config in place; ``metrics`` maps the test evaluator's dict to our flat result."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.run_dir)
+    source = run_folder.source_meta(cfg.checkpoint, cfg.arch or None)
+    done = run_folder.finished_result(run_dir, cfg, source)
+    if done is not None:
+        return done
+    channels, stride = encoder_geometry(source["arch"])
+    root = voc_root(cfg.data)
+    classes = dataset_classes(root, cfg.classes)
+    for split in (cfg.train_split, cfg.test_split):
+        require_split(root, split, seg_task)
+    meta = {"task": task, "source": source, "seed": cfg.seed, "data": str(root),
+            "classes": list(classes), "mm_config": cfg.mm_config}  # fmt: skip
+    run_folder.start(run_dir, cfg, meta)
+    work_dir = run_dir / "work"
+    resuming = (work_dir / "last_checkpoint").exists()
+    if not resuming:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    t0 = time.perf_counter()
+
+    from mmengine.config import Config as MMEngineConfig
+    from mmengine.runner import Runner
+
+    mm = MMEngineConfig.fromfile(cfg.mm_config)
+    mm.model.backbone.update(
+        checkpoint=source["path"], arch=source["arch"], frozen_stages=cfg.frozen_stages
+    )
+    configure(mm, cfg, root, classes, channels, stride)
+    mm.train_dataloader.batch_size = cfg.batch_size
+    for loader in ("train_dataloader", "test_dataloader"):
+        mm[loader].num_workers = cfg.num_workers
+        mm[loader].persistent_workers = cfg.num_workers > 0
+    # One evaluation, on the test split, after training (no validation loop in between).
+    mm.val_dataloader = mm.val_evaluator = mm.val_cfg = None
+    mm.train_cfg = dict(type="IterBasedTrainLoop", max_iters=cfg.max_iters, val_interval=10**9)
+    mm.optim_wrapper.optimizer.lr = cfg.lr
+    warmup = min(cfg.warmup_iters, cfg.max_iters)
+    schedule = [dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=warmup)]
+    schedule.append(dict(type="CosineAnnealingLR", by_epoch=False, begin=warmup,
+                         end=cfg.max_iters, eta_min=cfg.lr * 0.01))  # fmt: skip
+    mm.param_scheduler = schedule if warmup > 0 else schedule[1:]
+    mm.default_hooks.checkpoint = dict(
+        type="CheckpointHook", by_epoch=False, interval=cfg.checkpoint_every, max_keep_ckpts=1
+    )
+    mm.default_hooks.pop("visualization", None)  # no images written
+    mm.work_dir = str(work_dir)
+    mm.randomness = dict(seed=cfg.seed, deterministic=False)
+    mm.resume = resuming
+    mm.launcher = "none"
+
+    runner = Runner.from_cfg(mm)
+    runner.register_hook(
+        ProgressHook(
+            run_dir / "metrics.jsonl", cfg.max_iters, f"{task} {run_dir.name}", cfg.progress
+        )
+    )
+    runner.train()
+    test_metrics = runner.test()
+    result = metrics({k: float(v) for k, v in test_metrics.items()})
+    result["time_s"] = time.perf_counter() - t0
+    append_jsonl(run_dir / "metrics.jsonl", {"iter": cfg.max_iters, "test": result})
+    return run_folder.finish(run_dir, result, {**meta, "elapsed_s": result["time_s"]})
