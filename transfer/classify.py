@@ -62,6 +62,7 @@ class FinetuneConfig:
     dropout: float = 0.5
     rescale: bool = False  # Krähenbühl et al. data-dependent init of the new layers
     rescale_batch: int = 128
+    clip_grad: float = 10.0  # max gradient norm (0: off)
 
 
 @dataclass
@@ -266,6 +267,8 @@ def finetune(
             loss = loss / len(images)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if fc.clip_grad > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), fc.clip_grad)
             opt.step()
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(

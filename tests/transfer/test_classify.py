@@ -1,0 +1,93 @@
+"""Classification transfer: data-dependent init, errors, and a few iterations end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pretext.checkpoint import CheckpointError, load_checkpoint
+from transfer import classify
+from transfer.data_dependent_init import rescale_layers
+from transfer.run_folder import TransferError
+
+
+def test_rescaled_new_layers_have_zero_mean_unit_variance():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 30), nn.ReLU(inplace=True), nn.Linear(30, 5))
+    for m in (net[0], net[2]):
+        nn.init.normal_(m.weight, std=3.0)
+        nn.init.constant_(m.bias, 2.0)
+    x = torch.randn(256, 20) * 4 + 1
+    rescale_layers([net[0], net[2]], lambda: net(x))
+    for layer in (net[0], net[2]):
+        out = []
+        h = layer.register_forward_hook(lambda _m, _i, o, out=out: out.append(o.detach().clone()))
+        net(x)
+        h.remove()
+        assert out[0].mean(0).abs().max() < 1e-4
+        assert torch.allclose(out[0].std(0), torch.ones(out[0].shape[1]), atol=1e-4)
+
+
+def _args(voc_root, ckpt, run_dir, *extra):
+    return [f"--checkpoint={ckpt}", f"--data={voc_root}", f"run_dir={run_dir}",
+            "finetune.epochs=2", "finetune.batch_size=4", "linear.max_iter=10", "threads=1",
+            "progress=false", *extra]  # fmt: skip
+
+
+def test_few_iterations_end_to_end_and_rerun(voc_root, ckpt, tmp_path):
+    cfg = classify.parse_config(_args(voc_root, ckpt, tmp_path / "run", "finetune.rescale=true"))
+    result = classify.main(cfg)
+    for mode in ("finetune", "linear_pool5", "linear_fc"):
+        assert 0.0 <= result[f"{mode}_mAP"] <= 1.0
+        assert f"{mode}_AP_aeroplane" in result
+    assert result["mAP"] == result["finetune_mAP"]
+    assert all(isinstance(v, float) for v in result.values())
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["source"]["method"] == "context_encoder" and len(meta["source"]["sha256"]) == 64
+    assert meta["status"] == "done"
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 + 3  # two fine-tuning epochs + one line per mode
+    # a finished folder returns the recorded result without recomputing
+    (tmp_path / "run" / "result.json").write_text(json.dumps({"mAP": 0.123}))
+    assert classify.main(cfg) == {"mAP": 0.123}
+
+
+def test_rerun_with_another_checkpoint_is_refused(voc_root, ckpt, tmp_path, make_checkpoint):
+    cfg = classify.parse_config(_args(voc_root, ckpt, tmp_path / "run", "modes=[linear_pool5]"))
+    assert math.isfinite(classify.main(cfg)["mAP"])
+    other = make_checkpoint(tmp_path / "other.pt", seed=5)
+    with pytest.raises(TransferError, match="another checkpoint"):
+        classify.main(
+            classify.parse_config(_args(voc_root, other, tmp_path / "run", "modes=[linear_pool5]"))
+        )
+
+
+def test_errors_wrong_kind_arch_split_classes(voc_root, ckpt, tmp_path, make_checkpoint):
+    bad = tmp_path / "bad.pt"
+    torch.save({"state_dict": {}}, bad)
+    with pytest.raises(CheckpointError, match="not a context-encoder-suite checkpoint"):
+        classify.main(classify.parse_config(_args(voc_root, bad, tmp_path / "a")))
+    with pytest.raises(CheckpointError, match="alexnet227"):
+        classify.main(
+            classify.parse_config(_args(voc_root, ckpt, tmp_path / "b", "arch=alexnet227"))
+        )
+    inpaint = make_checkpoint(tmp_path / "inp.pt", arch="inpaint128")
+    with pytest.raises(CheckpointError, match="AlexNet"):
+        classify.main(classify.parse_config(_args(voc_root, inpaint, tmp_path / "c")))
+    with pytest.raises(TransferError, match="nosuch.txt: split file not found"):
+        classify.main(
+            classify.parse_config(_args(voc_root, ckpt, tmp_path / "d", "test_split=nosuch"))
+        )
+    with pytest.raises(TransferError, match="classes"):
+        classify.main(
+            classify.parse_config(_args(voc_root, ckpt, tmp_path / "e", "classes=[cat,dog]"))
+        )
+
+
+def test_finetuning_starts_from_the_checkpoint_weights(ckpt):
+    encoder = classify._fresh_encoder(str(ckpt))
+    state = load_checkpoint(ckpt)["model"]
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, state[f"encoder.{key}"])

@@ -1,0 +1,95 @@
+"""mmdet / mmseg stages: the backbone adapter, mIoU oracle, a few iterations of each."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pretext.checkpoint import CheckpointError, load_checkpoint
+from transfer.mm_backbone import PretextAlexNet
+
+
+def test_backbone_loads_the_checkpoint_weights(ckpt):
+    backbone = PretextAlexNet(checkpoint=str(ckpt), arch="small64")
+    state = load_checkpoint(ckpt)["model"]
+    for key, value in backbone.encoder.state_dict().items():
+        assert torch.equal(value, state[f"encoder.{key}"]), key
+    backbone.init_weights()  # the runner's call must not overwrite them
+    assert torch.equal(backbone.encoder.conv1.weight, state["encoder.conv1.weight"])
+
+
+def test_backbone_feature_shapes_and_frozen_stages(ckpt):
+    backbone = PretextAlexNet(str(ckpt), "small64", out_features=("conv3", "conv5", "pool5"),
+                              frozen_stages=2)  # fmt: skip
+    feats = backbone(torch.randn(2, 3, 128, 96))
+    # small64: conv1 stride 2, two 3x3/2 pools -> conv3..conv5 stride 8, pool5 stride 16
+    assert [tuple(f.shape) for f in feats] == [(2, 128, 16, 12), (2, 96, 16, 12), (2, 96, 8, 6)]
+    assert backbone.out_channels == [128, 96, 96]
+    assert not backbone.encoder.conv2.weight.requires_grad
+    assert backbone.encoder.conv3.weight.requires_grad
+
+
+def test_backbone_is_in_both_registries_and_checks_arch(ckpt):
+    from mmdet.registry import MODELS as DET
+    from mmseg.registry import MODELS as SEG
+
+    assert (
+        DET.get("PretextAlexNet") is PretextAlexNet and SEG.get("PretextAlexNet") is PretextAlexNet
+    )
+    with pytest.raises(CheckpointError, match="alexnet227"):
+        PretextAlexNet(str(ckpt), arch="alexnet227")
+
+
+def test_miou_oracle_through_mmseg_iou_metric():
+    from mmengine.structures import PixelData
+    from mmseg.evaluation import IoUMetric
+
+    # 3 classes; prediction and ground truth over 8 pixels (255 = void, ignored)
+    gt = np.array([[0, 0, 1, 1], [2, 2, 255, 255]])
+    pred = np.array([[0, 1, 1, 1], [2, 0, 0, 2]])
+    # class 0: inter 1 (px0), union {px0, px1, px5}=3 -> 1/3 ... void px 6, 7 ignored:
+    # valid px: 0..5. class0: pred {0,5} gt {0,1} -> inter 1, union 3 -> 1/3
+    # class1: pred {1,2,3} gt {2,3} -> inter 2, union 3 -> 2/3; class2: pred {4} gt {4,5} -> 1/2
+    metric = IoUMetric(iou_metrics=["mIoU"])
+    metric.dataset_meta = dict(classes=("a", "b", "c"))
+    sample = dict(pred_sem_seg=dict(data=torch.from_numpy(pred)[None]),
+                  gt_sem_seg=dict(data=torch.from_numpy(gt)[None]))  # fmt: skip
+    metric.process([], [sample])
+    out = metric.compute_metrics(metric.results)
+    assert out["mIoU"] == pytest.approx(100 * (1 / 3 + 2 / 3 + 1 / 2) / 3, abs=0.01)
+    del PixelData
+
+
+def _mm_args(voc_root, ckpt, run_dir):
+    return [f"--checkpoint={ckpt}", f"--data={voc_root}", f"run_dir={run_dir}", "max_iters=3",
+            "batch_size=2", "warmup_iters=1", "threads=1", "progress=false"]  # fmt: skip
+
+
+def test_detect_few_iterations(voc_root, ckpt, tmp_path):
+    from transfer import detect
+
+    result = detect.main(detect.parse_config(_mm_args(voc_root, ckpt, tmp_path / "det")))
+    assert set(result) == {"mAP", "AP50", "time_s"}
+    assert all(math.isfinite(v) for v in result.values()) and 0 <= result["mAP"] <= 1
+    meta = json.loads((tmp_path / "det" / "meta.json").read_text())
+    assert meta["task"] == "detect" and meta["classes"][0] == "aeroplane"
+    assert (tmp_path / "det" / "metrics.jsonl").exists()
+
+
+def test_segment_few_iterations(voc_root, ckpt, tmp_path):
+    from transfer import segment
+
+    result = segment.main(segment.parse_config(_mm_args(voc_root, ckpt, tmp_path / "seg")))
+    assert set(result) == {"mIoU", "mAcc", "aAcc", "time_s"}
+    assert all(math.isfinite(v) for v in result.values()) and 0 <= result["mIoU"] <= 1
+
+
+def test_segment_missing_split_is_a_clear_error(voc_root, ckpt, tmp_path):
+    from transfer import segment
+    from transfer.run_folder import TransferError
+
+    args = [*_mm_args(voc_root, ckpt, tmp_path / "seg"), "test_split=test"]
+    with pytest.raises(TransferError, match="Segmentation/test.txt: split file not found"):
+        segment.main(segment.parse_config(args))
