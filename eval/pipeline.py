@@ -80,12 +80,14 @@ def run_job(job: Job, threads: int) -> tuple[bool, float]:
     return ok, wall
 
 
-def run_pipeline(profile: Profile, parallel: int | None = None, out=sys.stdout) -> dict[str, str]:
+def run_pipeline(
+    profile: Profile, parallel: int | None = None, out=sys.stdout, only: list[str] | None = None
+) -> dict[str, str]:
     """Run every job of ``profile`` that is not done, respecting dependencies.
 
     Returns {job name: final state}. Jobs whose dependency failed are marked ``blocked``.
     """
-    jobs = expand(profile)
+    jobs = [j for j in expand(profile) if only is None or j.stage in only]
     parallel = parallel or profile.parallel
     threads = max(1, (os.cpu_count() or 1) // parallel)
     by_dir = {j.run_dir: j for j in jobs}
@@ -137,6 +139,17 @@ def job_state_from_dir(run_dir: str) -> str:
     return "done" if (Path(run_dir) / "result.json").exists() else "missing"
 
 
+def prepare_data(profile: Profile) -> None:
+    """Generate the built-in mini-VOC once, before jobs that read it start in parallel."""
+    from pretext.data import is_builtin_root
+
+    root = Path(profile.data)
+    if is_builtin_root(root) and not root.exists():
+        from pretext import minivoc
+
+        minivoc.generate(root.parent)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -153,6 +166,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dry-run", action="store_true", help="list jobs and their state, run nothing"
     )
     parser.add_argument("--no-tables", action="store_true", help="run the jobs only")
+    parser.add_argument(
+        "--only", nargs="+", choices=["pretext", "transfer", "eval"], help="run these stages only"
+    )
     return parser.parse_args(argv)
 
 
@@ -164,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{job_state(job):8s} {job.name:55s} python -m {job.module} {' '.join(job.argv)}")
         return 0
     t0 = time.perf_counter()
-    states = run_pipeline(profile, args.parallel)
+    prepare_data(profile)
+    states = run_pipeline(profile, args.parallel, only=args.only)
     wall = time.perf_counter() - t0
     if not args.no_tables:
         from eval.report import write_report
