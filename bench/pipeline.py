@@ -24,12 +24,13 @@ def measure_pipeline(
     cfg: Config, data_root: str | Path, batches: int, workers: int | None = None
 ) -> dict:
     """Images/s of the loader for ``cfg`` (input size, mask kind, batch size) on mini-VOC's train split."""
-    voc = minivoc.generate(Path(data_root))
-    size = (
-        128
-        if cfg.model.arch == "inpaint128"
-        else (227 if cfg.model.arch.startswith("alexnet") else 64)
+    size = {"inpaint128": 128, "alexnet227": 227, "alexnet227_poolfree": 227}.get(
+        cfg.model.arch, 64
     )
+    if size <= 128:
+        voc = minivoc.generate(Path(data_root))
+    else:  # the default mini-VOC's 96-160 px photos are too small for 227 px crops
+        voc = minivoc.generate(Path(f"{data_root}_{size}px"), n_images=320, size_range=(size, 340))
     workers = cfg.data.num_workers if workers is None else workers
     workers = min(
         workers, len(os.sched_getaffinity(0))

@@ -175,15 +175,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> dict:
     plan = TINY if args.tiny else FULL
     start, load_before = time.perf_counter(), _load()
-    runs = {}
+    runs: dict = {}
+    failed: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, module, margs in plan:
             if module == "bench.step":
                 margs = [*margs, "--data-root", args.data_root]
             print(f"[bench] {name}", flush=True)
-            runs[name] = run_one(module, margs, Path(tmp) / f"{name}.json", in_process=args.tiny)
+            try:
+                runs[name] = run_one(module, margs, Path(tmp) / f"{name}.json", args.tiny)
+            except (subprocess.CalledProcessError, OSError) as err:  # keep the other figures
+                print(f"[bench] {name} failed: {err}", file=sys.stderr, flush=True)
+                failed[name] = str(err)
     res = {"environment": environment(), "load_before": load_before, "load_after": _load(),
-           "wall_s": time.perf_counter() - start, "runs": runs}  # fmt: skip
+           "wall_s": time.perf_counter() - start, "runs": runs, "failed": failed}  # fmt: skip
     if "retrieval_10k" in runs and "retrieval_100k" in runs:
         res["retrieval_scaling"] = scaling(runs["retrieval_10k"], runs["retrieval_100k"])
     args.out_dir.mkdir(parents=True, exist_ok=True)
