@@ -34,6 +34,16 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     atomic_save(path, lambda fh: torch.save(state, fh))
 
 
+def remove_stale_temp_files(path: str | Path) -> list[Path]:
+    """Delete the temp files that killed writes of ``path`` left (``.<name>.*.tmp``, as large as a
+    checkpoint each). Call it only where no other process writes ``path``: at the start of a run."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pretext import distributed
 from pretext.atomic_io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
-from pretext.checkpoint import load_checkpoint, save_checkpoint
+from pretext.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
 from pretext.config import ConfigError, dump_yaml, load_config, read_yaml, to_dict
 from pretext.data import (
     MaskedImages,
@@ -364,6 +364,8 @@ def main(cfg: Config) -> dict[str, float]:
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        for tmp in remove_stale_temp_files(ckpt_path):  # left by a kill during a checkpoint write
+            log.info("removed %s, left by an interrupted checkpoint write", tmp)
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
