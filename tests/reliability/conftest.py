@@ -44,13 +44,17 @@ class ForkServer:
             raise RuntimeError(f"fork server died (rc {self.proc.poll()})")
         return json.loads(line)
 
-    def start(self, module: str, argv: list[str], pause: dict | None = None) -> tuple[int, Path]:
-        """Fork ``python -m module argv``; returns (pid, log file)."""
+    def start(
+        self, module: str, argv: list[str], pause: dict | None = None, env: dict | None = None
+    ) -> tuple[int, Path]:
+        """Fork ``python -m module argv`` (``env``: extra variables); returns (pid, log file)."""
         self.count += 1
         log = self.workdir / f"run{self.count:03d}.log"
         request = {"module": module, "argv": argv, "log": str(log), "cwd": str(REPO)}
         if pause:
             request["pause"] = pause
+        if env:
+            request["env"] = env
         self.proc.stdin.write((json.dumps(request) + "\n").encode())  # type: ignore[union-attr]
         self.proc.stdin.flush()  # type: ignore[union-attr]
         while True:

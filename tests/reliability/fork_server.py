@@ -8,7 +8,7 @@ real run.
 
 Protocol, one JSON object per line. Requests on stdin::
 
-    {"module": "pretext.train", "argv": [...], "log": "/tmp/x.log", "cwd": "/repo",
+    {"module": "pretext.train", "argv": [...], "log": "/tmp/x.log", "cwd": "/repo", "env": {...},
      "pause": {"save": 2, "phase": "write" | "replace", "marker": "/tmp/m"}}   # pause optional
 
 Replies on stdout: ``{"pid": 123}`` for each request, and ``{"exited": 123, "returncode": rc}``
@@ -94,6 +94,7 @@ def _child(request: dict) -> None:
         os.close(fd)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         os.chdir(request.get("cwd", os.getcwd()))
+        os.environ.update(request.get("env", {}))
         if request.get("pause"):
             _install_pause(**request["pause"])
         sys.argv = [request["module"], *request["argv"]]
