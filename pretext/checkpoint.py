@@ -31,7 +31,20 @@ class CheckpointError(ValueError):
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` (plus the format tag) atomically: a kill leaves the previous file intact."""
     state = {"format": FORMAT, **state}
-    atomic_save(path, lambda fh: torch.save(state, fh))
+
+    def write(fh) -> None:
+        try:
+            torch.save(state, fh)
+        except RuntimeError as err:
+            # torch's zip writer hides a failed write (a full disk) behind "unexpected pos ..."
+            failed = err.__context__
+            if isinstance(failed, OSError):
+                raise OSError(
+                    failed.errno, f"{path}: cannot write checkpoint ({failed.strerror})"
+                ) from failed
+            raise
+
+    atomic_save(path, write)
 
 
 def remove_stale_temp_files(path: str | Path) -> list[Path]:
