@@ -45,12 +45,16 @@ def two_stage_spec(
 
 def wait_settled(sweep: Sweep, runs_root: Path, timeout_s: float) -> dict:
     """Polls until no cell is pending/running and no job is still active (a job's result.json
-    lands a moment before SLURM sees it end); returns the statuses."""
+    lands a moment before SLURM sees it end, and sacct records it a moment later); returns the
+    statuses."""
     end = time.monotonic() + timeout_s
     while True:
         statuses = sweep_status(sweep, runs_root)
         if not any(
-            s.state in ("pending", "running") or s.scheduler_state in ACTIVE_STATES
+            s.state in ("pending", "running")
+            or s.scheduler_state in ACTIVE_STATES
+            # sacct records an ended job a moment after its result/exception file is written
+            or (s.job_id and s.scheduler_state == "UNKNOWN")
             for s in statuses.values()
         ):
             return statuses
