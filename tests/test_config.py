@@ -64,3 +64,10 @@ def test_missing_and_invalid_yaml(tmp_path):
     broken.write_text("a: [1,\n")
     with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
         read_yaml(broken)
+
+
+def test_exponent_without_dot_is_a_number():
+    # YAML 1.1 reads "5e-4" as a string; a float field takes it as the number users meant
+    assert parse_config(["optim.lr=5e-4"]).optim.lr == 5e-4
+    with pytest.raises(ConfigError, match="optim.lr: expected a number"):
+        parse_config(["optim.lr=fast"])

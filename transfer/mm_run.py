@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from mmengine.hooks import Hook
@@ -46,7 +46,10 @@ class MMConfig:
     test_split: str = "test"
     max_iters: int = 300
     batch_size: int = 8
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # sgd: momentum 0.9, as in the mm configs
     lr: float = 0.02
+    weight_decay: float = 1e-4
+    backbone_lr_mult: float = 1.0  # the encoder's lr = lr * this (the new heads get lr)
     warmup_iters: int = 50
     frozen_stages: int = 0  # conv1..conv{k} of the encoder are not trained
     checkpoint_every: int = 100
@@ -139,7 +142,16 @@ def run(
     # One evaluation, on the test split, after training (no validation loop in between).
     mm.val_dataloader = mm.val_evaluator = mm.val_cfg = None
     mm.train_cfg = dict(type="IterBasedTrainLoop", max_iters=cfg.max_iters, val_interval=10**9)
-    mm.optim_wrapper.optimizer.lr = cfg.lr
+    if cfg.optimizer == "adamw":
+        mm.optim_wrapper.optimizer = dict(type="AdamW", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        mm.optim_wrapper.optimizer = dict(
+            type="SGD", lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay
+        )
+    if cfg.backbone_lr_mult != 1.0:
+        mm.optim_wrapper.paramwise_cfg = dict(
+            custom_keys={"backbone": dict(lr_mult=cfg.backbone_lr_mult)}
+        )
     warmup = min(cfg.warmup_iters, cfg.max_iters)
     schedule = [dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=warmup)]
     schedule.append(dict(type="CosineAnnealingLR", by_epoch=False, begin=warmup,
