@@ -526,11 +526,12 @@ def main(cfg: Config) -> dict[str, float]:
     last = read_jsonl(run_dir / "metrics.jsonl")
     result = {
         **{f"inpaint_{k}": v for k, v in inpaint.items()},
-        "final_loss_rec": last[-1]["loss_rec"] if last else float("nan"),
         "steps": float(step),
         "train_time_s": elapsed,
         "images_per_s": step * cfg.optim.batch_size / elapsed if elapsed > 0 else 0.0,
     }
+    if last:  # none for random init (and before the first logged step): no NaN in the JSON
+        result["final_loss_rec"] = last[-1]["loss_rec"]
     atomic_write_json(result_path, result)
     return result
 

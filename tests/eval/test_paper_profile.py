@@ -1,0 +1,94 @@
+"""The `paper` profile cannot run here (ImageNet, VOC, GPUs), but every one of its configs must
+load, validate and start: each job of the profile runs for one iteration, on the tiny built-in
+mini-VOC standing in for ImageNet / VOC2007 / VOC2012, with only sizes and step counts overridden."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from eval.jobs import expand, load_profile
+from eval.pipeline import profile_path
+
+pytestmark = pytest.mark.slow
+
+# One iteration (or the smallest unit of work) and tiny batches; everything else is the paper's.
+ONE_ITERATION = {
+    "pretext.train": ["optim.steps=1", "optim.batch_size=2", "data.num_workers=0",
+                      "eval_images=2", "checkpoint_every=1", "threads=2"],
+    "transfer.classify": ["finetune.epochs=1", "finetune.batch_size=8", "finetune.rescale_batch=8",
+                          "linear.max_iter=2", "num_workers=0", "threads=2"],
+    "transfer.detect": ["max_iters=1", "batch_size=1", "warmup_iters=0", "num_workers=0",
+                        "image_scale=[400,240]", "threads=2"],
+    "transfer.segment": ["max_iters=1", "batch_size=1", "warmup_iters=0", "num_workers=0",
+                         "image_scale=[320,160]", "crop_size=128", "threads=2"],
+    "eval.inpainting_bench": ["max_images=4"],
+    "eval.retrieval": ["approx=[hnsw]"],
+}  # fmt: skip
+
+
+def _image_folder(voc: Path, out: Path) -> Path:
+    """An ImageNet-style folder (train/<wnid>/*.JPEG, val/...) of the mini-VOC's photos."""
+    photos = sorted((voc / "JPEGImages").glob("*.jpg"))
+    for i, photo in enumerate(photos):
+        split = "val" if i % 4 == 0 else "train"
+        target = out / split / f"n0000000{i % 2}" / f"{photo.stem}.JPEG"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, target)
+    return out
+
+
+def _run(module: str, argv: list[str]) -> dict:
+    import importlib
+
+    mod = importlib.import_module(module)
+    if module == "pretext.train":
+        mod.main(mod.parse_config(argv))
+        return json.loads((Path(_arg(argv, "run_dir")) / "result.json").read_text())
+    return mod.main(mod.parse_config(argv))
+
+
+def _arg(argv: list[str], key: str) -> str:
+    return next(a.split("=", 1)[1] for a in argv if a.startswith(f"{key}="))
+
+
+def test_paper_profile_configs_load_validate_and_start(tmp_path, monkeypatch):
+    from pretext import minivoc
+
+    monkeypatch.chdir(Path(__file__).parents[2])  # config paths in the profile are repo-relative
+    # AlexNet-227 refuses images whose short side is under 113 px: a mini-VOC of larger photos
+    tiny_voc = minivoc.generate(tmp_path / "voc", n_images=24, size_range=(240, 320), workers=1)
+    raw = load_profile(profile_path("paper"))
+    pretext = {**raw.pretext, "data": str(_image_folder(tiny_voc, tmp_path / "imagenet"))}
+    transfer = {task: {**spec, "data": str(tiny_voc)} for task, spec in raw.transfer.items()}
+    profile = load_profile(
+        profile_path("paper"),
+        {"runs_root": str(tmp_path / "runs"), "data": str(tiny_voc), "seeds": [0],
+         "pretext": pretext, "transfer": transfer},
+    )  # fmt: skip
+    jobs = expand(profile)
+    assert {(j.stage, j.task) for j in jobs} == {
+        ("pretext", "pretext"), ("transfer", "classify"), ("transfer", "detect"),
+        ("transfer", "segment"), ("eval", "inpainting"), ("eval", "retrieval"),
+    }  # fmt: skip
+    # one job of each (stage, task), plus the pretext runs the chosen ones read
+    chosen = [j for j in jobs if j.variant in ("context_encoder", "all")]
+    needed = {d for j in chosen for d in j.deps}
+    chosen = [j for j in jobs if j.stage == "pretext" and j.run_dir in needed] + [
+        j for j in chosen if j.stage != "pretext"
+    ]
+    for job in chosen:
+        argv = [*job.argv, *ONE_ITERATION[job.module]]
+        if job.stage == "eval":
+            argv.append(f"cache_dir={tmp_path / 'cache'}")
+        result = _run(job.module, argv)
+        # per-class APs of classes absent from the 6 test images are NaN (undefined), not mAP
+        headline = {k: v for k, v in result.items() if "_AP_" not in k}
+        assert headline and all(v == v for v in headline.values()), (job.name, result)
+        meta = Path(job.run_dir) / "config.yaml"
+        assert meta.exists(), job.name
+        if job.stage == "pretext":
+            assert "arch: alexnet227" in meta.read_text()
+        if job.module in ("transfer.detect", "transfer.segment"):
+            assert "optimizer: sgd" in meta.read_text() and "max_iters: 1" in meta.read_text()
