@@ -12,6 +12,8 @@ failed ones are retried. A job's ``run.json`` records what it is, its command an
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -80,13 +82,52 @@ def run_job(job: Job, threads: int) -> tuple[bool, float]:
     return ok, wall
 
 
+class PipelineBusy(RuntimeError):
+    """Another pipeline process holds the runs folder."""
+
+
+@contextlib.contextmanager
+def runs_lock(runs_root: str | Path):
+    """Exclusive hold of ``<runs_root>/.pipeline.lock`` for one pipeline process at a time (two
+    ``make table`` on one folder would run the same jobs twice). The kernel drops the lock when
+    the holder dies, kill -9 included, so a stale file never blocks."""
+    path = Path(runs_root) / ".pipeline.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise PipelineBusy(
+                f"{path}: another pipeline (pid {holder}) is running on {runs_root}; "
+                "wait for it or stop it"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def run_pipeline(
     profile: Profile, parallel: int | None = None, out=sys.stdout, only: list[str] | None = None
 ) -> dict[str, str]:
-    """Run every job of ``profile`` that is not done, respecting dependencies.
+    """Run every job of ``profile`` that is not done, respecting dependencies; one pipeline per
+    runs folder at a time (PipelineBusy otherwise).
 
     Returns {job name: final state}. Jobs whose dependency failed are marked ``blocked``.
     """
+    with runs_lock(profile.runs_root):
+        return _run_jobs(profile, parallel, out, only)
+
+
+def _run_jobs(
+    profile: Profile, parallel: int | None, out, only: list[str] | None
+) -> dict[str, str]:
     jobs = [j for j in expand(profile) if only is None or j.stage in only]
     parallel = parallel or profile.parallel
     threads = max(1, (os.cpu_count() or 1) // parallel)
@@ -181,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.perf_counter()
     prepare_data(profile)
-    states = run_pipeline(profile, args.parallel, only=args.only)
+    try:
+        states = run_pipeline(profile, args.parallel, only=args.only)
+    except PipelineBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     wall = time.perf_counter() - t0
     if not args.no_tables:
         from eval.report import write_report

@@ -1,6 +1,7 @@
 """The local pipeline: runs only what is missing, respects dependencies, records failures."""
 
 import json
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -107,3 +108,24 @@ def test_shipped_profiles_expand(name):
     assert any(j.stage == "pretext" for j in jobs) and any(j.stage == "transfer" for j in jobs)
     for job in jobs:
         assert all(dep in {j.run_dir for j in jobs} for dep in job.deps)
+
+
+def test_second_pipeline_on_the_same_runs_folder_is_refused(profile, tmp_path):
+    from eval.pipeline import PipelineBusy, runs_lock
+
+    busy = r"\.pipeline\.lock.*another pipeline \(pid \d+\)"
+    with runs_lock(profile.runs_root), pytest.raises(PipelineBusy, match=busy):
+        run_pipeline(profile, out=sys.stderr)
+    # released on exit; a holder killed with -9 releases it too (the kernel drops flocks)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from eval.pipeline import runs_lock\n"
+         f"with runs_lock({str(profile.runs_root)!r}):\n print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(PipelineBusy, match=f"pid {holder.pid}"), runs_lock(profile.runs_root):
+        pass
+    holder.kill()
+    holder.wait()
+    with runs_lock(profile.runs_root):
+        pass
