@@ -530,6 +530,10 @@ def main(cfg: Config) -> dict[str, float]:
         "train_time_s": elapsed,
         "images_per_s": step * cfg.optim.batch_size / elapsed if elapsed > 0 else 0.0,
     }
+    if cfg.data.skip_bad:  # the header scan's finds + decode failures in this process (with
+        # data.num_workers > 0 those happen in the workers: there they are only in log.txt)
+        result["skipped_train_images"] = float(len(train_images.skipped))
+        result["skipped_eval_images"] = float(len(eval_images.skipped))
     if last:  # none for random init (and before the first logged step): no NaN in the JSON
         result["final_loss_rec"] = last[-1]["loss_rec"]
     atomic_write_json(result_path, result)

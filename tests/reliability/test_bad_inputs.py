@@ -8,6 +8,7 @@ are in tests/test_bad_images.py and tests/test_datasets.py.
 """
 
 import io
+import json
 import shutil
 
 import numpy as np
@@ -108,6 +109,9 @@ def test_skip_bad_skips_and_counts_every_bad_image(fork_server, voc, tmp_path):
     assert f"skipping bad image {bad[0]}: truncated image data" in text
     named = {str(p) for p in bad if str(p) in text}
     assert str(bad[0]) in named
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    # num_workers=0: the decode failure happened in this process and is counted too
+    assert (result["skipped_train_images"], result["skipped_eval_images"]) == (len(bad), 0)
 
 
 @pytest.mark.parametrize(
