@@ -49,6 +49,7 @@ def test_recall_oracle_and_features_are_unit_norm():
     assert torch.allclose(torch.from_numpy(x).norm(dim=1), torch.ones(50), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tiny_bench_writes_json_and_markdown(tiny_voc, tmp_path):
     res = run.main(
         run.parse_args(["--tiny", "--out-dir", str(tmp_path), "--data-root", str(tiny_voc.parent)])
