@@ -26,7 +26,6 @@ its columns and image ids.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -50,7 +49,7 @@ from eval.features import (
 )
 from eval.retrieval import build_index, search
 from pretext.atomic_io import atomic_write_json, atomic_write_text
-from pretext.config import dump_yaml, load_config
+from pretext.config import dump_yaml, parse_cli
 from pretext.data import dataset_mean, fill_holes, to_unit_range
 from pretext.inpainting import hole_errors, predict_full, save_grid
 from pretext.masks import central_mask
@@ -189,13 +188,7 @@ def resolve(cfg: Config) -> Config:
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", help="YAML overrides of the defaults (inpainting_bench.Config)")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. ce_l2=runs/ce_central")
-    args = parser.parse_args(argv)
-    return resolve(load_config(Config, args.config, args.overrides))
+    return resolve(parse_cli(Config, argv, __doc__, "ce_l2=runs/ce_central"))
 
 
 def stack(images: Any, n: int | None = None) -> torch.Tensor:

@@ -23,7 +23,6 @@ Run folder: ``config.yaml``, ``result.json`` (flat keys, see :func:`retrieval_be
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -39,7 +38,7 @@ import torch
 from eval.features import DEFAULT_CACHE_DIR, LAYERS, extract_features, l2_normalize, voc_images
 from pretext import voc
 from pretext.atomic_io import atomic_write_json, atomic_write_text
-from pretext.config import dump_yaml, load_config
+from pretext.config import dump_yaml, parse_cli
 from pretext.inpainting import save_grid
 
 log = logging.getLogger(__name__)
@@ -209,13 +208,7 @@ def check_config(cfg: Config) -> Config:
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", help="YAML overrides of the defaults (eval.retrieval.Config)")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. checkpoints.ce=runs/ce")
-    args = parser.parse_args(argv)
-    return check_config(load_config(Config, args.config, args.overrides))
+    return check_config(parse_cli(Config, argv, __doc__, "checkpoints.ce=runs/ce"))
 
 
 def retrieval_benchmark(cfg: Config) -> dict[str, float]:

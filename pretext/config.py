@@ -6,6 +6,7 @@ wrong types are rejected the same way everywhere and the resolved config is save
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 import json
@@ -188,3 +189,25 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 def config_from_dict(cls: type[T], values: dict[str, Any]) -> T:
     return _build(cls, values)
+
+
+def parse_cli(
+    cls: type[T],
+    argv: list[str] | None,
+    description: str | None,
+    example: str,
+    flags: dict[str, str] | None = None,
+) -> T:
+    """A stage's command line -> its config: ``--config FILE`` (YAML overrides of the full
+    default), ``--<flag> VALUE`` for each of ``flags`` (name -> help; the same as ``flag=VALUE``),
+    then ``key=value`` overrides, e.g. ``example``."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", help=f"YAML overrides of the full default ({cls.__name__})")
+    for flag, text in (flags or {}).items():
+        parser.add_argument(f"--{flag}", help=text)
+    parser.add_argument("overrides", nargs="*", help=f"key=value, e.g. {example}")
+    args = parser.parse_args(argv)
+    extra = [f"{f}={getattr(args, f)}" for f in flags or {} if getattr(args, f) is not None]
+    return load_config(cls, args.config, [*extra, *args.overrides])

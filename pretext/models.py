@@ -212,6 +212,20 @@ class UpConvDecoder(nn.Module):
         return torch.tanh(x)
 
 
+def dcgan_downsampling(channels: tuple[int, ...]) -> nn.Sequential:
+    """k4 s2 convolutions 3 -> channels[0] -> ... (BatchNorm after all but the first), LeakyReLU
+    0.2: each halves the side. The body of the 128-px encoder and of the discriminator."""
+    layers: list[nn.Module] = []
+    prev = 3
+    for i, width in enumerate(channels):
+        layers.append(nn.Conv2d(prev, width, 4, 2, 1))
+        if i > 0:
+            layers.append(nn.BatchNorm2d(width))
+        layers.append(nn.LeakyReLU(0.2, inplace=True))
+        prev = width
+    return nn.Sequential(*layers)
+
+
 class DCGANEncoder(nn.Module):
     """Encoder of the 128-px inpainting network (§4): k4 s2 convolutions, BN, LeakyReLU.
 
@@ -220,16 +234,8 @@ class DCGANEncoder(nn.Module):
 
     def __init__(self, input_size: int = 128, channels: tuple[int, ...] = (64, 64, 128, 256, 512)):
         super().__init__()
-        layers: list[nn.Module] = []
-        prev = 3
-        for i, width in enumerate(channels):
-            layers.append(nn.Conv2d(prev, width, 4, 2, 1))
-            if i > 0:
-                layers.append(nn.BatchNorm2d(width))
-            layers.append(nn.LeakyReLU(0.2, inplace=True))
-            prev = width
-        self.layers = nn.Sequential(*layers)
-        self.out_channels = prev
+        self.layers = dcgan_downsampling(channels)
+        self.out_channels = channels[-1]
         self.out_size = input_size // 2 ** len(channels)
         self.spec = None
 
@@ -281,16 +287,8 @@ class Discriminator(nn.Module):
 
     def __init__(self, channels: tuple[int, ...] = (64, 128, 256, 512)):
         super().__init__()
-        layers: list[nn.Module] = []
-        prev = 3
-        for i, width in enumerate(channels):
-            layers.append(nn.Conv2d(prev, width, 4, 2, 1))
-            if i > 0:
-                layers.append(nn.BatchNorm2d(width))
-            layers.append(nn.LeakyReLU(0.2, inplace=True))
-            prev = width
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Conv2d(prev, 1, 4)
+        self.features = dcgan_downsampling(channels)
+        self.head = nn.Conv2d(channels[-1], 1, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.features(x)

@@ -10,7 +10,6 @@ produces the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -34,7 +33,7 @@ from pretext.checkpoint import (
     remove_stale_temp_files,
     save_checkpoint,
 )
-from pretext.config import ConfigError, dump_yaml, load_config, read_yaml, to_dict
+from pretext.config import ConfigError, dump_yaml, parse_cli, read_yaml, to_dict
 from pretext.data import (
     MaskedImages,
     StepBatchSampler,
@@ -159,15 +158,7 @@ def resolve(cfg: Config) -> Config:
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", help="YAML overrides of the full default (pretext/configs/)")
-    parser.add_argument(
-        "overrides", nargs="*", help="key=value, e.g. mask.kind=central optim.steps=100"
-    )
-    args = parser.parse_args(argv)
-    return resolve(load_config(Config, args.config, args.overrides))
+    return resolve(parse_cli(Config, argv, __doc__, "mask.kind=central optim.steps=100"))
 
 
 # ---- set-up helpers --------------------------------------------------------------------------

@@ -16,7 +16,6 @@ Training on ``train_split`` (trainval), testing on ``test_split`` (test) with th
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
@@ -34,7 +33,7 @@ from tqdm import tqdm
 
 from pretext.atomic_io import append_jsonl
 from pretext.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from pretext.config import load_config
+from pretext.config import parse_cli
 from pretext.data import to_unit_range
 from pretext.datasets import VOCClassification
 from pretext.models import AlexNetEncoder
@@ -97,17 +96,9 @@ class Config:
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", help="YAML overrides of the full default (Config)")
-    parser.add_argument("--checkpoint", help="pretext checkpoint (.pt or run folder)")
-    parser.add_argument("--data", help="VOC root, e.g. VOCdevkit/VOC2007")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. finetune.epochs=5")
-    args = parser.parse_args(argv)
-    extra = [f"checkpoint={args.checkpoint}"] if args.checkpoint else []
-    extra += [f"data={args.data}"] if args.data else []
-    return load_config(Config, args.config, [*extra, *args.overrides])
+    flags = {"checkpoint": "pretext checkpoint (.pt or run folder)",
+             "data": "VOC root, e.g. VOCdevkit/VOC2007"}  # fmt: skip
+    return parse_cli(Config, argv, __doc__, "finetune.epochs=5", flags)
 
 
 # ---- data --------------------------------------------------------------------------------------

@@ -11,13 +11,12 @@ background + the dataset's classes (label value = VOC index, 255 = void, ignored
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pretext.config import load_config
+from pretext.config import parse_cli
 from pretext.minivoc import voc_palette
 from pretext.voc import VOC_CLASSES
 from transfer import mm_run
@@ -42,17 +41,9 @@ class Config(mm_run.MMConfig):
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", help="YAML overrides of the full default (Config)")
-    parser.add_argument("--checkpoint", help="pretext checkpoint (.pt or run folder)")
-    parser.add_argument("--data", help="VOC year folder with SegmentationClass/, e.g. VOC2012")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. max_iters=100")
-    args = parser.parse_args(argv)
-    extra = [f"checkpoint={args.checkpoint}"] if args.checkpoint else []
-    extra += [f"data={args.data}"] if args.data else []
-    return load_config(Config, args.config, [*extra, *args.overrides])
+    flags = {"checkpoint": "pretext checkpoint (.pt or run folder)",
+             "data": "VOC year folder with SegmentationClass/, e.g. VOC2012"}  # fmt: skip
+    return parse_cli(Config, argv, __doc__, "max_iters=100", flags)
 
 
 def seg_metainfo(classes: tuple[str, ...]) -> dict[str, Any]:
