@@ -34,6 +34,13 @@ class Column:
 # Table 2 (§5.2): transfer to VOC classification / detection / segmentation + pretraining time.
 TABLE2_COLUMNS = (
     Column("Classification (VOC07 mAP %)", "transfer", "classify", "mAP", 100.0),
+    Column(
+        "Linear probe, frozen pool5 (VOC07 mAP %)",
+        "transfer",
+        "classify",
+        "linear_pool5_mAP",
+        100.0,
+    ),
     Column("Detection (VOC07 mAP %)", "transfer", "detect", "mAP", 100.0),
     Column("Segmentation (VOC12 mIoU %)", "transfer", "segment", "mIoU", 100.0),
     Column("Pretraining time (min)", "pretext", "pretext", "train_time_s", 1 / 60, 2),

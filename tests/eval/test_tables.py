@@ -47,13 +47,14 @@ def test_table2_cells_exactly(runs):
         ("Context encoder", "context_encoder"),
     ]
     table, long = build_table(runs, TABLE2_COLUMNS, rows)
-    cls, det, seg, time = (c.title for c in TABLE2_COLUMNS)
+    cls, probe, det, seg, time = (c.title for c in TABLE2_COLUMNS)
     by = table.set_index("Method")
     assert by.loc["Context encoder", cls] == "60.0 ± 10.0 (n=3)"
     assert by.loc["Random init", cls] == "35.0 ± 7.1 (n=2/3)"  # one failed run out of three
     assert by.loc["Autoencoder", cls] == "—"  # a run without a result: no value
     assert by.loc["Context encoder", det] == "25.0 (n=1)"
     assert by.loc["Context encoder", seg] == "—"
+    assert by.loc["Context encoder", probe] == "—"  # the records have no linear_pool5_mAP
     assert by.loc["Context encoder", time] == "2.50 ± 0.71 (n=2)"
     row = long[(long["row"] == "Random init") & (long["column"] == cls)].iloc[0]
     assert (row["n"], row["expected"], row["failed"]) == (2, 3, 1)
