@@ -48,6 +48,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if origin is typing.Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            words = {True: ("on", "yes", "true"), False: ("off", "no", "false")}[value]
+            value = next((w for w in words if w in typing.get_args(typ)), value)
         if value not in typing.get_args(typ):
             raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(typ))}")
         return value

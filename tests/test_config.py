@@ -71,3 +71,11 @@ def test_exponent_without_dot_is_a_number():
     assert parse_config(["optim.lr=5e-4"]).optim.lr == 5e-4
     with pytest.raises(ConfigError, match="optim.lr: expected a number"):
         parse_config(["optim.lr=fast"])
+
+
+def test_on_off_literals_survive_yaml_booleans():
+    # YAML 1.1 reads "on"/"off" as true/false; a Literal["auto", "on", "off"] field gets its words
+    assert parse_config(["channels_last=on"]).channels_last == "on"
+    assert parse_config(["channels_last=off"]).channels_last == "off"
+    with pytest.raises(ConfigError, match="mask.kind: True is not one of"):
+        parse_config(["mask.kind=yes"])
