@@ -43,14 +43,7 @@ def _run(module: str, argv: list[str]) -> dict:
     import importlib
 
     mod = importlib.import_module(module)
-    if module == "pretext.train":
-        mod.main(mod.parse_config(argv))
-        return json.loads((Path(_arg(argv, "run_dir")) / "result.json").read_text())
     return mod.main(mod.parse_config(argv))
-
-
-def _arg(argv: list[str], key: str) -> str:
-    return next(a.split("=", 1)[1] for a in argv if a.startswith(f"{key}="))
 
 
 def test_paper_profile_configs_load_validate_and_start(tmp_path, monkeypatch):
@@ -86,6 +79,9 @@ def test_paper_profile_configs_load_validate_and_start(tmp_path, monkeypatch):
         # per-class APs of classes absent from the 6 test images are NaN (undefined), not mAP
         headline = {k: v for k, v in result.items() if "_AP_" not in k}
         assert headline and all(v == v for v in headline.values()), (job.name, result)
+        recorded = json.loads((Path(job.run_dir) / "result.json").read_text())
+        assert recorded.keys() == result.keys(), job.name
+        assert {k: recorded[k] for k in headline} == headline, job.name
         meta = Path(job.run_dir) / "config.yaml"
         assert meta.exists(), job.name
         if job.stage == "pretext":
