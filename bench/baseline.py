@@ -200,13 +200,15 @@ class BaselineStep:
         weights = m + self.overlap_weight * (grown - m)
         empty = m.flatten(1).sum(1) == 0
         weights[empty] = 1.0
+        per_image = m.flatten(1).sum(1)
+        count = torch.where(per_image > 0, per_image, float(m[0].numel())).sum()
         target = x
         if self.center:
             s = x.shape[-1]
             lo, hi = s // 4, s // 4 + s // 2
             target, weights = x[..., lo:hi, lo:hi], weights[..., lo:hi, lo:hi]
         pred = self.model(context)
-        rec = ((pred - target) ** 2 * weights).sum() / ((weights == 1).sum().clamp_min(1) * 3)
+        rec = ((pred - target) ** 2 * weights).sum() / (count.clamp_min(1) * 3)
         out = {"loss_rec": rec}
         loss = rec
         if self.disc is not None:

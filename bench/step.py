@@ -95,7 +95,8 @@ def build_baseline(cfg: Config, ours: Step, mean: list[float]) -> baseline.Basel
     return baseline.BaselineStep(
         model, disc, torch.tensor(mean, device=ours.device), center=cfg.model.output == "center",
         lr=cfg.optim.lr, betas=cfg.optim.betas, disc_lr_ratio=cfg.loss.disc_lr_ratio,
-        overlap=cfg.mask.overlap, overlap_weight=cfg.mask.overlap_weight,
+        overlap=cfg.mask.overlap if cfg.mask.overlap_loss == "on" else 0,
+        overlap_weight=cfg.mask.overlap_weight,
         lambda_rec=cfg.loss.lambda_rec, lambda_adv=cfg.loss.lambda_adv,
     )  # fmt: skip
 

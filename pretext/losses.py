@@ -7,14 +7,17 @@ import torch.nn.functional as F
 
 
 def reconstruction_weights(
-    hole: torch.Tensor, overlap: int = 4, overlap_weight: float = 10.0
+    hole: torch.Tensor, overlap: int = 0, overlap_weight: float = 10.0
 ) -> torch.Tensor:
     """Per-pixel weights of the reconstruction loss.
 
-    hole: [N, 1, H, W] (1 = removed). Returns [N, 1, H, W]: 1 inside the hole, ``overlap_weight``
-    in the band of ``overlap`` px of known context around it (the paper's 10x-weighted overlap,
-    which makes predictions blend with their context), 0 elsewhere. With no hole at all (the
-    autoencoder baseline) every pixel gets weight 1: the whole image is reconstructed.
+    hole: [N, 1, H, W] (1 = removed). Returns [N, 1, H, W]: 1 inside the hole, 0 elsewhere --
+    Eq. 1 of the paper, ``||M * (x - F((1 - M) * x))||^2``, the loss of feature learning (§3.2).
+    With ``overlap > 0`` a band of ``overlap`` px of *known* context around the hole gets
+    ``overlap_weight``: the device of the central inpainting network (§4; 4 px, 10x in the released
+    ``train.lua``), which makes its predictions blend with their context. The trainer turns the band
+    on for central masks only (``mask.overlap_loss``). With no hole at all (the autoencoder
+    baseline) every pixel gets weight 1: the whole image is reconstructed.
     """
     hole = hole.float()
     if overlap > 0:
@@ -28,16 +31,25 @@ def reconstruction_weights(
     return weights
 
 
-def masked_l2_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Eq. 1: || w * (x - F((1 - M) * x)) ||^2, normalised by the number of hole pixels.
+def hole_pixel_count(hole: torch.Tensor) -> torch.Tensor:
+    """Number of reconstructed pixels in a batch: the hole's pixels, or every pixel of an image
+    with no hole (the autoencoder). hole: [N, 1, H, W]. Independent of the loss weights."""
+    per_image = hole.flatten(1).float().sum(1)
+    return torch.where(per_image > 0, per_image, float(hole[0].numel())).sum()
 
-    pred, target: [N, C, H, W]; weights: [N, 1, H, W] from :func:`reconstruction_weights`.
-    Returns sum(w * (pred - target)^2) / (C * #{w == 1 pixels}), i.e. the mean squared error per
-    hole value, with the overlap band counting ``overlap_weight`` times.
+
+def masked_l2_loss(
+    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, hole: torch.Tensor
+) -> torch.Tensor:
+    """Eq. 1: || w * (x - F((1 - M) * x)) ||^2, normalised by the number of hole values.
+
+    pred, target: [N, C, H, W]; weights: [N, 1, H, W] from :func:`reconstruction_weights`; hole:
+    [N, 1, H, W] (1 = removed). Returns sum(w * (pred - target)^2) / (C * #hole pixels), i.e. the
+    mean squared error per hole value, with an overlap band (if any) counting ``overlap_weight``
+    times. The normaliser comes from ``hole``, never from the weights' values.
     """
     sq = (pred.float() - target.float()).pow(2) * weights
-    count = (weights == 1).sum().clamp_min(1) * pred.shape[1]
-    return sq.sum() / count
+    return sq.sum() / (hole_pixel_count(hole) * pred.shape[1]).clamp_min(1)
 
 
 def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:

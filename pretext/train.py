@@ -72,7 +72,11 @@ class DataConfig:
 @dataclass
 class MaskConfig:
     kind: Literal["random_region", "random_block", "central", "none"] = "random_region"
-    overlap: int = 4  # px of context band predicted around the hole, weighted overlap_weight (§4)
+    overlap: int = 4  # central: px of the S/2 square left visible around the hole (§4)
+    # The loss on a band of ``overlap`` px of known context, weighted ``overlap_weight`` (§4): a
+    # device of the central inpainting network. auto: on for central masks, off otherwise -- the
+    # feature-learning loss is Eq. 1, the removed region only (§3.2). Resolved to on/off.
+    overlap_loss: Literal["auto", "on", "off"] = "auto"
     overlap_weight: float = 10.0
     max_coverage: float = 0.25
     shapes: Literal["auto", "builtin", "voc"] = "auto"  # auto: VOC SegmentationObject if present
@@ -144,6 +148,8 @@ def resolve(cfg: Config) -> Config:
         mask = dataclasses.replace(mask, kind="none")
     elif mask.kind == "none" and cfg.method == "context_encoder":
         raise ConfigError("mask.kind=none trains an autoencoder: set method=autoencoder instead")
+    if mask.overlap_loss == "auto":
+        mask = dataclasses.replace(mask, overlap_loss="on" if mask.kind == "central" else "off")
     output = cfg.model.output
     if output == "auto":
         output = "center" if mask.kind == "central" and cfg.model.arch == "inpaint128" else "full"
@@ -278,16 +284,15 @@ class Step:
         x = to_unit_range(images.to(self.device, non_blocking=True))
         hole = hole.to(self.device, non_blocking=True).float()
         context = fill_holes(x, hole, self.mean).contiguous(memory_format=self.memory_format)
-        target, weights = (
-            x,
-            reconstruction_weights(hole, self.cfg.mask.overlap, self.cfg.mask.overlap_weight),
-        )
+        band = self.cfg.mask.overlap if self.cfg.mask.overlap_loss == "on" else 0
+        target, weights = x, reconstruction_weights(hole, band, self.cfg.mask.overlap_weight)
         if self.cfg.model.output == "center":
             lo, hi = central_square(x.shape[-1])
-            target, weights = x[..., lo:hi, lo:hi], weights[..., lo:hi, lo:hi]
+            crop = (..., slice(lo, hi), slice(lo, hi))
+            target, weights, hole = target[crop], weights[crop], hole[crop]
         with self._autocast():
             pred = self.model(context)
-        rec = masked_l2_loss(pred, target, weights)
+        rec = masked_l2_loss(pred, target, weights, hole)
         out = {"loss_rec": rec}
         loss = rec
         if self.disc is not None:
