@@ -193,7 +193,7 @@ def build_images(cfg: DataConfig, split: str, train: bool, image_size: int):
 def region_shapes(cfg: Config) -> tuple[list[np.ndarray], str]:
     """(shapes for random-region masks, where they came from: ``voc:<root> (N shapes)``,
     ``builtin blobs (N)`` or ``none`` for other mask kinds)."""
-    if cfg.mask.kind != "random_region":
+    if cfg.mask.kind != "random_region" or cfg.method == "random_init":  # no masks drawn
         return [], "none"
     root = cfg.mask.shapes_root
     if cfg.mask.shapes != "builtin" and not root:
