@@ -1,7 +1,7 @@
 """Encoder features of a dataset split, computed once and cached on disk (dino's ``--dump_features``).
 
 A feature set is the flattened output of one layer of a pretext checkpoint's network for every image
-of a VOC split (eval view: short side resized to S, centre crop), hole pixels (if any) filled with the
+of a dataset split (a VOC split, a folder of images or a split file; :func:`split_images`) (eval view: short side resized to S, centre crop), hole pixels (if any) filled with the
 checkpoint's ``data_mean`` as in training (§3.3):
 
 - ``pool5``: the encoder output [N, C, n, n] -> [N, C*n*n]
@@ -172,7 +172,7 @@ def cached(
     return FeatureSet(feats, list(ids), identity)
 
 
-# ---- one call: checkpoint + VOC split -> features -----------------------------------------------
+# ---- one call: checkpoint + dataset split -> features -----------------------------------------------
 
 
 def load_model(checkpoint: str | Path) -> tuple[ContextEncoder, dict[str, Any]]:
@@ -198,9 +198,61 @@ def voc_images(voc_root: str | Path, split: str, image_size: int):
     return VOCImages(voc_root, split, image_size, train=False)
 
 
-def dataset_identity(images: Any, voc_root: str | Path, split: str) -> dict[str, Any]:
+def is_voc_root(data: str | Path) -> bool:
+    return (Path(data) / "JPEGImages").is_dir() and (Path(data) / "ImageSets" / "Main").is_dir()
+
+
+def split_images(data: str | Path, split: str, image_size: int):
+    """Eval-view images (uint8 [3, S, S] items, ``.ids``, ``.files``) of ``split`` of ``data``:
+
+    - a VOC root and a split name: ``ImageSets/Main/<split>.txt`` (ids: VOC image ids);
+    - a folder ``<data>/<split>/`` (or ``split`` an absolute folder; ``split`` empty or ``.``: all
+      of ``data``): every image under it, flat or in class subfolders (ImageNet ``val/<wnid>/``),
+      sorted; ids are paths relative to that folder;
+    - a split file ``<data>/<split>`` (or an absolute path): one image per line, a path relative
+      to ``data`` (or a VOC id when ``data`` has ``JPEGImages/``); ids are the lines.
+    """
+    from pretext.datasets import ImageFiles, ImageFolderImages
+
+    root = Path(data)
+    if is_voc_root(root) and (root / "ImageSets" / "Main" / f"{split}.txt").is_file():
+        return voc_images(root, split, image_size)
+    target = (
+        root if split in ("", ".") else Path(split) if Path(split).is_absolute() else root / split
+    )
+    if target.is_dir():
+        return ImageFolderImages(target, image_size, train=False)
+    if target.is_file():
+        lines = [ln.strip() for ln in target.read_text().splitlines() if ln.strip()]
+        if not lines:
+            raise FileNotFoundError(f"{target}: split file lists no images")
+        jpegs = root / "JPEGImages"
+        files = [
+            Path(ln) if Path(ln).is_absolute()
+            else jpegs / f"{ln}.jpg" if not Path(ln).suffix and jpegs.is_dir()
+            else root / ln
+            for ln in lines
+        ]  # fmt: skip
+        images = ImageFiles(files, image_size, train=False)
+        images.ids = lines
+        return images
+    raise FileNotFoundError(
+        f"{target}: split {split!r} of {root} not found: expected a folder of images, a split file "
+        f"(one image path per line) or a VOC root with ImageSets/Main/{split}.txt"
+    )
+
+
+def folder_class_labels(ids: list[str]) -> list[str] | None:
+    """Class of each image of a class-subfolder dataset (the first path component of its id), or
+    None when the images are not all in subfolders (a flat folder, a VOC split)."""
+    if not ids or not all("/" in i for i in ids):
+        return None
+    return [i.split("/", 1)[0] for i in ids]
+
+
+def dataset_identity(images: Any, data: str | Path, split: str) -> dict[str, Any]:
     return {
-        "root": str(Path(voc_root).resolve()),
+        "root": str(Path(data).resolve()),
         "split": split,
         "image_size": images.image_size,
         "n": len(images.ids),
@@ -218,11 +270,13 @@ def extract_features(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
 ) -> FeatureSet:
-    """Features of every image of ``split`` (raw; see :meth:`FeatureSet.normalized`), cached."""
+    """Features of every image of ``split`` (raw; see :meth:`FeatureSet.normalized`), cached.
+
+    ``voc_root``: a VOC root or a folder of images; ``split`` as in :func:`split_images`."""
     if layer not in LAYERS:
         raise ValueError(f"unknown layer {layer!r}; choose one of {LAYERS}")
     model, meta = load_model(checkpoint)
-    images = voc_images(voc_root, split, model.input_size)
+    images = split_images(voc_root, split, model.input_size)
     identity = {
         "checkpoint_sha256": meta["sha256"],
         "data": dataset_identity(images, voc_root, split),

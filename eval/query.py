@@ -4,7 +4,9 @@
         [--box x0,y0,x1,y1] [--k 8] [--layer pool5] [--out grid.png]
 
 Prints one line per neighbour (``rank  id  distance``, best first) and writes a PNG of one row:
-query | neighbours. Both the query and the dataset images are seen in the eval view (short side
+query | neighbours. ``--data``: a VOC root (``--split`` names an ``ImageSets/Main`` split, default ``trainval``) or a
+folder of images, flat or in class subfolders (``--split``: a subfolder or a split file; default
+all of it). Both the query and the dataset images are seen in the eval view (short side
 resized to the model's input size S, centre crop). Database features come from the cache of
 :mod:`eval.features`, so a second query costs one forward pass.
 
@@ -32,9 +34,10 @@ from eval.features import (
     LAYERS,
     encode_images,
     extract_features,
+    is_voc_root,
     l2_normalize,
     load_model,
-    voc_images,
+    split_images,
 )
 from eval.retrieval import INDEX_KINDS, METRICS, build_index, search
 from pretext.data import fill_holes, to_unit_range
@@ -51,7 +54,7 @@ class QueryConfig:
     box: tuple[int, int, int, int] | None = None
     k: int = 8
     layer: str = "pool5"
-    split: str = "trainval"
+    split: str | None = None  # None: trainval of a VOC root, every image of a folder
     out: str | None = None
     normalize: bool = True
     metric: str = "l2"
@@ -76,12 +79,20 @@ def parse_config(argv: list[str] | None = None) -> QueryConfig:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--checkpoint", required=True, help="pretext run folder or .pt file")
-    p.add_argument("--data", required=True, help="VOC root (JPEGImages/, ImageSets/Main/)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="VOC root (JPEGImages/, ImageSets/Main/) or a folder of images",
+    )
     p.add_argument("--image", required=True, help="query image file")
     p.add_argument("--box", type=parse_box, help="x0,y0,x1,y1: encode only the context of this box")
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--layer", choices=LAYERS, default="pool5")
-    p.add_argument("--split", default="trainval", help="the images searched (ImageSets/Main/)")
+    p.add_argument(
+        "--split",
+        help="the images searched: a VOC split name (default trainval), a subfolder or a split file "
+        "of --data (default for a folder: all of it)",
+    )
     p.add_argument("--out", help="grid PNG (query | neighbours)")
     p.add_argument("--no-normalize", dest="normalize", action="store_false")
     p.add_argument("--metric", choices=METRICS, default="l2")
@@ -118,11 +129,12 @@ def main(cfg: QueryConfig) -> dict[str, float]:
     """Prints and returns the k nearest images: {image id: distance}, best first."""
     model, meta = load_model(cfg.checkpoint)
     size = model.input_size
+    split = cfg.split if cfg.split is not None else "trainval" if is_voc_root(cfg.data) else ""
     raw = load_rgb(cfg.image)
     hole = None if cfg.box is None else box_to_view_hole(cfg.box, *raw.shape[:2], size)
     query = torch.from_numpy(np.array(eval_view(raw, size))).permute(2, 0, 1)[None]
     qfeat = encode_images(model, query, meta["data_mean"], cfg.layer, hole)
-    db = extract_features(cfg.checkpoint, cfg.data, cfg.split, cfg.layer, hole, cfg.cache_dir)
+    db = extract_features(cfg.checkpoint, cfg.data, split, cfg.layer, hole, cfg.cache_dir)
     dbfeat = db.features
     if cfg.normalize:
         qfeat, dbfeat = l2_normalize(qfeat), l2_normalize(dbfeat)
@@ -132,7 +144,7 @@ def main(cfg: QueryConfig) -> dict[str, float]:
     for rank, (image_id, d) in enumerate(found, 1):
         print(f"{rank:3d}  {image_id}  {d:.6f}")
     if cfg.out:
-        images = voc_images(cfg.data, cfg.split, size)
+        images = split_images(cfg.data, split, size)
         shown = to_unit_range(query)
         if hole is not None:  # show what the encoder saw: the box filled with the mean
             mean = torch.tensor(meta["data_mean"], dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""Nearest-neighbour retrieval of encoder features with FAISS, and its quality on VOC-style data.
+"""Nearest-neighbour retrieval of encoder features with FAISS, and its quality on VOC or image folders.
 
     python -m eval.retrieval checkpoints.context_encoder=runs/ce checkpoints.autoencoder=runs/ae \
         checkpoints.random_init=runs/rand data=data/minivoc/VOC2007 run_dir=runs/eval/retrieval
@@ -15,6 +15,10 @@ Quality (:func:`retrieval_benchmark`): every image of ``query_split`` (held out)
 - precision@k: the fraction of the k neighbours that share at least one object class with the
   query (multi-label: classes with a non-difficult object, from the VOC XML), averaged over queries
   that have a class. ``chance/precision`` is the same for a random neighbour (expected value).
+  With an image folder (``data``: the folder; ``query_split`` / ``database_split``: subfolders or
+  split files, see :func:`eval.features.split_images`) in class subfolders (ImageNet-style), a
+  neighbour is relevant when it comes from the query's class folder; a flat folder has no labels,
+  so only the recall of the approximate indexes is measured.
 - recall@k of an approximate index: |approx top-k ∩ exact top-k| / k, averaged over queries.
 
 Run folder: ``config.yaml``, ``result.json`` (flat keys, see :func:`retrieval_benchmark`),
@@ -35,7 +39,15 @@ import faiss
 import numpy as np
 import torch
 
-from eval.features import DEFAULT_CACHE_DIR, LAYERS, extract_features, l2_normalize, voc_images
+from eval.features import (
+    DEFAULT_CACHE_DIR,
+    LAYERS,
+    extract_features,
+    folder_class_labels,
+    is_voc_root,
+    l2_normalize,
+    split_images,
+)
 from pretext import voc
 from pretext.atomic_io import atomic_write_json, atomic_write_text
 from pretext.config import dump_yaml, parse_cli
@@ -131,6 +143,23 @@ def image_labels(voc_root: str | Path, ids: list[str]) -> np.ndarray:
             if not obj.difficult:
                 labels[row, names.index(obj.name)] = True
     return labels
+
+
+def dataset_labels(data: str | Path, all_ids: list[list[str]], ids: list[str]) -> np.ndarray | None:
+    """bool [N, C] labels of ``ids``: VOC classes of a VOC root, or the class subfolder of an
+    image folder (classes: the union over ``all_ids``, the query and database splits); None for a
+    flat folder (no labels)."""
+    if is_voc_root(data) and not any("/" in i for i in ids):
+        return image_labels(data, ids)
+    names = [folder_class_labels(i) for i in all_ids]
+    mine = folder_class_labels(ids)
+    if mine is None or any(n is None for n in names):
+        return None
+    classes = sorted({c for n in names for c in n})  # type: ignore[union-attr]
+    out = np.zeros((len(ids), len(classes)), dtype=bool)
+    for row, c in enumerate(mine):
+        out[row, classes.index(c)] = True
+    return out
 
 
 def precision_at_k(
@@ -232,7 +261,7 @@ def retrieval_benchmark(cfg: Config) -> dict[str, float]:
     device = "cpu" if device == "auto" else device
     kmax = max(cfg.ks)
     result: dict[str, float] = {}
-    labels: dict[str, np.ndarray] = {}
+    labels: dict[str, np.ndarray | None] = {}
     for name, ckpt in cfg.checkpoints.items():
         for layer in cfg.layers:
             t0 = time.perf_counter()
@@ -246,13 +275,14 @@ def retrieval_benchmark(cfg: Config) -> dict[str, float]:
             qset, dbset = feats[cfg.query_split], feats[cfg.database_split]
             for split, fs in feats.items():
                 if split not in labels:
-                    labels[split] = image_labels(cfg.data, fs.ids)
+                    labels[split] = dataset_labels(cfg.data, [qset.ids, dbset.ids], fs.ids)
             q, db = qset.features, dbset.features
             if cfg.normalize:
                 q, db = l2_normalize(q), l2_normalize(db)
             exact = build_index(db, "flat", cfg.metric)
             _, exact_ids = search(exact, q, kmax)
-            for k in cfg.ks:
+            has_labels = labels[cfg.query_split] is not None
+            for k in cfg.ks if has_labels else ():  # a flat folder has no labels: recall only
                 result[f"{name}/{layer}/precision@{k}"] = precision_at_k(
                     exact_ids[:, :k], labels[cfg.query_split], labels[cfg.database_split]
                 )
@@ -270,11 +300,14 @@ def retrieval_benchmark(cfg: Config) -> dict[str, float]:
                     run_dir / f"retrieval_grid_{name}.png", cfg.data, qset, dbset,
                     exact_ids[: cfg.grid_queries, : cfg.grid_k],
                 )  # fmt: skip
-    result["chance/precision"] = chance_precision(
-        labels[cfg.query_split], labels[cfg.database_split]
-    )
-    result["n_queries"] = float(len(labels[cfg.query_split]))
-    result["n_database"] = float(len(labels[cfg.database_split]))
+    if labels[cfg.query_split] is not None:
+        result["chance/precision"] = chance_precision(
+            labels[cfg.query_split], labels[cfg.database_split]
+        )
+    else:
+        log.info("%s: no class labels (flat folder): precision@k left out", cfg.data)
+    result["n_queries"] = float(len(qset.ids))
+    result["n_database"] = float(len(dbset.ids))
     result["time_s"] = time.perf_counter() - start
     atomic_write_json(result_path, result)
     return result
@@ -285,8 +318,8 @@ def write_retrieval_grid(
 ) -> None:
     """Rows: queries; columns: query | its neighbours (eval views at the model's input size)."""
     size = qset.identity["data"]["image_size"]
-    qimages = voc_images(voc_root, qset.identity["data"]["split"], size)
-    dbimages = voc_images(voc_root, dbset.identity["data"]["split"], size)
+    qimages = split_images(voc_root, qset.identity["data"]["split"], size)
+    dbimages = split_images(voc_root, dbset.identity["data"]["split"], size)
     rows = len(neighbours)
     cols = [torch.stack([qimages[i] for i in range(rows)])]
     for j in range(neighbours.shape[1]):

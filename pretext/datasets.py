@@ -200,6 +200,8 @@ class ImageFolderImages(ImageFiles):
         if not files:
             raise FileNotFoundError(f"{self.root}: no files with extensions {', '.join(ext)}")
         super().__init__(files, image_size, train, skip_bad, convert, min_size)
+        # ids: paths relative to root ("n01440764/x.JPEG" in class subfolders, "x.jpg" when flat)
+        self.ids = [Path(f).relative_to(self.root).as_posix() for f in self.files]
 
 
 class VOCClassification(VOCImages):

@@ -79,7 +79,11 @@ class MaskConfig:
     overlap_loss: Literal["auto", "on", "off"] = "auto"
     overlap_weight: float = 10.0
     max_coverage: float = 0.25
-    shapes: Literal["auto", "builtin", "voc"] = "auto"  # auto: VOC SegmentationObject if present
+    # Random-region silhouettes (§3.3): the paper's come from PASCAL VOC 2012 SegmentationObject.
+    # auto: shapes_root if set, else data.root when it is a VOC root with SegmentationObject/, else
+    # the built-in blobs (a stated fallback, logged and recorded in result.json).
+    shapes: Literal["auto", "builtin", "voc"] = "auto"
+    shapes_root: str = ""  # a VOC root (e.g. VOCdevkit/VOC2012) whose object silhouettes are used
 
 
 @dataclass
@@ -192,19 +196,33 @@ def build_images(cfg: DataConfig, split: str, train: bool, image_size: int):
     return ImageFolderImages(folder, image_size, train=train, skip_bad=cfg.skip_bad)
 
 
-def region_shapes(cfg: Config) -> list[np.ndarray]:
-    if cfg.mask.kind != "random_region":
-        return []
-    use_voc = cfg.mask.shapes == "voc" or (
-        cfg.mask.shapes == "auto"
-        and cfg.data.format == "voc"
-        and (Path(cfg.data.root) / "SegmentationObject").is_dir()
-    )
-    if use_voc:
+def region_shapes(cfg: Config) -> tuple[list[np.ndarray], str]:
+    """(shapes for random-region masks, where they came from: ``voc:<root> (N shapes)``,
+    ``builtin blobs (N)`` or ``none`` for other mask kinds)."""
+    if cfg.mask.kind != "random_region" or cfg.method == "random_init":  # no masks drawn
+        return [], "none"
+    root = cfg.mask.shapes_root
+    if cfg.mask.shapes != "builtin" and not root:
+        data_has_shapes = (
+            cfg.data.format == "voc" and (Path(cfg.data.root) / "SegmentationObject").is_dir()
+        )
+        if data_has_shapes:
+            root = cfg.data.root
+        elif cfg.mask.shapes == "voc":
+            raise ConfigError(
+                f"mask.shapes=voc: data.root={cfg.data.root} (data.format={cfg.data.format}) has "
+                "no SegmentationObject/ PNGs; set mask.shapes_root=<VOC2012 root> "
+                "(e.g. /datasets/VOCdevkit/VOC2012)"
+            )
+    if cfg.mask.shapes != "builtin" and root:
         from pretext.voc import object_shapes
 
-        return object_shapes(cfg.data.root)
-    return builtin_shapes()
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"{root}: mask.shapes_root is not a folder")
+        shapes = object_shapes(root)
+        return shapes, f"voc:{root} ({len(shapes)} shapes)"
+    shapes = builtin_shapes()
+    return shapes, f"builtin blobs ({len(shapes)})"
 
 
 def check_resume_config(run_dir: Path, cfg: Config) -> None:
@@ -212,10 +230,15 @@ def check_resume_config(run_dir: Path, cfg: Config) -> None:
     if not saved_path.exists():
         return
     saved, current = _flatten(read_yaml(saved_path)), _flatten(to_dict(cfg))
+    # A key added to Config after the run started is absent from its config.yaml: no difference
+    # while it keeps its default (old run folders still resume and count as finished).
+    default = _flatten(to_dict(resolve(Config())))
     diff = sorted(
         k
         for k in set(saved) | set(current)
-        if saved.get(k) != current.get(k) and k not in RESUME_FREE_KEYS
+        if saved.get(k) != current.get(k)
+        and k not in RESUME_FREE_KEYS
+        and not (k not in saved and current.get(k) == default.get(k))
     )
     if diff and not cfg.force:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)
@@ -449,10 +472,16 @@ def main(cfg: Config) -> dict[str, float]:
         train_model, disc, opt_g, opt_d, cfg, mean, device, autocast_dtype, memory_format
     )
 
+    shapes, shapes_source = region_shapes(cfg)
+    if cfg.mask.kind == "random_region":
+        log.info("random-region mask shapes: %s", shapes_source)
+        if shapes_source.startswith("builtin") and cfg.mask.shapes == "auto":
+            log.warning(
+                "no VOC object shapes (data.root is not a VOC root with SegmentationObject/ and "
+                "mask.shapes_root is unset): falling back to the built-in blobs"
+            )
     if step < total:
-        masks = MaskGenerator(
-            cfg.mask.kind, size, cfg.mask.overlap, cfg.mask.max_coverage, region_shapes(cfg)
-        )
+        masks = MaskGenerator(cfg.mask.kind, size, cfg.mask.overlap, cfg.mask.max_coverage, shapes)
         sampler = StepBatchSampler(
             len(train_images), cfg.optim.batch_size, cfg.seed, step, total, env.rank, env.world_size
         )
@@ -525,6 +554,7 @@ def main(cfg: Config) -> dict[str, float]:
         "steps": float(step),
         "train_time_s": elapsed,
         "images_per_s": step * cfg.optim.batch_size / elapsed if elapsed > 0 else 0.0,
+        "mask_shapes_source": shapes_source,  # a string: the table builder reads numbers only
     }
     if cfg.data.skip_bad:  # the header scan's finds + decode failures in this process (with
         # data.num_workers > 0 those happen in the workers: there they are only in log.txt)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from eval import inpainting_bench as bench
 from eval.features import load_model, voc_images
+from pretext import voc
 from pretext.inpainting import evaluate_inpainting, hole_errors
 from pretext.masks import central_mask
 
@@ -70,12 +71,19 @@ def test_bench_stage_keys_values_and_grid(tiny_voc, tiny_ckpt, tmp_path):
     cfg = bench.parse_config(argv)
     assert cfg.methods == bench.METHODS and cfg.nn_features == str(tiny_ckpt)
     result = bench.main(cfg)
-    metrics = {f"{m}/{k}" for m in bench.METHODS for k in ("l1", "l2", "psnr", "time_s")}
+    keys = ["l1", "l2", "psnr", "time_s"]
+    keys += [f"{k}_{r}" for k in ("l1", "l2", "psnr", "psnr_pooled") for r in ("hole", "center")]
+    metrics = {f"{m}/{k}" for m in bench.METHODS for k in keys}
     assert set(result) == metrics | {"n_images", "overlap", "image_size", "time_s"}
     assert all(np.isfinite(v) for v in result.values())
     assert result["overlap"] == 2 and result["image_size"] == 64 and result["n_images"] == 12
     for m in bench.METHODS:
         assert 0 < result[f"{m}/l2"] < result[f"{m}/l1"] < 1  # errors in [0, 1]: L2 < L1
+        assert result[f"{m}/psnr"] == result[f"{m}/psnr_hole"]  # the main column: the hole
+        # the band around the hole is known context (zero error): the centre dilutes the hole
+        ratio = HOLE.sum() / 32**2
+        assert result[f"{m}/l2_center"] == pytest.approx(result[f"{m}/l2_hole"] * ratio, rel=1e-5)
+        assert result[f"{m}/psnr_pooled_hole"] <= result[f"{m}/psnr_hole"] + 1e-9  # Jensen
     assert result["ce_l2/l2"] == result["ce_l2_adv/l2"]  # the same checkpoint twice
     run = tmp_path / "run"
     assert json.loads((run / "result.json").read_text()) == result
@@ -88,3 +96,85 @@ def test_a_method_without_its_checkpoint_is_a_clear_error():
     with pytest.raises(ValueError, match="ce_l2_adv needs a checkpoint: set ce_l2_adv="):
         bench.parse_config(["methods=[mean_fill,ce_l2_adv]"])
     assert bench.parse_config([]).methods == ("mean_fill", "nn_hog", "telea")
+
+
+def test_region_scores_oracle_constant_prediction_against_known_images():
+    """Grey 0.5 predicted for two images: one black, one whose hole is white and band black."""
+    from pretext.inpainting import region_scores
+
+    size, overlap = 16, 2  # central square 4..12 (64 px), hole 6..10 (16 px)
+    hole = torch.from_numpy(central_mask(size, overlap))
+    center = torch.zeros(size, size, dtype=torch.bool)
+    center[4:12, 4:12] = True
+    truth = torch.zeros(2, 3, size, size)
+    truth[1][:, hole] = 1.0
+    filled = truth.clone()
+    filled[:, :, hole] = 0.5  # the known context (band included) kept, the hole grey
+    h = region_scores(filled, truth, hole)
+    assert h["l1"] == pytest.approx(0.5) and h["l2"] == pytest.approx(0.25)
+    assert h["psnr"] == pytest.approx(10 * np.log10(4)) == pytest.approx(h["psnr_pooled"])
+    c = region_scores(filled, truth, center)  # 16 of 64 pixels wrong by 0.5
+    assert c["l1"] == pytest.approx(0.5 * 16 / 64) and c["l2"] == pytest.approx(0.25 * 16 / 64)
+    assert c["psnr"] == pytest.approx(10 * np.log10(16))
+    # per-image vs pooled PSNR differ when images differ: image 0 perfect-ish, image 1 off by 0.5
+    filled2 = truth.clone()
+    filled2[1][:, hole] = 0.0  # image 1's hole: error 1; image 0's: 0
+    filled2[0][:, hole] = 0.1
+    s2 = region_scores(filled2, truth, hole)
+    assert s2["l2"] == pytest.approx((0.01 + 1.0) / 2)
+    assert s2["psnr"] == pytest.approx((10 * np.log10(1 / 0.01) + 0.0) / 2)  # (20 + 0) / 2
+    assert s2["psnr_pooled"] == pytest.approx(10 * np.log10(2 / 1.01))
+
+
+def _copy_split(voc, split: str, out, nested: bool = False):
+    from pretext import voc as voclib
+
+    for k, image_id in enumerate(voclib.read_split(voc, split)):
+        target = out / (f"class{k % 2}/" if nested else "") / f"{image_id}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((voc / "JPEGImages" / f"{image_id}.jpg").read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("layout", ["folders", "class_subfolders", "split_files"])
+def test_bench_on_an_image_folder_equals_the_same_images_in_voc_layout(
+    tiny_voc, tiny_ckpt, tmp_path, layout
+):
+    common = [f"ce_l2={tiny_ckpt}", f"cache_dir={tmp_path / 'cache'}", "grid_rows=2"]
+    ref = bench.main(bench.parse_config([*common, f"data={tiny_voc}", f"run_dir={tmp_path / 'v'}"]))
+    root = tmp_path / "photos"
+    if layout == "split_files":  # one folder, train/test named by files of relative paths
+        _copy_split(tiny_voc, "train", root / "all")
+        _copy_split(tiny_voc, "test", root / "all")
+        for split in ("train", "test"):
+            names = [f"all/{i}.jpg" for i in voc.read_split(tiny_voc, split)]
+            (root / f"{split}.txt").write_text("\n".join(names) + "\n")
+        splits = ["split=test.txt", "train_split=train.txt"]
+    else:  # two folders, train/ and held_out/
+        nested = layout == "class_subfolders"
+        _copy_split(tiny_voc, "train", root / "train", nested)
+        _copy_split(tiny_voc, "test", root / "held_out", nested)
+        splits = ["split=held_out"]  # means over images: the order of the files does not matter
+    out = bench.main(
+        bench.parse_config([*common, f"data={root}", f"run_dir={tmp_path / 'f'}", *splits])
+    )
+    assert out["n_images"] == ref["n_images"] == 12
+    for key, value in ref.items():
+        if not key.endswith("time_s"):
+            assert out[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_split_images_forms_and_a_clear_error(tiny_voc, tmp_path):
+    from eval.features import split_images
+
+    root = _copy_split(tiny_voc, "val", tmp_path / "imgs" / "val", nested=True).parent
+    nested = split_images(root, "val", 64)
+    assert all(i.startswith(("class0/", "class1/")) for i in nested.ids)
+    assert len(split_images(root, "", 64)) == len(nested)
+    assert len(split_images(root, str(root / "val"), 64)) == len(nested)
+    # a split file of VOC ids inside a VOC root
+    (tmp_path / "ids.txt").write_text("000001\n000002\n")
+    listed = split_images(tiny_voc, str(tmp_path / "ids.txt"), 64)
+    assert listed.ids == ["000001", "000002"] and listed.files[0].endswith("JPEGImages/000001.jpg")
+    with pytest.raises(FileNotFoundError, match=r"split 'nope' of .* not found: expected a folder"):
+        split_images(root, "nope", 64)

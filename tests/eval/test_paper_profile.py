@@ -1,6 +1,7 @@
-"""The `paper` profile cannot run here (ImageNet, VOC, GPUs), but every one of its configs must
-load, validate and start: each job of the profile runs for one iteration, on the tiny built-in
-mini-VOC standing in for ImageNet / VOC2007 / VOC2012, with only sizes and step counts overridden."""
+"""The `paper` profile cannot run here (ImageNet, Paris StreetView, VOC, GPUs), but every one of its
+configs must load, validate and start: each job of the profile runs for one iteration, on the tiny
+built-in mini-VOC standing in for ImageNet / Paris StreetView / VOC2007 / VOC2012, with only sizes,
+step counts and dataset paths overridden."""
 
 import json
 import shutil
@@ -39,6 +40,18 @@ def _image_folder(voc: Path, out: Path) -> Path:
     return out
 
 
+def _paris_folder(voc: Path, out: Path) -> Path:
+    """Paris StreetView's layout: flat paris_train_original/ and paris_eval_gt/ folders of PNGs."""
+    from PIL import Image
+
+    photos = sorted((voc / "JPEGImages").glob("*.jpg"))
+    for i, photo in enumerate(photos):
+        split = "paris_eval_gt" if i % 4 == 0 else "paris_train_original"
+        (out / split).mkdir(parents=True, exist_ok=True)
+        Image.open(photo).save(out / split / f"{photo.stem}.png")
+    return out
+
+
 def _run(module: str, argv: list[str]) -> dict:
     import importlib
 
@@ -53,12 +66,22 @@ def test_paper_profile_configs_load_validate_and_start(tmp_path, monkeypatch):
     # AlexNet-227 refuses images whose short side is under 113 px: a mini-VOC of larger photos
     tiny_voc = minivoc.generate(tmp_path / "voc", n_images=24, size_range=(240, 320), workers=1)
     raw = load_profile(profile_path("paper"))
-    pretext = {**raw.pretext, "data": str(_image_folder(tiny_voc, tmp_path / "imagenet"))}
+    paris = _paris_folder(tiny_voc, tmp_path / "paris")
+    variants = {  # the Table-1 networks read Paris StreetView, the others ImageNet
+        name: {**spec, "data": str(paris)} if "data" in spec else spec
+        for name, spec in raw.pretext["variants"].items()
+    }
+    pretext = {
+        **raw.pretext, "data": str(_image_folder(tiny_voc, tmp_path / "imagenet")),
+        "variants": variants,
+        "overrides": [f"mask.shapes_root={tiny_voc}"],  # stands in for VOC2012's silhouettes
+    }  # fmt: skip
     transfer = {task: {**spec, "data": str(tiny_voc)} for task, spec in raw.transfer.items()}
+    evals = {**raw.eval, "inpainting": {**raw.eval["inpainting"], "data": str(paris)}}
     profile = load_profile(
         profile_path("paper"),
         {"runs_root": str(tmp_path / "runs"), "data": str(tiny_voc), "seeds": [0],
-         "pretext": pretext, "transfer": transfer},
+         "pretext": pretext, "transfer": transfer, "eval": evals},
     )  # fmt: skip
     jobs = expand(profile)
     assert {(j.stage, j.task) for j in jobs} == {
@@ -84,7 +107,14 @@ def test_paper_profile_configs_load_validate_and_start(tmp_path, monkeypatch):
         assert {k: recorded[k] for k in headline} == headline, job.name
         meta = Path(job.run_dir) / "config.yaml"
         assert meta.exists(), job.name
-        if job.stage == "pretext":
+        if job.stage == "pretext" and job.variant.startswith("inpaint128"):
+            assert "arch: inpaint128" in meta.read_text() and "/paris" in meta.read_text()
+        elif job.stage == "pretext":
             assert "arch: alexnet227" in meta.read_text()
+            if job.variant == "context_encoder":
+                assert result["mask_shapes_source"].startswith(f"voc:{tiny_voc} (")
+        if job.task == "inpainting":  # Table 1 on the held-out Paris folder, both regions
+            assert result["image_size"] == 128 and result["n_images"] == 4
+            assert {"ce_l2/psnr_hole", "ce_l2_adv/psnr_center", "nn_ce/l2_center"} <= set(result)
         if job.module in ("transfer.detect", "transfer.segment"):
             assert "optimizer: sgd" in meta.read_text() and "max_iters: 1" in meta.read_text()

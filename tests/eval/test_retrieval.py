@@ -116,3 +116,65 @@ def test_query_box_maps_into_the_eval_view():
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == (8, 23, 10, 29)
     with pytest.raises(ValueError, match="outside the centre crop"):
         query.box_to_view_hole((0, 0, 20, 20), height=64, width=128, size=64)
+
+
+def _photo_folder(voc, out, splits, nested):
+    """The VOC splits' photos as <out>/<split>/[<class>/]<id>.jpg (class: the first VOC object)."""
+    from pretext import voc as voclib
+
+    names = voclib.class_names(voc)
+    for split in splits:
+        for image_id in voclib.read_split(voc, split):
+            cls = voclib.parse_annotation(voc / "Annotations" / f"{image_id}.xml", names)
+            sub = f"{cls.objects[0].name}/" if nested else ""
+            target = out / split / sub / f"{image_id}.jpg"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((voc / "JPEGImages" / f"{image_id}.jpg").read_bytes())
+    return out
+
+
+def test_retrieval_on_class_subfolders_uses_the_folder_labels_and_flat_has_recall_only(
+    tiny_voc, tiny_ckpt, tmp_path
+):
+    from eval.retrieval import dataset_labels
+
+    # oracle: labels are one-hot over the union of both splits' class folders
+    labels = dataset_labels(tmp_path, [["a/1.jpg", "b/2.jpg"], ["c/3.jpg"]], ["c/3.jpg", "a/1.jpg"])
+    assert labels.tolist() == [[False, False, True], [True, False, False]]
+    assert dataset_labels(tmp_path, [["1.jpg"], ["2.jpg"]], ["1.jpg"]) is None
+    common = dict(
+        checkpoints={"ce": str(tiny_ckpt)}, layers=("pool5",), ks=(1, 3),
+        cache_dir=str(tmp_path / "cache"), grid_queries=2, grid_k=3,
+    )  # fmt: skip
+    nested = _photo_folder(tiny_voc, tmp_path / "nested", ("val", "train"), nested=True)
+    result = retrieval_benchmark(Config(data=str(nested), run_dir=str(tmp_path / "r1"), **common))
+    assert result["n_queries"] == 12 and result["n_database"] == 24
+    assert 0 <= result["ce/pool5/precision@3"] <= 1 and 0 < result["chance/precision"] < 1
+    flat = _photo_folder(tiny_voc, tmp_path / "flat", ("val", "train"), nested=False)
+    result = retrieval_benchmark(Config(data=str(flat), run_dir=str(tmp_path / "r2"), **common))
+    assert not any("precision" in k for k in result)
+    assert {"ce/pool5/hnsw/recall@3", "n_queries", "n_database"} <= set(result)
+    assert Image.open(tmp_path / "r2" / "retrieval_grid_ce.png").size == (4 * 68, 2 * 68)
+
+
+@pytest.mark.parametrize("layout", ["flat", "class_subfolders", "split_file"])
+def test_query_on_an_image_folder_finds_the_image_itself(
+    tiny_voc, tiny_ckpt, tmp_path, capsys, layout
+):
+    root = _photo_folder(tiny_voc, tmp_path / "photos", ("val",), nested=layout != "flat")
+    split = []
+    if layout == "split_file":
+        listed = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))[:5]
+        (root / "db.txt").write_text("\n".join(listed) + "\n")
+        split = ["--split", "db.txt"]
+    image = sorted(root.rglob("*.jpg"))[0]
+    argv = [
+        "--checkpoint", str(tiny_ckpt), "--data", str(root), "--image", str(image), "--k", "2",
+        "--cache-dir", str(tmp_path / "cache"), *split,
+    ]  # fmt: skip
+    found = query.main(query.parse_config(argv))
+    first = next(iter(found))
+    assert first == image.relative_to(root).as_posix() and found[first] == pytest.approx(
+        0, abs=1e-5
+    )
+    assert len(found) == 2

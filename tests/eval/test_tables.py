@@ -86,10 +86,17 @@ def test_table1_rows_read_prefixed_metrics_of_one_run(tmp_path):
         "mean_fill/l2": 0.05,
         "mean_fill/psnr": 13.0,
         "ce_l2/psnr": 17.25,
+        "mean_fill/psnr_pooled_hole": 12.5,
+        "mean_fill/l1_center": 0.15,
+        "mean_fill/l2_center": 0.04,
+        "mean_fill/psnr_center": 14.0,
     }
     record(tmp_path, "eval", "inpainting", "all", 0, result=result)
     rows = [("Mean fill", "all", "mean_fill/"), ("CE", "all", "ce_l2/")]
     table, _ = build_table(collect_runs(tmp_path), TABLE1_COLUMNS, rows)
     by = table.set_index("Method")
-    assert list(by.loc["Mean fill"]) == ["20.00 (n=1)", "5.00 (n=1)", "13.00 (n=1)"]
-    assert list(by.loc["CE"]) == ["—", "—", "17.25 (n=1)"]
+    assert list(by.loc["Mean fill"]) == [
+        "20.00 (n=1)", "5.00 (n=1)", "13.00 (n=1)", "12.50 (n=1)",
+        "15.00 (n=1)", "4.00 (n=1)", "14.00 (n=1)",
+    ]  # fmt: skip
+    assert list(by.loc["CE"]) == ["—", "—", "17.25 (n=1)", "—", "—", "—", "—"]
