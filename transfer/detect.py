@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pretext.config import parse_cli
+from pretext.models import Geometry
 from transfer import mm_run
 
 log = logging.getLogger("transfer.detect")
@@ -42,15 +43,19 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 
 def configure(
-    mm: Any, cfg: Config, root: Path, classes: tuple[str, ...], channels: int, stride: int
+    mm: Any, cfg: Config, root: Path, classes: tuple[str, ...], channels: int, geo: Geometry
 ) -> None:
     """Fill the Faster R-CNN config in place for this encoder and dataset."""
     model = mm.model
-    model.data_preprocessor.pad_size_divisor = stride
+    model.data_preprocessor.pad_size_divisor = geo.stride
     model.rpn_head.in_channels = channels
-    model.rpn_head.anchor_generator.strides = [stride]
+    model.rpn_head.anchor_generator.strides = [geo.stride]
+    # Anchor of cell i centred where that cell looks: first_center + stride * i (a pixel index;
+    # + 0.5 in mmdet's continuous coordinates). mmdet's default puts it at stride * i.
+    center = geo.first_center + 0.5
+    model.rpn_head.anchor_generator.centers = [(center, center)]
     model.roi_head.bbox_roi_extractor.out_channels = channels
-    model.roi_head.bbox_roi_extractor.featmap_strides = [stride]
+    model.roi_head.bbox_roi_extractor.featmap_strides = [geo.stride]
     model.roi_head.bbox_head.in_channels = channels
     model.roi_head.bbox_head.num_classes = len(classes)
     # mmdet's VOCDataset: data_root = the VOCdevkit-like parent, sub_data_root = the year folder.

@@ -34,7 +34,7 @@ class PretextAlexNet(BaseModule):
         frozen_stages: conv1..conv{frozen_stages} get no gradient (0 = train everything).
 
     forward(x: [N, 3, H, W] in [-1, 1]) -> tuple of [N, C_f, H / s_f, W / s_f] (conv5 of small64:
-    C=96, s=8; of alexnet227: C=256, s~16).
+    C=96, s=8; of alexnet227: C=256, s=16; pretext.models.detection_geometry).
     """
 
     def __init__(

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pretext.config import parse_cli
 from pretext.minivoc import voc_palette
+from pretext.models import Geometry
 from pretext.voc import VOC_CLASSES
 from transfer import mm_run
 from transfer.run_folder import TransferError
@@ -58,10 +59,10 @@ def seg_metainfo(classes: tuple[str, ...]) -> dict[str, Any]:
 
 
 def configure(
-    mm: Any, cfg: Config, root: Path, classes: tuple[str, ...], channels: int, stride: int
+    mm: Any, cfg: Config, root: Path, classes: tuple[str, ...], channels: int, geo: Geometry
 ) -> None:
     """Fill the FCN config in place for this encoder and dataset."""
-    del stride  # the decode head upsamples to the input size whatever the stride
+    del geo  # the decode head upsamples to the input size whatever the stride
     crop = (cfg.crop_size, cfg.crop_size)
     mm.model.data_preprocessor.size = crop
     mm.model.decode_head.in_channels = channels
