@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pretext.cli import UserError
+
 # The devkit's order: mmdet label = position, SegmentationClass value = position + 1.
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -23,7 +25,7 @@ VOC_CLASSES: tuple[str, ...] = (
 )  # fmt: skip
 
 
-class VOCFormatError(ValueError):
+class VOCFormatError(UserError):
     """A VOC file that exists but cannot be used; the message names the file and the problem."""
 
 

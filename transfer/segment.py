@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pretext.cli import run_cli
 from pretext.config import parse_cli
 from pretext.minivoc import voc_palette
 from pretext.models import Geometry
@@ -99,4 +100,4 @@ def cli(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    cli()
+    run_cli(cli)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pretext.atomic_io import atomic_write_json
+from pretext.cli import run_cli
 from pretext.config import load_config
 
 log = logging.getLogger("transfer.sweep")
@@ -101,4 +102,4 @@ def main(cfg: Config) -> dict[str, float]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    main(parse_config())
+    run_cli(lambda: main(parse_config()))
