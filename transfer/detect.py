@@ -6,7 +6,7 @@ Trains on ``train_split`` (trainval) and reports mmdet's VOCMetric on ``test_spl
 11-point mAP at IoU 0.5, difficult objects ignored. The network is the mmdet config
 ``transfer/configs/faster_rcnn_ce_voc.py`` (RPN + RoI head on conv5, no FPN); its backbone, classes,
 data root and schedule are filled in from this config. Real VOC: ``--data VOCdevkit/VOC2007``.
-Result keys: ``mAP`` (fraction), ``AP50``, ``time_s``.
+Result keys: ``mAP`` (fraction), ``AP50``, ``AP_<class>`` (the dataset's class names), ``time_s``.
 """
 
 from __future__ import annotations
@@ -72,11 +72,18 @@ def configure(
         for step in ds.pipeline:
             if step["type"] == "Resize":
                 step["scale"] = tuple(cfg.image_scale)
+    mm.metainfo = dict(classes=tuple(classes))  # the config file's MiniVOC default, for the log
     mm.test_dataloader.batch_size = cfg.batch_size
 
 
 def to_result(metrics: dict[str, float]) -> dict[str, float]:
-    return {"mAP": metrics["pascal_voc/mAP"], "AP50": metrics["pascal_voc/AP50"]}
+    """mAP, AP50 and AP_<class> (the dataset's class names, DatasetClassVOCMetric)."""
+    out = {"mAP": metrics["pascal_voc/mAP"], "AP50": metrics["pascal_voc/AP50"]}
+    prefix = "pascal_voc/AP_"
+    out.update(
+        {k.removeprefix("pascal_voc/"): v for k, v in metrics.items() if k.startswith(prefix)}
+    )
+    return out
 
 
 def main(cfg: Config) -> dict[str, float]:
