@@ -313,5 +313,7 @@ def main(cfg: Config) -> dict[str, float]:
 
 
 if __name__ == "__main__":
+    from pretext.cli import run_cli
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    print(json.dumps(main(parse_config()), indent=2))
+    print(json.dumps(run_cli(lambda: main(parse_config())), indent=2))

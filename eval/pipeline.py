@@ -24,6 +24,7 @@ from pathlib import Path
 
 from eval.jobs import Job, Profile, expand, load_profile
 from pretext.atomic_io import atomic_write_json
+from pretext.cli import ArgumentParser
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 
@@ -192,7 +193,7 @@ def prepare_data(profile: Profile) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
@@ -247,4 +248,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pretext.cli import run_cli
+
+    run_cli(main)

@@ -40,6 +40,7 @@ from eval.features import (
     split_images,
 )
 from eval.retrieval import INDEX_KINDS, METRICS, build_index, search
+from pretext.cli import ArgumentParser
 from pretext.data import fill_holes, to_unit_range
 from pretext.datasets import eval_view
 from pretext.images import load_rgb
@@ -75,9 +76,7 @@ def parse_box(text: str) -> tuple[int, int, int, int]:
 
 
 def parse_config(argv: list[str] | None = None) -> QueryConfig:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="pretext run folder or .pt file")
     p.add_argument(
         "--data",
@@ -157,5 +156,7 @@ def main(cfg: QueryConfig) -> dict[str, float]:
 
 
 if __name__ == "__main__":
+    from pretext.cli import run_cli
+
     logging.basicConfig(level=logging.WARNING)
-    main(parse_config())
+    run_cli(lambda: main(parse_config()))

@@ -50,7 +50,7 @@ from eval.features import (
 )
 from pretext import voc
 from pretext.atomic_io import atomic_write_json, atomic_write_text
-from pretext.config import dump_yaml, parse_cli
+from pretext.config import ConfigError, dump_yaml, parse_cli
 from pretext.inpainting import save_grid
 
 log = logging.getLogger(__name__)
@@ -221,18 +221,18 @@ class Config:
 
 def check_config(cfg: Config) -> Config:
     if not cfg.checkpoints:
-        raise ValueError("no checkpoints given: set checkpoints.<name>=<run folder or .pt>")
+        raise ConfigError("no checkpoints given: set checkpoints.<name>=<run folder or .pt>")
     for name in cfg.checkpoints:
         if "/" in name:
-            raise ValueError(f"checkpoint name {name!r} may not contain '/'")
+            raise ConfigError(f"checkpoint name {name!r} may not contain '/'")
     bad = [layer for layer in cfg.layers if layer not in LAYERS]
     if bad:
-        raise ValueError(f"unknown layer(s) {bad}; choose from {LAYERS}")
+        raise ConfigError(f"unknown layer(s) {bad}; choose from {LAYERS}")
     bad = [a for a in cfg.approx if a not in INDEX_KINDS or a == "flat"]
     if bad:
-        raise ValueError(f"approx: unknown approximate index kind(s) {bad}; choose from ivf, hnsw")
+        raise ConfigError(f"approx: unknown approximate index kind(s) {bad}; choose from ivf, hnsw")
     if not cfg.ks or min(cfg.ks) < 1:
-        raise ValueError(f"ks must be positive integers, got {cfg.ks}")
+        raise ConfigError(f"ks must be positive integers, got {cfg.ks}")
     return cfg
 
 
@@ -332,5 +332,7 @@ def main(cfg: Config) -> dict[str, float]:
 
 
 if __name__ == "__main__":
+    from pretext.cli import run_cli
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    print(json.dumps(main(parse_config()), indent=2))
+    print(json.dumps(run_cli(lambda: main(parse_config())), indent=2))

@@ -18,13 +18,14 @@ from typing import Any
 import torch
 
 from pretext.atomic_io import atomic_save
+from pretext.cli import UserError
 from pretext.models import ARCHS, ContextEncoder, build_model
 
 FORMAT = "context-encoder-suite/checkpoint-v1"
 METHODS = ("context_encoder", "autoencoder", "random_init")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable, or of the wrong kind / architecture."""
 
 

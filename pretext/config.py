@@ -18,11 +18,12 @@ from typing import Any, TypeVar
 import yaml
 
 from pretext.atomic_io import atomic_write_text
+from pretext.cli import ArgumentParser, UserError
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override that does not match the dataclass schema."""
 
 
@@ -204,7 +205,7 @@ def parse_cli(
     """A stage's command line -> its config: ``--config FILE`` (YAML overrides of the full
     default), ``--<flag> VALUE`` for each of ``flags`` (name -> help; the same as ``flag=VALUE``),
     then ``key=value`` overrides, e.g. ``example``."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", help=f"YAML overrides of the full default ({cls.__name__})")

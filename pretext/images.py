@@ -30,13 +30,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from pretext.cli import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 GRAYSCALE_MODES = ("L", "1", "LA", "La")
 ALPHA_MODES = ("RGBA", "RGBa", "PA")
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError):
     """An image file that cannot be used; the message is '<path>: <problem>'."""
 
     def __init__(self, path: str | Path, problem: str):

@@ -28,7 +28,6 @@ or absent; ``generate`` returns at once when a complete tree for the same parame
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
 import json
@@ -47,6 +46,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from pretext.cli import ArgumentParser
 from pretext.voc import VOC_CLASSES
 
 CLASSES: tuple[str, ...] = VOC_CLASSES[:8]
@@ -625,7 +625,7 @@ def _install(tmp: Path, voc: Path, want: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("data/minivoc"))
     parser.add_argument("--n-images", type=int, default=DEFAULT_N_IMAGES)
     parser.add_argument("--seed", type=int, default=0)
@@ -642,4 +642,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from pretext.cli import run_cli
+
+    run_cli(main)

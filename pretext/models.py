@@ -42,6 +42,52 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """Where the cells of a feature map sit in the input image (one axis; the nets are square).
+
+    Cell i is centred on input pixel ``first_center + stride * i`` (0-based pixel index; a
+    half-integer for even kernels) and sees ``rf`` x ``rf`` input pixels (clipped by the border).
+    """
+
+    stride: int
+    first_center: float
+    rf: int
+
+
+def feature_geometry(encoder: nn.Module, upto: str | None = None) -> Geometry:
+    """Stride, first-cell centre and receptive field of ``encoder``'s feature map after the module
+    named ``upto`` (None = the last layer), from the kernel / stride / padding / dilation of its
+    nn.Conv2d, nn.MaxPool2d and nn.AvgPool2d modules, walked in registration order (= forward order
+    for the encoders here). Standard recurrence: rf += (k_eff - 1) * jump; centre += ((k_eff - 1) / 2
+    - padding) * jump; jump *= stride.
+    """
+    jump, center, rf = 1, 0.0, 1
+    reached = upto is None
+    for name, m in encoder.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            k, s, p = (_first(getattr(m, a)) for a in ("kernel_size", "stride", "padding"))
+            d = _first(getattr(m, "dilation", 1))
+            k_eff = d * (k - 1) + 1
+            rf += (k_eff - 1) * jump
+            center += ((k_eff - 1) / 2 - p) * jump
+            jump *= s
+        if upto is not None and name == upto:
+            reached = True
+            break
+    if not reached:
+        raise ValueError(f"{type(encoder).__name__} has no module named {upto!r}")
+    return Geometry(jump, center, rf)
+
+
+def _first(v: int | tuple[int, ...]) -> int:
+    if isinstance(v, tuple):
+        if len(set(v)) != 1:
+            raise ValueError(f"non-square layer parameter {v}")
+        return v[0]
+    return v
+
+
 class AlexNetEncoder(nn.Module):
     """AlexNet conv1-conv5 (+pool5).
 
@@ -70,7 +116,6 @@ class AlexNetEncoder(nn.Module):
         self.conv5_size = size
         self.out_size = _conv_out(size, 3, 2, spec.pool_padding)
         self.out_channels = c5
-        self.conv5_stride = spec.input_size / self.conv5_size
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -357,6 +402,16 @@ ARCHS: dict[str, Callable[..., ContextEncoder]] = {
     "alexnet227_poolfree": alexnet227_poolfree,
     "inpaint128": inpaint128,
 }
+
+
+def detection_geometry(arch: str) -> tuple[int, int, Geometry]:
+    """(input size, feature size, geometry) of the map a detector / segmenter reads: conv5 of an
+    AlexNet-style encoder, the last layer of the others."""
+    model = ARCHS[arch]()
+    encoder = model.encoder
+    layer = "conv5" if isinstance(encoder, AlexNetEncoder) else None
+    size = encoder.conv5_size if layer else encoder.out_size
+    return model.input_size, size, feature_geometry(encoder, layer)
 
 
 def build_model(arch: str, dropout: float = 0.0, output: str = "full") -> ContextEncoder:

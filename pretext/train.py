@@ -28,11 +28,11 @@ from tqdm import tqdm
 from pretext import distributed
 from pretext.atomic_io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from pretext.checkpoint import (
-    CheckpointError,
     load_checkpoint,
     remove_stale_temp_files,
     save_checkpoint,
 )
+from pretext.cli import run_cli
 from pretext.config import ConfigError, dump_yaml, parse_cli, read_yaml, to_dict
 from pretext.data import (
     MaskedImages,
@@ -43,7 +43,6 @@ from pretext.data import (
     make_loader,
     to_unit_range,
 )
-from pretext.images import BadImageError
 from pretext.inpainting import evaluate_inpainting
 from pretext.losses import (
     discriminator_loss,
@@ -54,7 +53,6 @@ from pretext.losses import (
 )
 from pretext.masks import MaskGenerator, builtin_shapes, central_square
 from pretext.models import ARCHS, Discriminator, build_model
-from pretext.voc import VOCFormatError
 
 log = logging.getLogger("pretext.train")
 
@@ -581,17 +579,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 
-# Mistakes in the user's config, data or checkpoint: one line naming the file and the problem.
-USER_ERRORS = (ConfigError, CheckpointError, BadImageError, VOCFormatError, FileNotFoundError)
-
-
 def cli(argv: list[str] | None = None) -> dict[str, float]:
+    """Mistakes in the user's config, data or checkpoint: one line naming the file and the
+    problem, exit 2 (pretext.cli.run_cli)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        return main(parse_config(argv))
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return run_cli(lambda: main(parse_config(argv)))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pretext.cli import UserError
+
 # The devkit's order: mmdet label = position, SegmentationClass value = position + 1.
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -23,7 +25,7 @@ VOC_CLASSES: tuple[str, ...] = (
 )  # fmt: skip
 
 
-class VOCFormatError(ValueError):
+class VOCFormatError(UserError):
     """A VOC file that exists but cannot be used; the message names the file and the problem."""
 
 
@@ -54,8 +56,21 @@ def read_split(voc_root: str | Path, split: str, task: str = "Main") -> list[str
 
 
 def class_names(voc_root: str | Path) -> tuple[str, ...]:
-    """Classes that have ``ImageSets/Main/<cls>_train.txt`` or ``_trainval.txt`` files, in VOC's
-    canonical order (real VOC: the 20 classes); names VOC does not know follow, sorted."""
+    """The dataset's classes, in label order (detection label = position, SegmentationClass PNG
+    value = position + 1 for a dataset with names VOC does not know, see transfer/README.md).
+
+    ``<root>/classes.txt`` (one name per line) when present; else the classes that have
+    ``ImageSets/Main/<cls>_train.txt`` or ``_trainval.txt`` files, in VOC's canonical order (real
+    VOC: the 20 classes), names VOC does not know following, sorted."""
+    listed = Path(voc_root) / "classes.txt"
+    if listed.is_file():
+        names = tuple(line.strip() for line in listed.read_text().splitlines() if line.strip())
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if not names or dupes:
+            raise VOCFormatError(
+                f"{listed}: " + (f"repeated classes {dupes}" if dupes else "empty")
+            )
+        return names
     main = Path(voc_root) / "ImageSets" / "Main"
     found = {
         p.name.rsplit("_", 1)[0]

@@ -29,6 +29,7 @@ from typing import Any
 import submitit
 
 from pretext.atomic_io import atomic_write_text
+from pretext.cli import ArgumentParser
 from slurm.launcher import CLUSTERS, StageJob, make_executor
 from slurm.sweep_file import (
     Cell,
@@ -421,9 +422,7 @@ def print_status(statuses: dict[tuple[str, str], CellStatus], out=sys.stdout) ->
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m slurm.sweep", description=__doc__.split("\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m slurm.sweep", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=("submit", "status", "results"))
     parser.add_argument("sweep_file", type=Path)
     parser.add_argument("--cluster", choices=CLUSTERS, default="slurm")
@@ -450,4 +449,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pretext.cli import run_cli
+
+    run_cli(main)

@@ -42,6 +42,8 @@ from typing import Any
 
 import yaml
 
+from pretext.cli import UserError
+
 SWEEP_KEYS = {"name", "cluster_file", "grid", "stages"}
 STAGE_KEYS = {
     "module",
@@ -92,7 +94,7 @@ class ClusterConfig:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-class SweepFileError(ValueError):
+class SweepFileError(UserError):
     pass
 
 

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from pretext.atomic_io import append_jsonl
 from pretext.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from pretext.cli import run_cli
 from pretext.config import parse_cli
 from pretext.data import to_unit_range
 from pretext.datasets import VOCClassification
@@ -412,4 +413,4 @@ def cli(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    cli()
+    run_cli(cli)

@@ -6,7 +6,7 @@ Trains on ``train_split`` (trainval) and reports mmdet's VOCMetric on ``test_spl
 11-point mAP at IoU 0.5, difficult objects ignored. The network is the mmdet config
 ``transfer/configs/faster_rcnn_ce_voc.py`` (RPN + RoI head on conv5, no FPN); its backbone, classes,
 data root and schedule are filled in from this config. Real VOC: ``--data VOCdevkit/VOC2007``.
-Result keys: ``mAP`` (fraction), ``AP50``, ``time_s``.
+Result keys: ``mAP`` (fraction), ``AP50``, ``AP_<class>`` (the dataset's class names), ``time_s``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pretext.cli import run_cli
 from pretext.config import parse_cli
+from pretext.models import Geometry
 from transfer import mm_run
 
 log = logging.getLogger("transfer.detect")
@@ -42,15 +44,19 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 
 def configure(
-    mm: Any, cfg: Config, root: Path, classes: tuple[str, ...], channels: int, stride: int
+    mm: Any, cfg: Config, root: Path, classes: tuple[str, ...], channels: int, geo: Geometry
 ) -> None:
     """Fill the Faster R-CNN config in place for this encoder and dataset."""
     model = mm.model
-    model.data_preprocessor.pad_size_divisor = stride
+    model.data_preprocessor.pad_size_divisor = geo.stride
     model.rpn_head.in_channels = channels
-    model.rpn_head.anchor_generator.strides = [stride]
+    model.rpn_head.anchor_generator.strides = [geo.stride]
+    # Anchor of cell i centred where that cell looks: first_center + stride * i (a pixel index;
+    # + 0.5 in mmdet's continuous coordinates). mmdet's default puts it at stride * i.
+    center = geo.first_center + 0.5
+    model.rpn_head.anchor_generator.centers = [(center, center)]
     model.roi_head.bbox_roi_extractor.out_channels = channels
-    model.roi_head.bbox_roi_extractor.featmap_strides = [stride]
+    model.roi_head.bbox_roi_extractor.featmap_strides = [geo.stride]
     model.roi_head.bbox_head.in_channels = channels
     model.roi_head.bbox_head.num_classes = len(classes)
     # mmdet's VOCDataset: data_root = the VOCdevkit-like parent, sub_data_root = the year folder.
@@ -66,11 +72,18 @@ def configure(
         for step in ds.pipeline:
             if step["type"] == "Resize":
                 step["scale"] = tuple(cfg.image_scale)
+    mm.metainfo = dict(classes=tuple(classes))  # the config file's MiniVOC default, for the log
     mm.test_dataloader.batch_size = cfg.batch_size
 
 
 def to_result(metrics: dict[str, float]) -> dict[str, float]:
-    return {"mAP": metrics["pascal_voc/mAP"], "AP50": metrics["pascal_voc/AP50"]}
+    """mAP, AP50 and AP_<class> (the dataset's class names, DatasetClassVOCMetric)."""
+    out = {"mAP": metrics["pascal_voc/mAP"], "AP50": metrics["pascal_voc/AP50"]}
+    prefix = "pascal_voc/AP_"
+    out.update(
+        {k.removeprefix("pascal_voc/"): v for k, v in metrics.items() if k.startswith(prefix)}
+    )
+    return out
 
 
 def main(cfg: Config) -> dict[str, float]:
@@ -84,4 +97,4 @@ def cli(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    cli()
+    run_cli(cli)

@@ -1,7 +1,8 @@
 """The pretext encoder as an mmdet backbone and an mmseg backbone (the one mm adapter module).
 
 Importing this module registers :class:`PretextAlexNet` in ``mmdet.registry.MODELS`` and in
-``mmseg.registry.MODELS`` (two separate registries; a stage picks one through its config's
+``mmseg.registry.MODELS``, and the metrics that name classes by the dataset's own names
+(:class:`DatasetClassVOCMetric`, :class:`PerClassIoUMetric`) in their METRICS (two separate registries; a stage picks one through its config's
 ``default_scope``). The configs in transfer/configs/ import it with ``custom_imports``.
 
 Images reach the backbone normalised to [-1, 1] like in pretext training: the data preprocessors
@@ -10,10 +11,15 @@ use mean = std = 127.5 with ``bgr_to_rgb=True`` (pretext.data.to_unit_range).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from mmdet.evaluation.functional import eval_map
+from mmdet.evaluation.metrics import VOCMetric
+from mmengine.logging import MMLogger
 from mmengine.model import BaseModule
+from mmseg.evaluation.metrics import IoUMetric
 
 from pretext.checkpoint import CheckpointError, load_encoder
 from pretext.models import ARCHS, AlexNetEncoder
@@ -34,7 +40,7 @@ class PretextAlexNet(BaseModule):
         frozen_stages: conv1..conv{frozen_stages} get no gradient (0 = train everything).
 
     forward(x: [N, 3, H, W] in [-1, 1]) -> tuple of [N, C_f, H / s_f, W / s_f] (conv5 of small64:
-    C=96, s=8; of alexnet227: C=256, s~16).
+    C=96, s=8; of alexnet227: C=256, s=16; pretext.models.detection_geometry).
     """
 
     def __init__(
@@ -88,12 +94,59 @@ class PretextAlexNet(BaseModule):
         return tuple(feats[f] for f in self.out_features)
 
 
+def _class_key(name: str) -> str:
+    return "_".join(str(name).split())
+
+
+class DatasetClassVOCMetric(VOCMetric):
+    """mmdet's VOCMetric (mAP at each IoU threshold, legacy coordinates) that names classes by the
+    dataset's ``classes``, never VOC's 20 (VOCMetric prints VOC's names for any dataset under a
+    ``VOC2007`` folder), and adds ``AP_<class>`` (AP at the first IoU threshold) to its result."""
+
+    def compute_metrics(self, results: list) -> dict:
+        if self.metric != "mAP":
+            return super().compute_metrics(results)
+        classes = self.dataset_meta["classes"]
+        gts, preds = zip(*results)
+        out: dict[str, float] = {}
+        mean_aps = []
+        for k, iou_thr in enumerate(self.iou_thrs):
+            mean_ap, per_class = eval_map(
+                preds, gts, scale_ranges=self.scale_ranges, iou_thr=iou_thr, dataset=list(classes),
+                logger=MMLogger.get_current_instance(), eval_mode=self.eval_mode,
+                use_legacy_coordinate=True,
+            )  # fmt: skip
+            mean_aps.append(mean_ap)
+            out[f"AP{int(iou_thr * 100):02d}"] = round(mean_ap, 3)
+            if k == 0:
+                for name, r in zip(classes, per_class):
+                    out[f"AP_{_class_key(name)}"] = float(r["ap"]) if r["num_gts"] else math.nan
+        return {"mAP": sum(mean_aps) / len(mean_aps), **out}
+
+
+class PerClassIoUMetric(IoUMetric):
+    """mmseg's IoUMetric + ``IoU_<class>`` (percent, like mIoU; NaN for a class absent from both
+    the labels and the predictions), named by the dataset's classes."""
+
+    def compute_metrics(self, results: list) -> dict:
+        out = super().compute_metrics(results)
+        intersect = sum(r[0] for r in results).double()
+        union = sum(r[1] for r in results).double()
+        for name, i, u in zip(self.dataset_meta["classes"], intersect, union):
+            out[f"IoU_{_class_key(name)}"] = float(100 * i / u) if u > 0 else math.nan
+        return out
+
+
 def _register() -> None:
+    from mmdet.registry import METRICS as MMDET_METRICS
     from mmdet.registry import MODELS as MMDET_MODELS
+    from mmseg.registry import METRICS as MMSEG_METRICS
     from mmseg.registry import MODELS as MMSEG_MODELS
 
     for registry in (MMDET_MODELS, MMSEG_MODELS):
         registry.register_module("PretextAlexNet", module=PretextAlexNet, force=True)
+    MMDET_METRICS.register_module("DatasetClassVOCMetric", module=DatasetClassVOCMetric, force=True)
+    MMSEG_METRICS.register_module("PerClassIoUMetric", module=PerClassIoUMetric, force=True)
 
 
 _register()

@@ -11,6 +11,7 @@ iterations: a killed run resumes from it).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -24,7 +25,7 @@ from mmengine.hooks import Hook
 from tqdm import tqdm
 
 from pretext.atomic_io import append_jsonl
-from pretext.models import ARCHS
+from pretext.models import ARCHS, Geometry, detection_geometry
 from transfer import run_folder
 from transfer.voc_splits import dataset_classes, require_split, voc_root
 
@@ -59,8 +60,9 @@ class MMConfig:
     force: bool = False
 
 
-def encoder_geometry(arch: str) -> tuple[int, int]:
-    """(conv5 channels, conv5 stride in pixels) of an AlexNet-style arch."""
+def encoder_geometry(arch: str) -> tuple[int, Geometry]:
+    """(conv5 channels, conv5 geometry: stride, first-cell centre, receptive field) of an
+    AlexNet-style arch, from its layer arithmetic (alexnet227: stride 16, small64: 8)."""
     encoder = ARCHS[arch]().encoder
     spec = getattr(encoder, "spec", None)
     if spec is None:
@@ -68,7 +70,7 @@ def encoder_geometry(arch: str) -> tuple[int, int]:
             f"arch {arch!r} has no AlexNet-style encoder; detection / segmentation support "
             "small64*, alexnet227*"
         )
-    return spec.channels[4], round(encoder.conv5_stride)
+    return spec.channels[4], detection_geometry(arch)[2]
 
 
 class ProgressHook(Hook):
@@ -100,11 +102,11 @@ class ProgressHook(Hook):
 def run(
     task: str,
     cfg: MMConfig,
-    configure: Callable[[Any, MMConfig, Path, tuple[str, ...], int, int], None],
+    configure: Callable[[Any, MMConfig, Path, tuple[str, ...], int, Geometry], None],
     seg_task: str,
     metrics: Callable[[dict[str, float]], dict[str, float]],
 ) -> dict[str, float]:
-    """Run one mm transfer. ``configure(mm_cfg, cfg, root, classes, channels, stride)`` edits the
+    """Run one mm transfer. ``configure(mm_cfg, cfg, root, classes, channels, geometry)`` edits the
     loaded mm config in place; ``metrics`` maps the test evaluator's dict to our flat result."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -113,13 +115,14 @@ def run(
     done = run_folder.finished_result(run_dir, cfg, source)
     if done is not None:
         return done
-    channels, stride = encoder_geometry(source["arch"])
+    channels, geometry = encoder_geometry(source["arch"])
     root = voc_root(cfg.data)
     classes = dataset_classes(root, cfg.classes)
     for split in (cfg.train_split, cfg.test_split):
         require_split(root, split, seg_task)
     meta = {"task": task, "source": source, "seed": cfg.seed, "data": str(root),
-            "classes": list(classes), "mm_config": cfg.mm_config}  # fmt: skip
+            "classes": list(classes), "mm_config": cfg.mm_config,
+            "conv5_geometry": dataclasses.asdict(geometry)}  # fmt: skip
     run_folder.start(run_dir, cfg, meta)
     work_dir = run_dir / "work"
     resuming = (work_dir / "last_checkpoint").exists()
@@ -134,7 +137,7 @@ def run(
     mm.model.backbone.update(
         checkpoint=source["path"], arch=source["arch"], frozen_stages=cfg.frozen_stages
     )
-    configure(mm, cfg, root, classes, channels, stride)
+    configure(mm, cfg, root, classes, channels, geometry)
     mm.train_dataloader.batch_size = cfg.batch_size
     for loader in ("train_dataloader", "test_dataloader"):
         mm[loader].num_workers = cfg.num_workers

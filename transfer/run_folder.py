@@ -28,12 +28,13 @@ from pretext.checkpoint import (
     load_checkpoint,
     resolve_checkpoint_path,
 )
+from pretext.cli import UserError
 from pretext.config import dump_yaml, read_yaml, save_config, to_dict
 
 log = logging.getLogger(__name__)
 
 
-class TransferError(ValueError):
+class TransferError(UserError):
     """Bad input to a transfer run (dataset, classes, run folder); the message names the file."""
 
 

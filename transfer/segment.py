@@ -5,8 +5,10 @@
 
 Trains on ``ImageSets/Segmentation/<train_split>.txt`` and reports mmseg's IoUMetric on
 ``<test_split>.txt`` (real VOC2012: train / val, ``--data VOCdevkit/VOC2012``). Classes are
-background + the dataset's classes (label value = VOC index, 255 = void, ignored). The network is
-``transfer/configs/fcn_ce_voc.py``. Result keys: ``mIoU``, ``mAcc``, ``aAcc`` (fractions), ``time_s``.
+background + the dataset's classes (label value = VOC index for VOC class names, else 1 + the
+class's position in the dataset's list; 255 = void, ignored). The network is
+``transfer/configs/fcn_ce_voc.py``. Result keys: ``mIoU``, ``mAcc``, ``aAcc``, ``IoU_<class>``
+(fractions), ``time_s``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pretext.cli import run_cli
 from pretext.config import parse_cli
 from pretext.minivoc import voc_palette
+from pretext.models import Geometry
 from pretext.voc import VOC_CLASSES
 from transfer import mm_run
 from transfer.run_folder import TransferError
@@ -47,26 +51,38 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 
 def seg_metainfo(classes: tuple[str, ...]) -> dict[str, Any]:
-    """background + ``classes`` with their VOC colours. mmseg maps PNG value = VOC index to the
-    position in this list (a class subset gets a label map; values of other classes -> 255)."""
-    unknown = [c for c in classes if c not in VOC_CLASSES]
-    if unknown:
-        raise TransferError(f"segmentation needs VOC class names; unknown: {unknown}")
+    """background + ``classes`` with their colours in the VOC palette.
+
+    All VOC names (real VOC, MiniVOC): PNG value = VOC index; mmseg's PascalVOCDataset maps it to
+    the position in this list (a subset gets a label map; values of other classes -> 255). Any other
+    names: PNG value = 1 + position in ``classes`` (the dataset's order, voc.class_names)."""
     pal = voc_palette()
-    ids = [0] + [VOC_CLASSES.index(c) + 1 for c in classes]
+    vocab = all(c in VOC_CLASSES for c in classes)
+    ids = [0] + [VOC_CLASSES.index(c) + 1 if vocab else i + 1 for i, c in enumerate(classes)]
+    if max(ids) > 255:
+        raise TransferError(f"{len(classes)} classes do not fit 8-bit SegmentationClass PNGs")
     return dict(classes=("background", *classes), palette=[pal[3 * i : 3 * i + 3] for i in ids])
 
 
+def seg_dataset_type(classes: tuple[str, ...]) -> dict[str, Any]:
+    """mmseg dataset fields: PascalVOCDataset for VOC names; for others BaseSegDataset (no class
+    list of its own, so PNG values are used as they are: 0 background, i = classes[i - 1])."""
+    if all(c in VOC_CLASSES for c in classes):
+        return dict(type="PascalVOCDataset")
+    return dict(type="BaseSegDataset", img_suffix=".jpg", seg_map_suffix=".png",
+                reduce_zero_label=False)  # fmt: skip
+
+
 def configure(
-    mm: Any, cfg: Config, root: Path, classes: tuple[str, ...], channels: int, stride: int
+    mm: Any, cfg: Config, root: Path, classes: tuple[str, ...], channels: int, geo: Geometry
 ) -> None:
     """Fill the FCN config in place for this encoder and dataset."""
-    del stride  # the decode head upsamples to the input size whatever the stride
+    del geo  # the decode head upsamples to the input size whatever the stride
     crop = (cfg.crop_size, cfg.crop_size)
     mm.model.data_preprocessor.size = crop
     mm.model.decode_head.in_channels = channels
     mm.model.decode_head.num_classes = len(classes) + 1
-    meta = seg_metainfo(classes)
+    meta = mm.metainfo = seg_metainfo(classes)  # also the config file's default, for the log
     for loader, split in (
         ("train_dataloader", cfg.train_split),
         ("test_dataloader", cfg.test_split),
@@ -75,6 +91,7 @@ def configure(
         ds.data_root = str(root)
         ds.ann_file = f"ImageSets/Segmentation/{split}.txt"
         ds.metainfo = meta
+        ds.update(seg_dataset_type(classes))
         for step in ds.pipeline:
             if step["type"] in ("Resize", "RandomResize"):
                 step["scale"] = tuple(cfg.image_scale)
@@ -83,8 +100,10 @@ def configure(
 
 
 def to_result(metrics: dict[str, float]) -> dict[str, float]:
-    # mmseg reports percentages; the suite records fractions.
-    return {k: metrics[k] / 100.0 for k in ("mIoU", "mAcc", "aAcc")}
+    """mIoU, mAcc, aAcc, IoU_<class> (background + the dataset's classes, PerClassIoUMetric).
+    mmseg reports percentages; the suite records fractions."""
+    keys = ("mIoU", "mAcc", "aAcc", *(k for k in metrics if k.startswith("IoU_")))
+    return {k: metrics[k] / 100.0 for k in keys}
 
 
 def main(cfg: Config) -> dict[str, float]:
@@ -98,4 +117,4 @@ def cli(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    cli()
+    run_cli(cli)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pretext.atomic_io import atomic_write_json
+from pretext.cli import run_cli
 from pretext.config import load_config
 
 log = logging.getLogger("transfer.sweep")
@@ -53,7 +54,8 @@ def summarise(results: dict[str, dict[str, list[dict[str, float]]]]) -> dict:
     out: dict = {}
     for task, by_name in results.items():
         for name, runs in by_name.items():
-            keys = [k for k in runs[0] if "_AP_" not in k] if runs else []
+            per_class = ("AP_", "IoU_")  # per-class AP / IoU: summarised by the headline only
+            keys = [k for k in runs[0] if not any(p in k for p in per_class)] if runs else []
             out.setdefault(task, {})[name] = {
                 k: {
                     "mean": statistics.fmean(r[k] for r in runs),
@@ -101,4 +103,4 @@ def main(cfg: Config) -> dict[str, float]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    main(parse_config())
+    run_cli(lambda: main(parse_config()))

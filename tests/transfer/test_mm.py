@@ -71,8 +71,11 @@ def test_detect_few_iterations(voc_root, ckpt, tmp_path):
     from transfer import detect
 
     result = detect.main(detect.parse_config(_mm_args(voc_root, ckpt, tmp_path / "det")))
-    assert set(result) == {"mAP", "AP50", "time_s"}
-    assert all(math.isfinite(v) for v in result.values()) and 0 <= result["mAP"] <= 1
+    classes = json.loads((tmp_path / "det" / "meta.json").read_text())["classes"]
+    assert set(result) == {"mAP", "AP50", "time_s", *(f"AP_{c}" for c in classes)}
+    # AP_<class> is NaN for a class without objects in the tiny test split
+    assert all(math.isfinite(v) for k, v in result.items() if not k.startswith("AP_"))
+    assert 0 <= result["mAP"] <= 1
     meta = json.loads((tmp_path / "det" / "meta.json").read_text())
     assert meta["task"] == "detect" and meta["classes"][0] == "aeroplane"
     assert (tmp_path / "det" / "metrics.jsonl").exists()
@@ -82,7 +85,9 @@ def test_segment_few_iterations(voc_root, ckpt, tmp_path):
     from transfer import segment
 
     result = segment.main(segment.parse_config(_mm_args(voc_root, ckpt, tmp_path / "seg")))
-    assert set(result) == {"mIoU", "mAcc", "aAcc", "time_s"}
+    classes = json.loads((tmp_path / "seg" / "meta.json").read_text())["classes"]
+    per_class = {f"IoU_{c}" for c in ("background", *classes)}
+    assert set(result) == {"mIoU", "mAcc", "aAcc", "time_s", *per_class}
     assert all(math.isfinite(v) for v in result.values()) and 0 <= result["mIoU"] <= 1
 
 
@@ -93,3 +98,29 @@ def test_segment_missing_split_is_a_clear_error(voc_root, ckpt, tmp_path):
     args = [*_mm_args(voc_root, ckpt, tmp_path / "seg"), "test_split=test"]
     with pytest.raises(TransferError, match="Segmentation/test.txt: split file not found"):
         segment.main(segment.parse_config(args))
+
+
+@pytest.mark.parametrize("arch", ["small64", "alexnet227", "alexnet227_poolfree"])
+def test_detect_config_uses_the_conv5_geometry(arch, tmp_path):
+    """Anchors and RoIAlign use the stride from the layer arithmetic (alexnet227: 16, not
+    round(227 / 13) = 17), and anchor i is centred where conv5 cell i looks."""
+    from mmdet.models.task_modules import AnchorGenerator
+    from mmengine.config import Config as MMEngineConfig
+
+    from pretext.models import detection_geometry
+    from transfer import detect, mm_run
+
+    channels, geo = mm_run.encoder_geometry(arch)
+    mm = MMEngineConfig.fromfile(detect.CONFIG)
+    detect.configure(mm, detect.Config(), tmp_path / "VOC2007", ("tree",), channels, geo)
+    stride = {"small64": 8, "alexnet227": 16, "alexnet227_poolfree": 16}[arch]
+    assert mm.model.rpn_head.anchor_generator.strides == [stride]
+    assert mm.model.roi_head.bbox_roi_extractor.featmap_strides == [stride]
+    assert mm.model.data_preprocessor.pad_size_divisor == stride
+    generator = AnchorGenerator(**{k: v for k, v in mm.model.rpn_head.anchor_generator.items()
+                                   if k != "type"})  # fmt: skip
+    _, n, _ = detection_geometry(arch)
+    anchors = generator.grid_priors([(n, n)], device="cpu")[0]  # [n * n * A, 4], row-major
+    centres_x = ((anchors[:, 0] + anchors[:, 2]) / 2).view(n, n, -1)[0, :, 0]
+    expected = geo.first_center + 0.5 + stride * torch.arange(n)  # pixel index -> continuous
+    assert torch.allclose(centres_x, expected.float())

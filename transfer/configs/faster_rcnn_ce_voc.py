@@ -173,7 +173,8 @@ val_dataloader = dict(
 )
 test_dataloader = val_dataloader
 # VOC2007 protocol: 11-point interpolated AP at IoU 0.5, difficult objects ignored.
-val_evaluator = dict(type="VOCMetric", metric="mAP", eval_mode="11points")
+# DatasetClassVOCMetric (transfer/mm_backbone.py) = VOCMetric naming the dataset's classes + AP_<class>.
+val_evaluator = dict(type="DatasetClassVOCMetric", metric="mAP", eval_mode="11points")
 test_evaluator = val_evaluator
 
 train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=val_interval)

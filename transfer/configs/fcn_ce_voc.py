@@ -105,7 +105,7 @@ val_dataloader = dict(
     ),
 )
 test_dataloader = val_dataloader
-val_evaluator = dict(type="IoUMetric", iou_metrics=["mIoU"])
+val_evaluator = dict(type="PerClassIoUMetric", iou_metrics=["mIoU"])  # + IoU_<class>
 test_evaluator = val_evaluator
 
 train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=val_interval)
