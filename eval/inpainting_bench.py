@@ -65,7 +65,7 @@ from eval.features import (
 )
 from eval.retrieval import build_index, search
 from pretext.atomic_io import atomic_write_json, atomic_write_text
-from pretext.config import dump_yaml, parse_cli
+from pretext.config import ConfigError, dump_yaml, parse_cli
 from pretext.data import dataset_mean, fill_holes, to_unit_range
 from pretext.inpainting import predict_full, region_scores, save_grid
 from pretext.masks import central_mask, central_square
@@ -194,12 +194,12 @@ def resolve(cfg: Config) -> Config:
         cfg.nn_features = cfg.ce_l2
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"methods: unknown method(s) {unknown}; choose from {METHODS}")
+        raise ConfigError(f"methods: unknown method(s) {unknown}; choose from {METHODS}")
     if not cfg.methods:
         cfg.methods = tuple(m for m in METHODS if getattr(cfg, NEEDS.get(m, "data")) != "")
     for m in cfg.methods:
         if m in NEEDS and not getattr(cfg, NEEDS[m]):
-            raise ValueError(f"method {m} needs a checkpoint: set {NEEDS[m]}=<run folder or .pt>")
+            raise ConfigError(f"method {m} needs a checkpoint: set {NEEDS[m]}=<run folder or .pt>")
     return cfg
 
 
@@ -229,7 +229,7 @@ def main(cfg: Config) -> dict[str, float]:
         models["nn_features"] = load_model(cfg.nn_features)
     sizes = {m.input_size for m, _ in models.values()}
     if len(sizes) > 1 or (cfg.image_size and sizes and cfg.image_size not in sizes):
-        raise ValueError(
+        raise ConfigError(
             f"checkpoints take different input sizes {sorted(sizes)} (image_size={cfg.image_size})"
         )
     size = cfg.image_size or (sizes.pop() if sizes else DEFAULT_SIZE)

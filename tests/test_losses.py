@@ -6,8 +6,8 @@ import torch
 from pretext.losses import (
     discriminator_loss,
     generator_adversarial_loss,
-    joint_loss,
     hole_pixel_count,
+    joint_loss,
     masked_l2_loss,
     reconstruction_weights,
 )
