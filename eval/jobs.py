@@ -108,7 +108,7 @@ def expand(profile: Profile) -> list[Job]:
             run_dir = run_dir_for(root, "pretext", "pretext", variant, seed)
             argv = (
                 "--config", spec.get("config", pre["config"]),
-                f"run_dir={run_dir}", f"seed={seed}", f"data.root={pre.get('data', profile.data)}",
+                f"run_dir={run_dir}", f"seed={seed}", f"data.root={spec.get('data', pre.get('data', profile.data))}",
                 *pre.get("overrides", []), *spec.get("overrides", []),
             )  # fmt: skip
             jobs.append(Job("pretext", "pretext", variant, seed, "pretext.train", argv, run_dir))
