@@ -24,6 +24,7 @@ format: setup
 
 data: setup
 	$(PY) -m pretext.minivoc --out data/minivoc
+	$(PY) -m pretext.minivoc --out data/minivoc_sup --seed 1
 
 table: setup
 	$(PY) -m eval.pipeline --profile $(PROFILE)

@@ -182,14 +182,15 @@ def job_state_from_dir(run_dir: str) -> str:
 
 
 def prepare_data(profile: Profile) -> None:
-    """Generate the built-in mini-VOC once, before jobs that read it start in parallel."""
-    from pretext.data import is_builtin_root
+    """Generate the built-in mini-VOCs (the transfer set, the pretext variants' sets) once, before
+    jobs that read them start in parallel."""
+    from pretext.data import ensure_builtin
 
-    root = Path(profile.data)
-    if is_builtin_root(root) and not root.exists():
-        from pretext import minivoc
-
-        minivoc.generate(root.parent)
+    pre = profile.pretext
+    roots = [profile.data, pre.get("data", profile.data)]
+    roots += [spec["data"] for spec in pre["variants"].values() if spec and "data" in spec]
+    for root in dict.fromkeys(roots):
+        ensure_builtin(root)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,11 +2,14 @@
 
 One ``.pt`` file (a dict) per checkpoint, written atomically:
 
-- ``format``: :data:`FORMAT`; ``method``: context_encoder | autoencoder | random_init
+- ``format``: :data:`FORMAT`; ``method``: context_encoder | autoencoder | random_init | supervised
 - ``arch``, ``output``, ``dropout``: enough to rebuild the network with :func:`build_model`
 - ``model``: full state dict; ``discriminator`` (or None); ``optimizers``; ``step``; ``rng``
 - ``data_mean``: per-channel fill value in [-1, 1] (masked pixels get the dataset mean, §3.3)
 - ``config``: the resolved training config as a dict; ``elapsed_s``: training time so far
+- ``method=supervised`` only: ``head`` (the classifier's state dict, ``pretext.supervised``) and
+  ``class_names``; its ``model`` is the whole network with the trained encoder (the bottleneck and
+  decoder untrained), so loaders that read ``model`` need nothing else
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pretext.cli import UserError
 from pretext.models import ARCHS, ContextEncoder, build_model
 
 FORMAT = "context-encoder-suite/checkpoint-v1"
-METHODS = ("context_encoder", "autoencoder", "random_init")
+METHODS = ("context_encoder", "autoencoder", "random_init", "supervised")
 
 
 class CheckpointError(UserError):

@@ -123,5 +123,26 @@ def fill_holes(images: torch.Tensor, hole: torch.Tensor, mean: torch.Tensor) -> 
     return images * (1 - hole) + mean.view(1, 3, 1, 1).to(images) * hole
 
 
+# The generated data sets, ``data/<name>/VOC2007`` -> their MiniVOC seed. ``minivoc`` is the
+# transfer / pretext set; ``minivoc_sup`` the labelled set of ``method=supervised``, disjoint from it
+# (every image is drawn from another random state; the background photos are the same few).
+BUILTIN_SEEDS = {"minivoc": 0, "minivoc_sup": 1}
+
+
 def is_builtin_root(root: str | Path) -> bool:
-    return Path(root).parts[-3:] == ("data", "minivoc", "VOC2007")
+    parts = Path(root).parts[-3:]
+    return (
+        len(parts) == 3
+        and parts[0] == "data"
+        and parts[1] in BUILTIN_SEEDS
+        and parts[2] == "VOC2007"
+    )
+
+
+def ensure_builtin(root: str | Path) -> None:
+    """Generate a built-in mini-VOC root (with its seed) when it is missing; else do nothing."""
+    root = Path(root)
+    if not root.exists() and is_builtin_root(root):
+        from pretext import minivoc
+
+        minivoc.generate(root.parent, seed=BUILTIN_SEEDS[root.parts[-2]])

@@ -38,6 +38,7 @@ from pretext.data import (
     MaskedImages,
     StepBatchSampler,
     dataset_mean,
+    ensure_builtin,
     fill_holes,
     is_builtin_root,
     make_loader,
@@ -53,6 +54,13 @@ from pretext.losses import (
 )
 from pretext.masks import MaskGenerator, builtin_shapes, central_square
 from pretext.models import ARCHS, Discriminator, build_model
+from pretext.supervised import (
+    Classifier,
+    SeededViews,
+    SupervisedStep,
+    evaluate,
+    labelled_images,
+)
 
 log = logging.getLogger("pretext.train")
 
@@ -113,8 +121,20 @@ class OptimConfig:
 
 
 @dataclass
+class HeadConfig:
+    """method=supervised: the classifier trained on pool5 with the encoder, AlexNet's fc6-fc7-fc8
+    (``mlp``: Linear-ReLU-Dropout twice, then Linear) or one Linear (``linear``)."""
+
+    kind: Literal["mlp", "linear"] = "mlp"
+    hidden: int = 4096  # fc6 / fc7 width (AlexNet's)
+    dropout: float = 0.5
+
+
+@dataclass
 class Config:
-    method: Literal["context_encoder", "autoencoder", "random_init"] = "context_encoder"
+    method: Literal["context_encoder", "autoencoder", "random_init", "supervised"] = (
+        "context_encoder"
+    )
     run_dir: str = "runs/pretext/default"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -122,6 +142,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
     checkpoint_every: int = 100
     log_every: int = 10
     eval_images: int = 256
@@ -145,8 +166,9 @@ def resolve(cfg: Config) -> Config:
             f"model.arch: unknown arch {cfg.model.arch!r}; choose one of {sorted(ARCHS)}"
         )
     mask = cfg.mask
-    if cfg.method == "autoencoder":
-        # The autoencoder baseline: same network, no mask, reconstructs the whole image.
+    if cfg.method in ("autoencoder", "supervised"):
+        # The autoencoder baseline: same network, no mask, reconstructs the whole image; the
+        # supervised upper bound classifies whole images.
         mask = dataclasses.replace(mask, kind="none")
     elif mask.kind == "none" and cfg.method == "context_encoder":
         raise ConfigError("mask.kind=none trains an autoencoder: set method=autoencoder instead")
@@ -185,10 +207,8 @@ def build_images(cfg: DataConfig, split: str, train: bool, image_size: int):
     root = Path(cfg.root)
     if cfg.format == "voc":
         if not root.exists() and is_builtin_root(root):
-            from pretext import minivoc
-
             log.info("generating the built-in mini-VOC under %s", root.parent)
-            minivoc.generate(root.parent)
+            ensure_builtin(root)
         return VOCImages(root, split, image_size, train=train, skip_bad=cfg.skip_bad)
     folder = root / split if (root / split).is_dir() else root
     return ImageFolderImages(folder, image_size, train=train, skip_bad=cfg.skip_bad)
@@ -395,10 +415,22 @@ def main(cfg: Config) -> dict[str, float]:
     np.random.seed(cfg.seed)
     model = build_model(cfg.model.arch, cfg.model.dropout, cfg.model.output)
     size = model.input_size
-    train_images = build_images(cfg.data, cfg.data.split, train=True, image_size=size)
+    classifier = None  # method=supervised: the encoder + a head, trained in place of the network
+    if cfg.method == "supervised":
+        ensure_builtin(cfg.data.root)
+        d = cfg.data
+        train_images = labelled_images(d.format, d.root, d.split, size, True, d.skip_bad)
+        names = train_images.class_names
+        val_labelled = labelled_images(
+            d.format, d.root, d.val_split, size, False, d.skip_bad, names
+        )
+        h = cfg.head
+        classifier = Classifier(model.encoder, len(names), h.kind, h.hidden, h.dropout)
+    else:
+        train_images = build_images(cfg.data, cfg.data.split, train=True, image_size=size)
     disc = Discriminator() if cfg.loss.adversarial else None
     opt_g = torch.optim.Adam(
-        model.parameters(),
+        (classifier or model).parameters(),
         lr=cfg.optim.lr,
         betas=cfg.optim.betas,
         weight_decay=cfg.optim.weight_decay,
@@ -414,6 +446,8 @@ def main(cfg: Config) -> dict[str, float]:
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
+        if classifier is not None:
+            classifier.head.load_state_dict(state["head"])
         if disc is not None:
             disc.load_state_dict(state["discriminator"])
             opt_d.load_state_dict(state["optimizers"]["disc"])  # type: ignore[union-attr]
@@ -444,6 +478,11 @@ def main(cfg: Config) -> dict[str, float]:
             "data_mean": mean_list,
             "config": to_dict(cfg),
             "elapsed_s": elapsed,
+            **(
+                {"head": classifier.head.state_dict(), "class_names": list(names)}
+                if classifier is not None
+                else {}
+            ),
         }
 
     total = 0 if cfg.method == "random_init" else cfg.optim.steps
@@ -455,20 +494,27 @@ def main(cfg: Config) -> dict[str, float]:
     use_gpu = device.type == "cuda"
     memory_format, autocast_dtype, compile_model = Step.settings(cfg, device)
     model.to(device, memory_format=memory_format)
+    if classifier is not None:
+        classifier.to(device, memory_format=memory_format)
     if disc is not None:
         disc.to(device, memory_format=memory_format)
     _move_optimizer(opt_g, device)
     if opt_d is not None:
         _move_optimizer(opt_d, device)
-    train_model: torch.nn.Module = model
+    train_model: torch.nn.Module = classifier or model
     if env.world_size > 1:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if use_gpu else None)
+        ids = [device.index] if use_gpu else None
+        train_model = DistributedDataParallel(train_model, device_ids=ids)
     if compile_model:
         train_model = torch.compile(train_model)
     mean = torch.tensor(mean_list, device=device)
-    train_step = Step(
-        train_model, disc, opt_g, opt_d, cfg, mean, device, autocast_dtype, memory_format
-    )
+    train_step: Step | SupervisedStep
+    if classifier is not None:
+        train_step = SupervisedStep(train_model, opt_g, device, autocast_dtype, memory_format)
+    else:
+        train_step = Step(
+            train_model, disc, opt_g, opt_d, cfg, mean, device, autocast_dtype, memory_format
+        )
 
     shapes, shapes_source = region_shapes(cfg)
     if cfg.mask.kind == "random_region":
@@ -483,9 +529,9 @@ def main(cfg: Config) -> dict[str, float]:
         sampler = StepBatchSampler(
             len(train_images), cfg.optim.batch_size, cfg.seed, step, total, env.rank, env.world_size
         )
-        loader = make_loader(
-            MaskedImages(train_images, masks), sampler, cfg.data.num_workers, pin_memory=use_gpu
-        )
+        # items: (image, hole), or (image, label target) for method=supervised
+        items = SeededViews(train_images) if classifier else MaskedImages(train_images, masks)
+        loader = make_loader(items, sampler, cfg.data.num_workers, pin_memory=use_gpu)  # type: ignore[arg-type]
         model.train()
         bar = tqdm(
             total=total,
@@ -503,7 +549,9 @@ def main(cfg: Config) -> dict[str, float]:
                 for group in opt_d.param_groups:
                     group["lr"] = lr_at(step, cfg.optim) * cfg.loss.disc_lr_ratio
             t0 = time.perf_counter()
-            if step == cfg.fail_at_step:
+            if step == cfg.fail_at_step and isinstance(train_step, SupervisedStep):
+                train_step.poison = True
+            elif step == cfg.fail_at_step:
                 images = images.clone()
                 hole = hole.clone()
                 train_step.mean = torch.full_like(mean, float("nan"))
@@ -535,6 +583,10 @@ def main(cfg: Config) -> dict[str, float]:
 
     if not env.is_main:
         return {}
+    if classifier is not None:
+        return _finish_supervised(
+            cfg, classifier, train_images, val_labelled, step, elapsed, device
+        )
     eval_images = build_images(cfg.data, cfg.data.val_split, train=False, image_size=size)
     inpaint = evaluate_inpainting(
         model,
@@ -561,6 +613,37 @@ def main(cfg: Config) -> dict[str, float]:
     if last:  # none for random init (and before the first logged step): no NaN in the JSON
         result["final_loss_rec"] = last[-1]["loss_rec"]
     atomic_write_json(result_path, result)
+    return result
+
+
+def _finish_supervised(
+    cfg: Config,
+    classifier: torch.nn.Module,
+    train_images: Any,
+    val_images: Any,
+    step: int,
+    elapsed: float,
+    device: torch.device,
+) -> dict[str, float]:
+    """result.json of a supervised run: val (and train, eval views) mAP or top-1 on up to
+    ``eval_images`` images; no inpainting evaluation (the decoder is untrained)."""
+    d = cfg.data
+    train_eval = labelled_images(
+        d.format, d.root, d.split, train_images.image_size, False, d.skip_bad,
+        train_images.class_names,
+    )  # fmt: skip
+    result = {
+        **evaluate(classifier, val_images, device, cfg.eval_images, "val"),
+        **evaluate(classifier, train_eval, device, cfg.eval_images, "train"),
+        "steps": float(step),
+        "train_time_s": elapsed,
+        "images_per_s": step * cfg.optim.batch_size / elapsed if elapsed > 0 else 0.0,
+        "num_classes": float(len(train_images.class_names)),
+    }
+    last = read_jsonl(Path(cfg.run_dir) / "metrics.jsonl")
+    if last:
+        result["final_loss"] = last[-1]["loss"]
+    atomic_write_json(Path(cfg.run_dir) / "result.json", result)
     return result
 
 

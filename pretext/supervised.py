@@ -1,0 +1,251 @@
+"""``method=supervised``: the encoder pretrained with labels, the upper bound of Table 2 (the paper's
+"ImageNet" row, §5.2: AlexNet trained for ImageNet classification, then transferred).
+
+The same encoder (``model.arch``) gets a classification head on pool5 and is trained on a labelled
+set disjoint from the transfer data; the checkpoint holds the whole context-encoder network (its
+bottleneck and decoder untrained, as for ``random_init``) so every transfer and eval stage loads it
+unchanged, plus the head (``head``) and ``class_names``.
+
+Labels:
+
+- a VOC-format root: multi-label targets from the XML objects, binary cross-entropy per class; an
+  image that holds a class only as difficult objects leaves that entry out (target -1), as the
+  VOC07 protocol does. Metric: VOC07 11-point mAP (the transfer protocol's).
+- an image folder ``<root>/<class>/...`` (ImageNet ``train/<wnid>/*.JPEG``): one label per image,
+  the position of its class subfolder among the sorted subfolder names; cross-entropy. Metric:
+  top-1 accuracy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from pretext.data import to_unit_range
+from pretext.cli import UserError
+from pretext.datasets import ImageFolderImages, VOCClassification
+
+log = logging.getLogger(__name__)
+
+
+class LabelError(UserError):
+    """A labelled data set that cannot give labels (a flat folder, an unknown class)."""
+
+
+class VOCTargets(VOCClassification):
+    """Item: (uint8 [3, S, S], float [C] target: 1 present, 0 absent, -1 difficult only: ignored)."""
+
+    multi_label = True
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        image, labels, difficult_only = super().__getitem__(index)
+        return image, labels.masked_fill(difficult_only > 0, -1.0)
+
+
+class ImageFolderClasses(ImageFolderImages):
+    """``<root>/<class>/**/<image>``. Item: (uint8 [3, S, S], int64 class index).
+
+    ``class_names``: default the sorted names of the class subfolders; given (the train set's, for
+    a val folder), a subfolder not among them is an error.
+    """
+
+    multi_label = False
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int,
+        train: bool,
+        skip_bad: bool = False,
+        class_names: tuple[str, ...] | None = None,
+    ):
+        super().__init__(root, image_size, train, skip_bad)
+        rel = [Path(f).relative_to(self.root) for f in self.files]
+        flat = [r for r in rel if len(r.parts) == 1]
+        if len(flat) == len(rel):
+            raise LabelError(
+                f"{self.root}: no class subfolders (method=supervised with data.format=folder "
+                "reads <root>/<class>/<image>, e.g. ImageNet train/<wnid>/*.JPEG)"
+            )
+        if flat:
+            raise LabelError(
+                f"{self.root}: {flat[0]} is not in a class subfolder ({len(flat)} such images); "
+                "method=supervised reads <root>/<class>/<image>"
+            )
+        found = tuple(sorted({r.parts[0] for r in rel}))
+        self.class_names = found if class_names is None else tuple(class_names)
+        unknown = sorted(set(found) - set(self.class_names))
+        if unknown:
+            raise LabelError(
+                f"{self.root}: class subfolder(s) {unknown[:5]} are not among the "
+                f"{len(self.class_names)} training classes"
+            )
+        index = {name: i for i, name in enumerate(self.class_names)}
+        self.labels = torch.tensor([index[r.parts[0]] for r in rel], dtype=torch.int64)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        i, image = self.load(index)
+        return self.view(image), self.labels[i]
+
+
+def labelled_images(
+    fmt: str,
+    root: str | Path,
+    split: str,
+    image_size: int,
+    train: bool,
+    skip_bad: bool = False,
+    class_names: tuple[str, ...] | None = None,
+) -> VOCTargets | ImageFolderClasses:
+    """The labelled dataset of ``split`` (``fmt``: voc | folder, as ``data.format``)."""
+    root = Path(root)
+    if fmt == "voc":
+        return VOCTargets(root, split, image_size, train, class_names, skip_bad)
+    folder = root / split if (root / split).is_dir() else root
+    return ImageFolderClasses(folder, image_size, train, skip_bad, class_names)
+
+
+class SeededViews(Dataset):
+    """Indexed by (index, sample seed) like :class:`pretext.data.MaskedImages`: the view's random
+    crop and flip are seeded from the sample seed, so a resumed run sees the same batches."""
+
+    def __init__(self, images: Dataset):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.images[index]
+
+
+class Classifier(nn.Module):
+    """Encoder -> head. x: [N, 3, S, S] in [-1, 1] -> logits [N, C].
+
+    ``kind='mlp'``: pool5 -> fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout -> fc8 (AlexNet's
+    head, as transfer.classify's); ``'linear'``: pool5 -> fc8. PyTorch's default init.
+    """
+
+    def __init__(
+        self, encoder: nn.Module, num_classes: int, kind: str, hidden: int, dropout: float
+    ):
+        super().__init__()
+        self.encoder = encoder
+        dim = encoder.out_channels * encoder.out_size**2
+        if kind == "mlp":
+            self.head = nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(dim, hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, num_classes),
+            )
+        else:
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(dim, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def classification_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """int64 target [N]: cross-entropy; float target [N, C] in {1, 0, -1}: binary cross-entropy
+    averaged over the entries that are not -1 (ignored)."""
+    if target.dtype == torch.int64:
+        return F.cross_entropy(logits, target)
+    keep = (target >= 0).to(logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(logits, target.clamp(min=0), reduction="none")
+    return (bce * keep).sum() / keep.sum().clamp(min=1)
+
+
+def batch_accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy (single-label) or the share of correct non-ignored entries (multi-label)."""
+    if target.dtype == torch.int64:
+        return (logits.argmax(1) == target).float().mean()
+    keep = target >= 0
+    correct = ((logits > 0) == (target > 0)) & keep
+    return correct.sum() / keep.sum().clamp(min=1)
+
+
+@dataclass
+class SupervisedStep:
+    """One optimisation step of the classifier (the supervised counterpart of train.Step)."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+    poison: bool = False  # testing aid (fail_at_step): a NaN input
+
+    def __call__(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """images: uint8 [N, 3, S, S]; target: int64 [N] or float [N, C]."""
+        x = to_unit_range(images.to(self.device, non_blocking=True))
+        x = x.contiguous(memory_format=self.memory_format)
+        if self.poison:
+            x = x * float("nan")
+        target = target.to(self.device, non_blocking=True)
+        enabled = self.autocast_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled):
+            logits = self.model(x)
+        loss = classification_loss(logits.float(), target)
+        out = {"loss": float(loss.detach()), "loss_cls": float(loss.detach())}
+        if not math.isfinite(out["loss"]):
+            return out
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        out["train_acc"] = float(batch_accuracy(logits.detach().float(), target))
+        return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: VOCTargets | ImageFolderClasses,
+    device: torch.device,
+    max_images: int,
+    prefix: str,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """``{prefix}_mAP`` (VOC07 11-point, multi-label) or ``{prefix}_top1`` (single-label) on up to
+    ``max_images`` eval-view images spread evenly over the set (0: all). A metric that is
+    undefined (no positives) is left out, so result.json has no NaN."""
+    n = len(images)
+    m = n if max_images <= 0 else min(n, max_images)
+    picks = np.unique(np.linspace(0, n - 1, m).round().astype(int))
+    model.eval()
+    scores, targets = [], []
+    for lo in range(0, len(picks), batch_size):
+        items = [images[int(i)] for i in picks[lo : lo + batch_size]]
+        x = to_unit_range(torch.stack([im for im, _ in items]).to(device))
+        scores.append(model(x).float().cpu())
+        targets.append(torch.stack([t for _, t in items]))
+    model.train()
+    logits, target = torch.cat(scores), torch.cat(targets)
+    if not images.multi_label:
+        return {f"{prefix}_top1": float((logits.argmax(1) == target).float().mean())}
+    # the transfer protocol's AP (a plain numpy/sklearn module; imported here only)
+    from transfer.voc_ap import mean_ap, voc07_classification_ap
+
+    per_class = voc07_classification_ap(
+        logits.numpy(), (target > 0).numpy(), (target < 0).numpy().astype(np.float32)
+    )
+    value = mean_ap(per_class)
+    if not math.isfinite(value):
+        log.warning("%s mAP undefined: no class has a positive among %d images", prefix, len(picks))
+        return {}
+    return {f"{prefix}_mAP": value}
