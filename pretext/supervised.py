@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from pretext.data import to_unit_range
 from pretext.cli import UserError
+from pretext.data import to_unit_range
 from pretext.datasets import ImageFolderImages, VOCClassification
 
 log = logging.getLogger(__name__)
