@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 from joblib import Parallel, delayed
@@ -334,7 +333,7 @@ def fit_l2svm(
         target = np.zeros(len(y))
         if len(idx):
             system = gram[np.ix_(idx, idx)] + np.diag(0.5 / c[idx])
-            target[idx] = scipy.linalg.solve(system, y[idx], assume_a="pos")
+            target[idx] = np.linalg.solve(system, y[idx])
         step = 1.0
         while True:
             cand = beta + step * (target - beta)
