@@ -7,8 +7,10 @@
    Representation Learning*, ICCV 2019; VISSL ``vissl/utils/svm_utils/svm_trainer.py`` and
    ``configs/config/benchmark/linear_image_classification/voc07/eval_alexnet_8gpu_transfer_voc07_svm.yaml``):
    conv1 ... conv5 (after ReLU) average-pooled to about 9k dimensions (:func:`pool_spec`), and the
-   bottleneck (channel-wise FC / 4000-d FC) flattened; features L2-normalised; per class a
-   ``LinearSVC`` (L2 penalty, squared hinge, dual, ``class_weight={+1: 2, -1: 1}``) for every cost of
+   bottleneck (channel-wise FC / 4000-d FC) flattened; features L2-normalised; per class
+   ``LinearSVC``'s problem (L2 penalty, squared hinge, ``class_weight={+1: 2, -1: 1}``; solved
+   exactly from the Gram matrix by :func:`fit_l2svm`, or by ``LinearSVC`` with
+   ``svm.solver=liblinear``) for every cost of
    ``svm.costs`` (VISSL's AlexNet list), the cost with the best 3-fold cross-validated AP on
    ``train_split`` refitted on all of it, AP on ``test_split`` by the VOC07 rules
    (``transfer.voc_ap``: difficult-only entries left out, 11-point AP). As in VISSL, difficult-only
