@@ -17,6 +17,8 @@ import pandas as pd
 
 from eval.jobs import Profile
 from eval.tables import (
+    FROZEN_LAYER_COLUMNS,
+    FROZEN_LAYERS,
     RETRIEVAL_COLUMNS,
     TABLE1_COLUMNS,
     TABLE2_COLUMNS,
@@ -43,6 +45,59 @@ PACKAGES = (
 
 def table2_rows(profile: Profile) -> list[tuple[str, str]]:
     return [(spec.get("title", name), name) for name, spec in profile.pretext["variants"].items()]
+
+
+BASELINE = "random_init"  # the row every other Table 2 / frozen-layer row is compared with
+
+
+def baseline_variant(profile: Profile) -> str | None:
+    return BASELINE if BASELINE in profile.pretext["variants"] else None
+
+
+def frozen_rows(profile: Profile) -> list[tuple[str, str]]:
+    """Table 2 rows that have frozen-feature runs (eval stage ``frozen``)."""
+    variants = profile.eval.get("frozen", {}).get("variants", [])
+    return [(title, name) for title, name in table2_rows(profile) if name in variants]
+
+
+def frozen_svm_figure(runs: pd.DataFrame, rows: list[tuple[str, str]], path: Path) -> bool:
+    """Frozen VOC07 SVM test mAP against layer, one line per method, error bars = sample std over
+    seeds (the layer plot of Zhang et al. 2017). False when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frozen = runs[
+        (runs["stage"] == "eval") & (runs["task"] == "frozen") & (runs["status"] == "done")
+    ]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    plotted = False
+    x = list(range(1, len(FROZEN_LAYERS) + 1))
+    for title, variant in rows:
+        sel = frozen[frozen["variant"] == variant]
+        means, stds = [], []
+        for layer in FROZEN_LAYERS:
+            key = f"m.svm_{layer}_mAP"
+            vals = 100 * sel[key].dropna() if key in sel.columns else pd.Series(dtype=float)
+            means.append(vals.mean() if len(vals) else float("nan"))
+            stds.append(vals.std() if len(vals) > 1 else 0.0)
+        if all(pd.isna(m) for m in means):
+            continue
+        n = len(sel)
+        ax.errorbar(x, means, yerr=stds, marker="o", capsize=3, lw=1.5, label=f"{title} (n={n})")
+        plotted = True
+    if plotted:
+        ax.set_xticks(x, list(FROZEN_LAYERS))
+        ax.set_xlabel("layer (average-pooled to ~9k d; bottleneck flattened)")
+        ax.set_ylabel("VOC07 test mAP (%), linear SVM")
+        ax.set_title("Frozen features: linear SVM per layer (mean ± std over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        atomic_save(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    plt.close(fig)
+    return plotted
 
 
 def table1_rows(profile: Profile) -> list[tuple[str, str]]:
@@ -108,9 +163,16 @@ def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path
     out.mkdir(parents=True, exist_ok=True)
     runs = collect_runs(profile.runs_root)
     sections = []
-    t2, t2_long = build_table(runs, TABLE2_COLUMNS, table2_rows(profile))
+    baseline = baseline_variant(profile)
+    t2, t2_long = build_table(runs, TABLE2_COLUMNS, table2_rows(profile), baseline)
     write_table(t2, t2_long, out, "table2_transfer", "Table 2: transfer from pretext features")
     sections.append(("Table 2: feature learning, transfer to PASCAL VOC", t2))
+    if frozen_rows(profile):
+        tf, tf_long = build_table(runs, FROZEN_LAYER_COLUMNS, frozen_rows(profile), baseline)
+        write_table(
+            tf, tf_long, out, "frozen_layers", "Frozen features: VOC07 linear SVM per layer"
+        )
+        sections.append(("Frozen features: VOC07 linear SVM test mAP per layer", tf))
     if table1_rows(profile):
         t1, t1_long = build_table(runs, TABLE1_COLUMNS, table1_rows(profile))
         write_table(t1, t1_long, out, "table1_inpainting", "Table 1: inpainting, central masks")
@@ -133,6 +195,7 @@ def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path
         )
     figures = out / "figures"
     training_curves(runs, figures / "training_curves.png")
+    frozen_svm_figure(runs, frozen_rows(profile), figures / "frozen_svm_layers.png")
     for name, rel in profile.eval.get("figures", {}).items():
         copy_figure(Path(rel), figures / name)
     atomic_write_text(out / "runs.csv", runs.to_csv(index=False))
@@ -143,6 +206,13 @@ def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path
     lines += [
         "Cells: mean ± sample std over seeds (n = finished runs; `n=k/m` when some of the m recorded "
         "runs are missing or failed). Each cell's run folders are listed in the matching `*_runs.csv`.",
+        "",
+        "Δ: difference to Random initialization with its 95% t-interval over seeds, paired by seed "
+        "when both rows have the same seeds, Welch otherwise (no interval with one run); `*` marks "
+        "intervals that exclude 0. Frozen SVM / kNN: `eval/frozen.py` (VOC07 linear SVM on the "
+        "layer chosen by 3-fold cross-validation on trainval; kNN k=20, T=0.07 on the layer chosen "
+        "by leave-one-out on trainval); per layer in `frozen_layers.md`, "
+        "`figures/frozen_svm_layers.png`.",
         "",
         "## Provenance",
         "",

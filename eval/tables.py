@@ -14,7 +14,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from scipy import stats
 
 from pretext.atomic_io import atomic_write_text
 
@@ -29,21 +31,26 @@ class Column:
     metric: str
     scale: float = 1.0
     digits: int = 1
+    compare: bool = True  # show the difference to the baseline row (build_table's ``baseline``)
 
 
-# Table 2 (§5.2): transfer to VOC classification / detection / segmentation + pretraining time.
+# Table 2 (§5.2): transfer to VOC classification / detection / segmentation + pretraining time,
+# and the frozen-feature protocols of eval/frozen.py (VOC07 SVM on the layer chosen by
+# cross-validation, weighted kNN).
 TABLE2_COLUMNS = (
     Column("Classification (VOC07 mAP %)", "transfer", "classify", "mAP", 100.0),
-    Column(
-        "Linear probe, frozen pool5 (VOC07 mAP %)",
-        "transfer",
-        "classify",
-        "linear_pool5_mAP",
-        100.0,
-    ),
+    Column("Frozen SVM, best layer (VOC07 mAP %)", "eval", "frozen", "svm_best_mAP", 100.0),
+    Column("Frozen kNN (VOC07 mAP %)", "eval", "frozen", "knn_mAP", 100.0),
     Column("Detection (VOC07 mAP %)", "transfer", "detect", "mAP", 100.0),
     Column("Segmentation (VOC12 mIoU %)", "transfer", "segment", "mIoU", 100.0),
-    Column("Pretraining time (min)", "pretext", "pretext", "train_time_s", 1 / 60, 2),
+    Column("Pretraining time (min)", "pretext", "pretext", "train_time_s", 1 / 60, 2, False),
+)
+
+# Frozen VOC07 SVM per layer (eval/frozen.py), the plot of Zhang et al. 2017 as a table.
+FROZEN_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "bottleneck")
+FROZEN_LAYER_COLUMNS = tuple(
+    Column(f"{layer} (VOC07 mAP %)", "eval", "frozen", f"svm_{layer}_mAP", 100.0)
+    for layer in FROZEN_LAYERS
 )
 
 # Table 1 (§5.1): inpainting on held-out images, central masks.
@@ -112,42 +119,125 @@ def format_cell(values: list[float], digits: int, expected: int) -> str:
     return f"{text} ({n})"
 
 
+@dataclass(frozen=True)
+class Difference:
+    """mean(row) - mean(baseline) with a ``level`` t-interval [low, high] over seeds.
+
+    ``test``: ``paired`` (t over the per-seed differences, both rows have the same seeds),
+    ``welch`` (Welch's unequal-variance t) or ``none`` (too few runs for an interval: low = high =
+    NaN).
+    """
+
+    diff: float
+    low: float
+    high: float
+    test: str
+    n: int  # pairs (paired) or runs of the row (welch / none)
+
+    @property
+    def significant(self) -> bool:
+        """The interval excludes zero."""
+        return self.low > 0 or self.high < 0
+
+
+def difference_ci(
+    values: dict[int, float], baseline: dict[int, float], level: float = 0.95
+) -> Difference | None:
+    """Difference of a row's runs to the baseline's runs ({seed: value}), with its t-interval.
+
+    Paired by seed when both have the same seeds (n >= 2): d_s = values[s] - baseline[s],
+    mean(d) +- t_{n-1} sd(d) / sqrt(n). Otherwise Welch: se = sqrt(s1^2/n1 + s2^2/n2), degrees of
+    freedom by Welch-Satterthwaite (both need n >= 2). None when either side has no run.
+    """
+    if not values or not baseline:
+        return None
+    a, b = np.array(list(values.values())), np.array(list(baseline.values()))
+    diff = float(a.mean() - b.mean())
+    q = (1 + level) / 2
+    if set(values) == set(baseline) and len(values) >= 2:
+        seeds = sorted(values)
+        d = np.array([values[s] - baseline[s] for s in seeds])
+        half = float(stats.t.ppf(q, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+        return Difference(diff, diff - half, diff + half, "paired", len(d))
+    if len(a) >= 2 and len(b) >= 2:
+        va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+        se = float(np.sqrt(va + vb))
+        if se == 0:
+            return Difference(diff, diff, diff, "welch", len(a))
+        dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+        half = float(stats.t.ppf(q, dof) * se)
+        return Difference(diff, diff - half, diff + half, "welch", len(a))
+    return Difference(diff, float("nan"), float("nan"), "none", len(a))
+
+
+def format_difference(d: Difference, digits: int) -> str:
+    """``Δ +5.1 [+1.2, +9.0]*`` (``*``: the interval excludes 0); ``Δ +5.1`` without an interval."""
+    text = f"Δ {d.diff:+.{digits}f}"
+    if d.test == "none":
+        return text
+    return text + f" [{d.low:+.{digits}f}, {d.high:+.{digits}f}]" + ("*" if d.significant else "")
+
+
+def _cell_runs(
+    runs: pd.DataFrame, col: Column, variant: str, prefix: str
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[int, float]]:
+    """(recorded runs of the cell, finished ones with the metric, {seed: scaled value})."""
+    sel = runs[
+        (runs["stage"] == col.stage) & (runs["task"] == col.task) & (runs["variant"] == variant)
+    ]
+    key = f"m.{prefix}{col.metric}"
+    done = sel[sel["status"] == "done"]
+    done = done[done[key].notna()] if key in done.columns else done.iloc[0:0]
+    if not len(done):
+        return sel, done, {}
+    values = {int(s): float(v) * col.scale for s, v in zip(done["seed"], done[key])}
+    return sel, done, values
+
+
 def build_table(
-    runs: pd.DataFrame, columns: tuple[Column, ...], rows: list[tuple[str, ...]]
+    runs: pd.DataFrame,
+    columns: tuple[Column, ...],
+    rows: list[tuple[str, ...]],
+    baseline: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(display table, long table). ``rows``: (row title, variant name[, metric prefix]) in display
     order; a row reads metric ``<prefix><column metric>`` (e.g. ``telea/psnr`` for Table 1, where one
     run scores every method).
 
+    ``baseline`` (a variant of ``rows``, e.g. ``random_init``): every other row's cell of a
+    ``compare`` column also shows its difference to the baseline with a 95% interval over seeds
+    (:func:`difference_ci`), marked ``*`` when the interval excludes zero.
+
     The long table has one line per (row, column) with mean, std, n, the expected number of runs
-    (runs recorded for that cell, whatever their status) and the run folders used.
+    (runs recorded for that cell, whatever their status), the run folders used and, against the
+    baseline, ``diff``, ``ci_low``, ``ci_high``, ``test`` (paired / welch / none), ``significant``.
     """
+    base_prefix = {r[1]: (r[2] if len(r) > 2 else "") for r in rows}
     display, long = [], []
     for title, variant, *prefix in rows:
         line = {"Method": title}
         for col in columns:
-            sel = runs[
-                (runs["stage"] == col.stage)
-                & (runs["task"] == col.task)
-                & (runs["variant"] == variant)
-            ]
-            key = f"m.{prefix[0] if prefix else ''}{col.metric}"
-            done = sel[sel["status"] == "done"]
-            done = done[done[key].notna()] if key in done.columns else done.iloc[0:0]
-            values = [float(v) * col.scale for v in done[key]] if len(done) else []
+            sel, done, by_seed = _cell_runs(runs, col, variant, prefix[0] if prefix else "")
+            values = list(by_seed.values())
             line[col.title] = format_cell(values, col.digits, expected=len(sel))
-            long.append(
-                {
-                    "row": title,
-                    "column": col.title,
-                    "mean": sum(values) / len(values) if values else float("nan"),
-                    "std": pd.Series(values).std() if len(values) > 1 else float("nan"),
-                    "n": len(values),
-                    "expected": len(sel),
-                    "failed": int((sel["status"] == "failed").sum()),
-                    "runs": ";".join(done["run_dir"]) if len(done) else "",
-                }
-            )
+            record = {
+                "row": title,
+                "column": col.title,
+                "mean": sum(values) / len(values) if values else float("nan"),
+                "std": pd.Series(values).std() if len(values) > 1 else float("nan"),
+                "n": len(values),
+                "expected": len(sel),
+                "failed": int((sel["status"] == "failed").sum()),
+                "runs": ";".join(done["run_dir"]) if len(done) else "",
+            }
+            if baseline is not None and col.compare and variant != baseline:
+                base = _cell_runs(runs, col, baseline, base_prefix.get(baseline, ""))[2]
+                d = difference_ci(by_seed, base)
+                if d is not None:
+                    line[col.title] += f"; {format_difference(d, col.digits)}"
+                    record.update(diff=d.diff, ci_low=d.low, ci_high=d.high, test=d.test,
+                                  significant=d.significant)  # fmt: skip
+            long.append(record)
         display.append(line)
     return pd.DataFrame(display), pd.DataFrame(long)
 

@@ -26,6 +26,7 @@ ONE_ITERATION = {
                          "image_scale=[320,160]", "crop_size=128", "threads=2"],
     "eval.inpainting_bench": ["max_images=4"],
     "eval.retrieval": ["approx=[hnsw]"],
+    "eval.frozen": ["svm.costs=[0.1,1.0]"],
 }  # fmt: skip
 
 
@@ -86,7 +87,7 @@ def test_paper_profile_configs_load_validate_and_start(tmp_path, monkeypatch):
     jobs = expand(profile)
     assert {(j.stage, j.task) for j in jobs} == {
         ("pretext", "pretext"), ("transfer", "classify"), ("transfer", "detect"),
-        ("transfer", "segment"), ("eval", "inpainting"), ("eval", "retrieval"),
+        ("transfer", "segment"), ("eval", "inpainting"), ("eval", "retrieval"), ("eval", "frozen"),
     }  # fmt: skip
     # one job of each (stage, task), plus the pretext runs the chosen ones read
     chosen = [j for j in jobs if j.variant in ("context_encoder", "all")]

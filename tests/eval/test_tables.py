@@ -3,8 +3,17 @@
 import json
 
 import pytest
+from scipy import stats
 
-from eval.tables import TABLE2_COLUMNS, build_table, collect_runs, format_cell, to_markdown
+from eval.tables import (
+    TABLE2_COLUMNS,
+    build_table,
+    collect_runs,
+    difference_ci,
+    format_cell,
+    format_difference,
+    to_markdown,
+)
 
 
 def record(root, stage, task, variant, seed, status="done", result=None):
@@ -47,14 +56,15 @@ def test_table2_cells_exactly(runs):
         ("Context encoder", "context_encoder"),
     ]
     table, long = build_table(runs, TABLE2_COLUMNS, rows)
-    cls, probe, det, seg, time = (c.title for c in TABLE2_COLUMNS)
+    cls, svm, knn, det, seg, time = (c.title for c in TABLE2_COLUMNS)
     by = table.set_index("Method")
     assert by.loc["Context encoder", cls] == "60.0 ± 10.0 (n=3)"
     assert by.loc["Random init", cls] == "35.0 ± 7.1 (n=2/3)"  # one failed run out of three
     assert by.loc["Autoencoder", cls] == "—"  # a run without a result: no value
     assert by.loc["Context encoder", det] == "25.0 (n=1)"
     assert by.loc["Context encoder", seg] == "—"
-    assert by.loc["Context encoder", probe] == "—"  # the records have no linear_pool5_mAP
+    assert by.loc["Context encoder", svm] == "—"  # no eval/frozen records
+    assert by.loc["Context encoder", knn] == "—"
     assert by.loc["Context encoder", time] == "2.50 ± 0.71 (n=2)"
     row = long[(long["row"] == "Random init") & (long["column"] == cls)].iloc[0]
     assert (row["n"], row["expected"], row["failed"]) == (2, 3, 1)
@@ -100,3 +110,60 @@ def test_table1_rows_read_prefixed_metrics_of_one_run(tmp_path):
         "15.00 (n=1)", "4.00 (n=1)", "14.00 (n=1)",
     ]  # fmt: skip
     assert list(by.loc["CE"]) == ["—", "—", "17.25 (n=1)", "—", "—", "—", "—"]
+
+
+def test_paired_difference_by_hand():
+    """d = (20, 20, 25): mean 21.667, sd 2.8868, se 1.6667, t_{0.975, 2} = 4.3027 -> ± 7.171."""
+    d = difference_ci({0: 50.0, 1: 60.0, 2: 70.0}, {0: 30.0, 1: 40.0, 2: 45.0})
+    assert d.test == "paired" and d.n == 3
+    assert (round(d.diff, 3), round(d.low, 2), round(d.high, 2)) == (21.667, 14.50, 28.84)
+    assert d.significant and format_difference(d, 1) == "Δ +21.7 [+14.5, +28.8]*"
+    ref = stats.ttest_rel([50, 60, 70], [30, 40, 45]).confidence_interval(0.95)
+    assert (d.low, d.high) == pytest.approx((ref.low, ref.high))
+
+
+def test_welch_difference_when_seeds_differ():
+    values, base = {0: 50.0, 1: 60.0, 2: 70.0}, {0: 30.0, 1: 50.0}
+    d = difference_ci(values, base)
+    ref = stats.ttest_ind([50, 60, 70], [30, 50], equal_var=False).confidence_interval(0.95)
+    assert d.test == "welch" and d.diff == pytest.approx(20.0)
+    assert (d.low, d.high) == pytest.approx((ref.low, ref.high))
+    assert d.low < 0 < d.high and not d.significant  # se 11.5, dof 1.68: the interval holds 0
+    assert format_difference(d, 1).endswith("]") and "*" not in format_difference(d, 1)
+
+
+def test_difference_without_interval_and_without_runs():
+    d = difference_ci({0: 5.0}, {0: 3.0, 1: 4.0})
+    assert d.test == "none" and d.diff == 1.5 and format_difference(d, 1) == "Δ +1.5"
+    assert not d.significant
+    assert difference_ci({}, {0: 1.0}) is None
+
+
+def test_table2_marks_differences_to_the_baseline(runs):
+    rows = [("Random init", "random_init"), ("Context encoder", "context_encoder")]
+    table, long = build_table(runs, TABLE2_COLUMNS, rows, baseline="random_init")
+    cls, time = TABLE2_COLUMNS[0].title, TABLE2_COLUMNS[-1].title
+    by = table.set_index("Method")
+    assert by.loc["Random init", cls] == "35.0 ± 7.1 (n=2/3)"  # the baseline: no difference
+    # context encoder seeds {0, 1, 2} vs random init {0, 1} (seed 2 failed): Welch
+    ref = stats.ttest_ind([50, 60, 70], [30, 40], equal_var=False).confidence_interval(0.95)
+    assert 0 < ref.low < 0.2  # just excludes 0: starred
+    expected = f"60.0 ± 10.0 (n=3); Δ +25.0 [{ref.low:+.1f}, {ref.high:+.1f}]*"
+    assert by.loc["Context encoder", cls] == expected
+    assert by.loc["Context encoder", time] == "2.50 ± 0.71 (n=2)"  # compare=False: no Δ
+    row = long[(long["row"] == "Context encoder") & (long["column"] == cls)].iloc[0]
+    assert row["test"] == "welch" and row["significant"]
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((ref.low, ref.high))
+
+
+def test_paired_significant_cell_is_starred(tmp_path):
+    for seed, (a, b) in enumerate([(0.50, 0.30), (0.60, 0.41), (0.70, 0.49)]):
+        record(tmp_path, "eval", "frozen", "context_encoder", seed, result={"svm_best_mAP": a})
+        record(tmp_path, "eval", "frozen", "random_init", seed, result={"svm_best_mAP": b})
+    rows = [("Random init", "random_init"), ("Context encoder", "context_encoder")]
+    table, long = build_table(collect_runs(tmp_path), TABLE2_COLUMNS, rows, "random_init")
+    svm = TABLE2_COLUMNS[1].title
+    ref = stats.ttest_rel([50, 60, 70], [30, 41, 49]).confidence_interval(0.95)
+    cell = table.set_index("Method").loc["Context encoder", svm]
+    assert cell == f"60.0 ± 10.0 (n=3); Δ +20.0 [{ref.low:+.1f}, {ref.high:+.1f}]*"
+    assert ref.low > 0
