@@ -24,7 +24,7 @@ format: setup
 
 data: setup
 	$(PY) -m pretext.minivoc --out data/minivoc
-	$(PY) -m pretext.minivoc --out data/minivoc_sup --seed 1
+	$(PY) -m pretext.minivoc --out data/minivoc_pretrain --seed 1 --n-images 3000
 
 table: setup
 	$(PY) -m eval.pipeline --profile $(PROFILE)

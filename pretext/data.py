@@ -123,10 +123,12 @@ def fill_holes(images: torch.Tensor, hole: torch.Tensor, mean: torch.Tensor) -> 
     return images * (1 - hole) + mean.view(1, 3, 1, 1).to(images) * hole
 
 
-# The generated data sets, ``data/<name>/VOC2007`` -> their MiniVOC seed. ``minivoc`` is the
-# transfer / pretext set; ``minivoc_sup`` the labelled set of ``method=supervised``, disjoint from it
-# (every image is drawn from another random state; the background photos are the same few).
-BUILTIN_SEEDS = {"minivoc": 0, "minivoc_sup": 1}
+# The generated data sets, ``data/<name>/VOC2007`` -> their MiniVOC (seed, number of images).
+# ``minivoc`` is the transfer set (the stand-in for PASCAL VOC); ``minivoc_pretrain`` the
+# pretraining set of every pretext method (the stand-in for ImageNet: the context encoder and the
+# autoencoder use its images, ``method=supervised`` also its labels), disjoint from the transfer
+# set (every image is drawn from another random state; the background photos are the same few).
+BUILTIN_SETS = {"minivoc": (0, 1000), "minivoc_pretrain": (1, 3000)}
 
 
 def is_builtin_root(root: str | Path) -> bool:
@@ -134,15 +136,16 @@ def is_builtin_root(root: str | Path) -> bool:
     return (
         len(parts) == 3
         and parts[0] == "data"
-        and parts[1] in BUILTIN_SEEDS
+        and parts[1] in BUILTIN_SETS
         and parts[2] == "VOC2007"
     )
 
 
 def ensure_builtin(root: str | Path) -> None:
-    """Generate a built-in mini-VOC root (with its seed) when it is missing; else do nothing."""
+    """Generate a built-in mini-VOC root (its seed and size) when it is missing; else nothing."""
     root = Path(root)
     if not root.exists() and is_builtin_root(root):
         from pretext import minivoc
 
-        minivoc.generate(root.parent, seed=BUILTIN_SEEDS[root.parts[-2]])
+        seed, n_images = BUILTIN_SETS[root.parts[-2]]
+        minivoc.generate(root.parent, n_images=n_images, seed=seed)

@@ -68,7 +68,7 @@ log = logging.getLogger("pretext.train")
 @dataclass
 class DataConfig:
     format: Literal["voc", "folder"] = "voc"
-    root: str = "data/minivoc/VOC2007"  # the built-in mini-VOC is generated here when missing
+    root: str = "data/minivoc_pretrain/VOC2007"  # built-in pretraining set, generated if missing
     split: str = "train"
     val_split: str = "val"
     skip_bad: bool = False

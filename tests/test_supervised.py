@@ -150,12 +150,12 @@ def test_supervised_builtin_set_is_a_second_minivoc_seed(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(minivoc, "generate", lambda out, **kw: calls.append((Path(out), kw)))
-    for name in ("minivoc", "minivoc_sup"):
+    for name in ("minivoc", "minivoc_pretrain"):
         root = tmp_path / "data" / name / "VOC2007"
         assert pretext_data.is_builtin_root(root)
         pretext_data.ensure_builtin(root)
-    assert calls == [(tmp_path / "data" / "minivoc", {"seed": 0}),
-                     (tmp_path / "data" / "minivoc_sup", {"seed": 1})]  # fmt: skip
+    assert calls == [(tmp_path / "data" / "minivoc", {"n_images": 1000, "seed": 0}),
+                     (tmp_path / "data" / "minivoc_pretrain", {"n_images": 3000, "seed": 1})]  # fmt: skip
     assert not pretext_data.is_builtin_root(tmp_path / "data" / "other" / "VOC2007")
 
 
@@ -164,7 +164,10 @@ def test_profiles_run_supervised_on_its_own_data(monkeypatch):
     from eval.pipeline import profile_path
 
     monkeypatch.chdir(ROOT)
-    for name, data in (("builtin", "data/minivoc_sup/VOC2007"), ("paper", "/datasets/imagenet")):
+    for name, data in (
+        ("builtin", "data/minivoc_pretrain/VOC2007"),
+        ("paper", "/datasets/imagenet"),
+    ):
         jobs = expand(load_profile(profile_path(name)))
         pre = [j for j in jobs if j.stage == "pretext" and j.variant == "supervised"]
         assert [j.seed for j in pre] == [0, 1, 2]
@@ -175,7 +178,8 @@ def test_profiles_run_supervised_on_its_own_data(monkeypatch):
         assert tasks == {"classify", "detect", "segment"}
     builtin = expand(load_profile(profile_path("builtin")))
     ce = next(j for j in builtin if j.stage == "pretext" and j.variant == "context_encoder")
-    assert parse_config(list(ce.argv)).data.root == "data/minivoc/VOC2007"  # the transfer set
+    # every pretext method learns from the same pretraining set, disjoint from the transfer set
+    assert parse_config(list(ce.argv)).data.root == "data/minivoc_pretrain/VOC2007"
 
 
 def test_run_folder_from_before_the_head_section_resumes(tiny_train_args, tmp_path):
