@@ -68,30 +68,43 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
             ]
 
 
-class MaskedImages(Dataset):
-    """Wraps an image dataset (item: uint8 [3, S, S]) and draws a hole for each sample.
+class SeededViews(Dataset):
+    """Indexed by (index, sample_seed): the base dataset's torch-RNG augmentations (random crop,
+    flip) are seeded from ``sample_seed``, so a resumed run sees the same batches. Item: the base
+    dataset's item (e.g. (image, labels) for ``method=supervised``)."""
 
-    Indexed by (index, sample_seed): the base dataset's torch-RNG augmentations and the mask are
-    seeded from ``sample_seed``. Item: (image uint8 [3, S, S], hole bool [1, S, S]).
-    """
-
-    def __init__(self, images: Dataset, masks: MaskGenerator):
-        self.images, self.masks = images, masks
+    def __init__(self, images: Dataset):
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.images)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]):
         index, seed = key
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            image = self.images[index]
-        hole = self.masks(np.random.default_rng(seed))
+            return self.images[index]
+
+
+class MaskedImages(SeededViews):
+    """Wraps an image dataset (item: uint8 [3, S, S]) and draws a hole for each sample.
+
+    Indexed by (index, sample_seed) as :class:`SeededViews`; the mask is drawn from
+    ``sample_seed`` too. Item: (image uint8 [3, S, S], hole bool [1, S, S]).
+    """
+
+    def __init__(self, images: Dataset, masks: MaskGenerator):
+        super().__init__(images)
+        self.masks = masks
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        image = super().__getitem__(key)
+        hole = self.masks(np.random.default_rng(key[1]))
         return image, torch.from_numpy(hole)[None]
 
 
 def make_loader(
-    dataset: MaskedImages, sampler: StepBatchSampler, num_workers: int, pin_memory: bool = False
+    dataset: SeededViews, sampler: StepBatchSampler, num_workers: int, pin_memory: bool = False
 ) -> DataLoader:
     return DataLoader(
         dataset,

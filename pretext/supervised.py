@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from pretext.cli import UserError
 from pretext.data import to_unit_range
@@ -111,23 +110,6 @@ def labelled_images(
         return VOCTargets(root, split, image_size, train, class_names, skip_bad)
     folder = root / split if (root / split).is_dir() else root
     return ImageFolderClasses(folder, image_size, train, skip_bad, class_names)
-
-
-class SeededViews(Dataset):
-    """Indexed by (index, sample seed) like :class:`pretext.data.MaskedImages`: the view's random
-    crop and flip are seeded from the sample seed, so a resumed run sees the same batches."""
-
-    def __init__(self, images: Dataset):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.images[index]
 
 
 class Classifier(nn.Module):

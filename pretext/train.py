@@ -36,6 +36,7 @@ from pretext.cli import run_cli
 from pretext.config import ConfigError, dump_yaml, parse_cli, read_yaml, to_dict
 from pretext.data import (
     MaskedImages,
+    SeededViews,
     StepBatchSampler,
     dataset_mean,
     ensure_builtin,
@@ -56,7 +57,6 @@ from pretext.masks import MaskGenerator, builtin_shapes, central_square
 from pretext.models import ARCHS, Discriminator, build_model
 from pretext.supervised import (
     Classifier,
-    SeededViews,
     SupervisedStep,
     evaluate,
     labelled_images,
@@ -531,7 +531,7 @@ def main(cfg: Config) -> dict[str, float]:
         )
         # items: (image, hole), or (image, label target) for method=supervised
         items = SeededViews(train_images) if classifier else MaskedImages(train_images, masks)
-        loader = make_loader(items, sampler, cfg.data.num_workers, pin_memory=use_gpu)  # type: ignore[arg-type]
+        loader = make_loader(items, sampler, cfg.data.num_workers, pin_memory=use_gpu)
         model.train()
         bar = tqdm(
             total=total,
