@@ -23,8 +23,7 @@ format: setup
 	.venv/bin/ruff format .
 
 data: setup
-	$(PY) -m pretext.minivoc --out data/minivoc
-	$(PY) -m pretext.minivoc --out data/minivoc_pretrain --seed 1 --n-images 3000
+	$(PY) -c "from pretext.data import BUILTIN_SETS, ensure_builtin; [ensure_builtin(f'data/{n}/VOC2007') for n in BUILTIN_SETS]"
 
 table: setup
 	$(PY) -m eval.pipeline --profile $(PROFILE)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -69,13 +68,12 @@ from eval.features import (
 from eval.retrieval import build_index, search
 from pretext.atomic_io import atomic_write_json
 from pretext.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from pretext.cli import run_cli
 from pretext.config import ConfigError, parse_cli
 from pretext.data import to_unit_range
 from pretext.datasets import VOCClassification
 from pretext.models import AlexNetEncoder, ContextEncoder, DCGANEncoder
-from pretext.voc import VOCFormatError
 from transfer import run_folder
-from transfer.run_folder import TransferError
 from transfer.voc_ap import mean_ap, voc07_classification_ap
 from transfer.voc_splits import dataset_classes, require_split, voc_root
 
@@ -449,8 +447,11 @@ def knn_scores(
     """Weighted kNN votes [Q, C] (dinov2 / mmselfsup kNN, multi-label).
 
     Cosine similarity (L2-normalised features, FAISS inner-product index); the k nearest database
-    rows vote for their classes with weight exp(sim / temperature). ``exclude_self``: queries are
-    the database rows themselves (leave-one-out); each query's own row is dropped.
+    rows vote for their classes with weight softmax(sim / temperature) over the k neighbours
+    (dinov2 ``eval/knn.py``). The softmax matters here: VOC AP ranks scores *across* queries, and
+    unnormalised exp(sim / T) would rank by how close a query's neighbours are, not by whether
+    they have the class. ``exclude_self``: queries are the database rows themselves
+    (leave-one-out); each query's own row is dropped.
     """
     db_n, q_n = l2_normalize(db), l2_normalize(queries)
     index = build_index(db_n, "flat", "ip")
@@ -461,16 +462,14 @@ def knn_scores(
         keep[keep.sum(1) > k, -1] = False  # own row not found: drop the last instead
         sims = sims[keep].reshape(len(q_n), -1)
         ids = ids[keep].reshape(len(q_n), -1)
-    weights = np.exp(sims.astype(np.float64) / temperature)  # [Q, k]
+    logits = sims.astype(np.float64) / temperature
+    weights = np.exp(logits - logits.max(1, keepdims=True))
+    weights /= weights.sum(1, keepdims=True)  # [Q, k], softmax over the neighbours
     votes = np.asarray(db_labels, np.float64)[ids]  # [Q, k, C]
     return np.einsum("qk,qkc->qc", weights, votes)
 
 
 # ---- the stage ----------------------------------------------------------------------------------
-
-
-def ap_per_class(scores, labels, diff, mode) -> np.ndarray:
-    return voc07_classification_ap(scores, labels, diff, mode)
 
 
 def evaluate_layer(
@@ -488,7 +487,8 @@ def evaluate_layer(
     out: dict[str, float] = {f"dim_{layer}": float(xtr.shape[1])}
     t0 = time.perf_counter()
     scores, cv_ap, costs = svm_layer(xtr, ytr, xte, cfg.svm, cfg.num_workers)
-    test_ap = ap_per_class(scores, yte, dte, cfg.ap_mode)
+    test_ap = voc07_classification_ap(scores, yte, dte, cfg.ap_mode)
+    test_ap[np.isnan(scores).all(0)] = np.nan  # no training positive: no SVM, no AP
     out[f"svm_{layer}_mAP"] = mean_ap(test_ap)
     best_cv = np.array([np.nanmax(row) if np.isfinite(row).any() else np.nan for row in cv_ap])
     out[f"svm_{layer}_cv_mAP"] = mean_ap(best_cv)
@@ -497,9 +497,9 @@ def evaluate_layer(
     t0 = time.perf_counter()
     k, temp = cfg.knn.k, cfg.knn.temperature
     loo = knn_scores(xtr, ytr * (1 - dtr), xtr, k, temp, exclude_self=True)
-    out[f"knn_{layer}_loo_mAP"] = mean_ap(ap_per_class(loo, ytr, dtr, cfg.ap_mode))
+    out[f"knn_{layer}_loo_mAP"] = mean_ap(voc07_classification_ap(loo, ytr, dtr, cfg.ap_mode))
     test_knn = knn_scores(xtr, ytr * (1 - dtr), xte, k, temp)
-    out[f"knn_{layer}_mAP"] = mean_ap(ap_per_class(test_knn, yte, dte, cfg.ap_mode))
+    out[f"knn_{layer}_mAP"] = mean_ap(voc07_classification_ap(test_knn, yte, dte, cfg.ap_mode))
     out["knn_s"] = time.perf_counter() - t0
     chosen = {c: {"C": float(cost), "cv_ap": [float(a) for a in row]}
               for c, cost, row in zip(classes, costs, cv_ap)}  # fmt: skip
@@ -534,12 +534,11 @@ def main(cfg: Config) -> dict[str, float]:
             "pooling": {k: v for k, v in pooling.items() if k in cfg.layers}}  # fmt: skip
     run_folder.start(run_dir, cfg, meta)
     t0 = time.perf_counter()
-    torch.set_grad_enabled(False)
-
     data = {}
     for split in (cfg.train_split, cfg.test_split):
         images = VOCClassification(root, split, size, False, classes)
-        feats = split_features(model, source["sha256"], images, root, split, cfg)
+        with torch.no_grad():  # not set_grad_enabled(False): main() is called in-process too
+            feats = split_features(model, source["sha256"], images, root, split, cfg)
         data[split] = (feats, images.labels.numpy(), images.difficult_only.numpy())
     extract_s = time.perf_counter() - t0
     log.info("features of %s ready in %.1f s", cfg.checkpoint, extract_s)
@@ -593,17 +592,10 @@ def main(cfg: Config) -> dict[str, float]:
     return run_folder.finish(run_dir, result, meta)
 
 
-# Mistakes in the user's config, data or checkpoint: one line naming the file and the problem.
-USER_ERRORS = (ConfigError, CheckpointError, TransferError, VOCFormatError, FileNotFoundError)
-
-
 def cli(argv: list[str] | None = None) -> dict[str, float]:
+    """User mistakes: one 'error:' line, exit 2 (pretext.cli.run_cli)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        return main(parse_config(argv))
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return run_cli(lambda: main(parse_config(argv)))
 
 
 if __name__ == "__main__":

@@ -155,6 +155,10 @@ class Config:
     fail_at_step: int = -1  # testing aid: inject a NaN loss at this step
 
 
+# What a run folder written before a key existed was trained with: before mask.overlap_loss every
+# mask kind had the 10x context band in its loss (not Eq. 1), so such a run is not an Eq. 1 run.
+LEGACY_VALUES = {"mask.overlap_loss": "on"}
+
 # Keys that may differ between a run and its resumption without changing its results.
 RESUME_FREE_KEYS = {"force", "data.num_workers", "device", "log_every", "fail_at_step", "threads"}
 
@@ -249,7 +253,11 @@ def check_resume_config(run_dir: Path, cfg: Config) -> None:
         return
     saved, current = _flatten(read_yaml(saved_path)), _flatten(to_dict(cfg))
     # A key added to Config after the run started is absent from its config.yaml: no difference
-    # while it keeps its default (old run folders still resume and count as finished).
+    # while it keeps its default (old run folders still resume and count as finished) -- unless
+    # the run was trained differently before the key existed (LEGACY_VALUES).
+    for key, value in LEGACY_VALUES.items():
+        if key.split(".")[0] in {k.split(".")[0] for k in saved}:
+            saved.setdefault(key, value)
     default = _flatten(to_dict(resolve(Config())))
     diff = sorted(
         k

@@ -105,3 +105,22 @@ def test_overlap_band_on_for_central_only_and_recorded(kind, band):
     assert cfg.mask.overlap_loss == band
     forced = parse_config([f"mask.kind={kind}", "mask.overlap_loss=on"])
     assert forced.mask.overlap_loss == "on"
+
+
+def test_run_folder_from_before_the_eq1_fix_is_not_taken_for_an_eq1_run(tmp_path):
+    """A config.yaml without mask.overlap_loss was trained with the band on every mask kind: a
+    random-region run folder of that time must not resume (or count as finished) as Eq. 1."""
+    import yaml
+
+    from pretext.config import ConfigError, to_dict
+    from pretext.train import check_resume_config
+
+    cfg = parse_config(["--config", "pretext/configs/builtin.yaml", f"run_dir={tmp_path}"])
+    old = to_dict(cfg)
+    del old["mask"]["overlap_loss"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match="mask.overlap_loss: 'on' -> 'off'"):
+        check_resume_config(tmp_path, cfg)
+    band = parse_config(["--config", "pretext/configs/builtin.yaml", f"run_dir={tmp_path}",
+                         "mask.overlap_loss=on"])  # fmt: skip
+    check_resume_config(tmp_path, band)  # the same training: resumes

@@ -129,7 +129,7 @@ def test_svm_difficult_only_test_entries_are_left_out():
 
 def test_knn_votes_oracle():
     """Database: unit vectors at 0°, 60°, 90°, 180°; query at 0°; k = 2, T = 0.5: neighbours
-    0 (cos 1) and 1 (cos 0.5), votes exp(1/0.5) and exp(0.5/0.5) for their classes."""
+    0 (cos 1) and 1 (cos 0.5), weights softmax(1/0.5, 0.5/0.5) = (e2, e1) / (e2 + e1)."""
     angles = np.deg2rad([0, 60, 90, 180])
     db = np.stack([np.cos(angles), np.sin(angles)], 1) * np.array(
         [[1], [3], [2], [5]]
@@ -137,12 +137,25 @@ def test_knn_votes_oracle():
     labels = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 0, 1]])
     votes = knn_scores(db, labels, np.array([[2.0, 0.0]]), k=2, temperature=0.5)
     e2, e1 = math.exp(2.0), math.exp(1.0)
-    np.testing.assert_allclose(votes, [[e2 + e1, e1, 0.0]], rtol=1e-5)
+    np.testing.assert_allclose(votes, [[1.0, e1 / (e2 + e1), 0.0]], rtol=1e-5)
     # leave-one-out: row 0's neighbours are now rows 1 (cos .5) and 2 (cos 0)
     loo = knn_scores(db, labels, db, k=2, temperature=0.5, exclude_self=True)
-    np.testing.assert_allclose(loo[0], [e1, e1, 1.0], rtol=1e-5)
+    w1, w0 = e1 / (e1 + 1.0), 1.0 / (e1 + 1.0)
+    np.testing.assert_allclose(loo[0], [w1, w1, w0], rtol=1e-5)
     # row 3 (180°): rows 2 (cos 0) and 1 (cos -0.5)
-    np.testing.assert_allclose(loo[3], [math.exp(-1), math.exp(-1), 1.0], rtol=1e-5)
+    em = math.exp(-1)
+    np.testing.assert_allclose(loo[3], [em / (1 + em), em / (1 + em), 1 / (1 + em)], rtol=1e-5)
+
+
+def test_knn_scores_rank_by_votes_not_by_closeness():
+    """VOC AP ranks scores across queries. Query A's 2 neighbours are very close, one has the
+    class; query B's 2 are farther, both have it: B must score higher (softmax votes 1.0 vs 0.5;
+    raw exp(sim / T) votes would rank A first, by e^(1/T) against 2 e^(0.707/T))."""
+    db = np.array([[1.0, 0.0, 0.0], [1.0, 0.001, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    labels = np.array([[1], [0], [1], [1]])
+    queries = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    scores = knn_scores(db, labels, queries, k=2, temperature=0.07)[:, 0]
+    np.testing.assert_allclose(scores, [0.5, 1.0], atol=1e-3)
 
 
 def test_knn_clustered_bank_is_perfect_and_label_free_is_prior():
@@ -162,6 +175,7 @@ def test_stage_on_tiny_voc_caches_and_resumes(tiny_voc, tiny_ckpt, tmp_path, mon
             f"cache_dir={tmp_path / 'cache'}", "svm.costs=[0.1,1.0]", "knn.k=5"]  # fmt: skip
     result = frozen.main(frozen.parse_config(argv))
     assert json.loads((tmp_path / "run" / "result.json").read_text()) == result
+    assert torch.is_grad_enabled()  # no global side effect on the caller
     for layer in frozen.LAYERS:
         assert 0 <= result[f"svm_{layer}_mAP"] <= 1 and 0 <= result[f"knn_{layer}_mAP"] <= 1
         assert result[f"dim_{layer}"] == SMALL64_DIMS[layer]
