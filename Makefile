@@ -25,6 +25,7 @@ format: setup
 data: setup
 	$(PY) -c "from pretext.data import BUILTIN_SETS, ensure_builtin; [ensure_builtin(f'data/{n}/VOC2007') for n in BUILTIN_SETS]"
 
+table: export CE_TABLE_START := $(shell date +%s)
 table: setup
 	$(PY) -m eval.pipeline --profile $(PROFILE)
 

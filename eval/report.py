@@ -7,9 +7,11 @@ the committed tables are the output of the recorded runs; ``*_runs.csv`` traces 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import platform
 import shutil
 import subprocess
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -158,6 +160,27 @@ def copy_figure(src: Path, dst: Path) -> bool:
     return True
 
 
+def cpu_model() -> str:
+    """The CPU's model name (times differ by up to ~2x between the machines this runs on)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def make_wall_line() -> list[str]:
+    """`make table` exports CE_TABLE_START (epoch seconds, before its set-up step): the wall time
+    of the whole command, set-up included."""
+    start = os.environ.get("CE_TABLE_START", "")
+    if not start.isdigit():
+        return []
+    minutes = (time.time() - int(start)) / 60
+    return [f"- `make table` wall time (set-up, data generation and pipeline): {minutes:.1f} min"]
+
+
 def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path:
     out = Path(profile.results_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -219,8 +242,10 @@ def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path
         f"- command: `{command}` (profile file `{profile.path}`)",
         f"- date (UTC): {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M')}",
         f"- git commit: {git_commit()}",
-        f"- machine: {platform.machine()}, {platform.system()}, {shutil.os.cpu_count()} CPUs",
+        f"- machine: {cpu_model()}, {platform.machine()}, {platform.system()}, "
+        f"{shutil.os.cpu_count()} CPUs",
         f"- pipeline wall time of this invocation: {pipeline_wall_s / 60:.1f} min (jobs already done were skipped)",
+        *make_wall_line(),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
         "",
     ]

@@ -2,6 +2,8 @@
 init, and the SVM-per-layer figure."""
 
 import json
+import re
+import time
 
 import numpy as np
 import pandas as pd
@@ -43,6 +45,7 @@ def test_report_writes_frozen_table_differences_and_figure(tmp_path, monkeypatch
                               "context_encoder": {"title": "Context encoder"}}},
         eval={"frozen": {"variants": ["random_init", "context_encoder"]}},
     )  # fmt: skip
+    monkeypatch.setenv("CE_TABLE_START", str(int(time.time()) - 150))  # as `make table` exports
     out = write_report(profile, 1.0, "make table")
 
     layers_md = (out / "frozen_layers.md").read_text()
@@ -58,6 +61,12 @@ def test_report_writes_frozen_table_differences_and_figure(tmp_path, monkeypatch
     assert t2_csv.loc["Context encoder", "Frozen kNN (VOC07 mAP %)"].startswith(
         "41.2 ± 1.2 (n=3); Δ"
     )
-    assert "paired by seed" in (out / "README.md").read_text()
+    readme = (out / "README.md").read_text()
+    assert "paired by seed" in readme
+    wall = re.search(
+        r"`make table` wall time \(set-up, data generation and pipeline\): ([\d.]+) min", readme
+    )
+    assert wall and 2.4 <= float(wall.group(1)) <= 3.0  # 150 s ago
+    assert re.search(r"- machine: \S.*, x86_64|- machine: \S.*, \w+, \w+, \d+ CPUs", readme)
     png = np.asarray(Image.open(out / "figures" / "frozen_svm_layers.png"))
     assert png.shape[0] > 200 and png.std() > 0  # a drawn figure, not a blank canvas
