@@ -38,7 +38,7 @@ def measure_pipeline(
     images = VOCImages(voc, "train", size, train=True)
     shapes_cfg = Config(data=cfg.data.__class__(root=str(voc)), mask=cfg.mask)
     masks = MaskGenerator(
-        cfg.mask.kind, size, cfg.mask.overlap, cfg.mask.max_coverage, region_shapes(shapes_cfg)
+        cfg.mask.kind, size, cfg.mask.overlap, cfg.mask.max_coverage, region_shapes(shapes_cfg)[0]
     )
     sampler = StepBatchSampler(
         len(images), cfg.optim.batch_size, seed=0, start_step=0, total_steps=batches + 1
