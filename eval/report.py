@@ -117,6 +117,7 @@ def training_curves(runs: pd.DataFrame, path: Path) -> None:
     pretext = runs[(runs["stage"] == "pretext") & (runs["status"] == "done")]
     for (variant, seed), sel in pretext.groupby(["variant", "seed"]):
         records = read_jsonl(Path(sel["run_dir"].iloc[0]) / "metrics.jsonl")
+        records = [r for r in records if "loss_rec" in r]  # supervised runs have no such loss
         if records:
             ax.plot(
                 [r["step"] for r in records],

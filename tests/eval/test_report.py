@@ -70,3 +70,19 @@ def test_report_writes_frozen_table_differences_and_figure(tmp_path, monkeypatch
     assert re.search(r"- machine: \S.*, x86_64|- machine: \S.*, \w+, \w+, \d+ CPUs", readme)
     png = np.asarray(Image.open(out / "figures" / "frozen_svm_layers.png"))
     assert png.shape[0] > 200 and png.std() > 0  # a drawn figure, not a blank canvas
+
+
+def test_training_curves_skip_runs_without_a_reconstruction_loss(tmp_path):
+    """A supervised pretext run logs a classification loss only: no curve, no crash."""
+    from eval.report import training_curves
+
+    rows = []
+    for variant, record_keys in (("context_encoder", {"loss_rec": 0.1}), ("supervised", {})):
+        run_dir = tmp_path / variant
+        run_dir.mkdir()
+        lines = [json.dumps({"step": s, "loss": 0.5, **record_keys}) for s in (10, 20)]
+        (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        rows.append({"stage": "pretext", "status": "done", "variant": variant, "seed": 0,
+                     "run_dir": str(run_dir)})  # fmt: skip
+    training_curves(pd.DataFrame(rows), tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
