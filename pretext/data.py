@@ -7,6 +7,7 @@ whatever the number of loader workers.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pretext.masks import MaskGenerator
+
+log = logging.getLogger(__name__)
 
 
 def sample_seed(seed: int, step: int, slot: int) -> int:
@@ -160,5 +163,6 @@ def ensure_builtin(root: str | Path) -> None:
     if not root.exists() and is_builtin_root(root):
         from pretext import minivoc
 
+        log.info("generating the built-in mini-VOC under %s", root.parent)
         seed, n_images = BUILTIN_SETS[root.parts[-2]]
         minivoc.generate(root.parent, n_images=n_images, seed=seed)

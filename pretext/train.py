@@ -41,7 +41,6 @@ from pretext.data import (
     dataset_mean,
     ensure_builtin,
     fill_holes,
-    is_builtin_root,
     make_loader,
     to_unit_range,
 )
@@ -210,9 +209,7 @@ def build_images(cfg: DataConfig, split: str, train: bool, image_size: int):
 
     root = Path(cfg.root)
     if cfg.format == "voc":
-        if not root.exists() and is_builtin_root(root):
-            log.info("generating the built-in mini-VOC under %s", root.parent)
-            ensure_builtin(root)
+        ensure_builtin(root)
         return VOCImages(root, split, image_size, train=train, skip_bad=cfg.skip_bad)
     folder = root / split if (root / split).is_dir() else root
     return ImageFolderImages(folder, image_size, train=train, skip_bad=cfg.skip_bad)

@@ -7,23 +7,18 @@ first use).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from pretext import voc
-from pretext.data import ensure_builtin, is_builtin_root
+from pretext.data import ensure_builtin
 from transfer.run_folder import TransferError
-
-log = logging.getLogger(__name__)
 
 
 def voc_root(path: str | Path) -> Path:
     """``path`` as a VOC root; the built-in mini-VOC is generated when its default root is missing."""
     root = Path(path)
-    if not root.exists() and is_builtin_root(root):
-        log.info("generating the built-in mini-VOC under %s", root.parent)
-        ensure_builtin(root)
+    ensure_builtin(root)
     if not root.is_dir():
         raise TransferError(f"{root}: VOC root not found (give --data <VOCdevkit/VOC2007>)")
     if (root / "VOC2007").is_dir() or (root / "VOC2012").is_dir():
