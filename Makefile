@@ -23,7 +23,7 @@ format: setup
 	.venv/bin/ruff format .
 
 data: setup
-	$(PY) -c "from pretext.data import BUILTIN_SETS, ensure_builtin; [ensure_builtin(f'data/{n}/VOC2007') for n in BUILTIN_SETS]"
+	$(PY) -c "from core.data import BUILTIN_SETS, ensure_builtin; [ensure_builtin(f'data/{n}/VOC2007') for n in BUILTIN_SETS]"
 
 table: export CE_TABLE_START := $(shell date +%s)
 table: setup

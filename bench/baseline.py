@@ -1,7 +1,7 @@
 """The reference for the step benchmark: the same networks and losses as :mod:`pretext`, written the
 straightforward way (eager fp32, NCHW, out-of-place activations, per-parameter Adam, no fusion).
 
-Parameter names and shapes match :mod:`pretext.models`, so ``load_state_dict`` of one into the other
+Parameter names and shapes match :mod:`core.models`, so ``load_state_dict`` of one into the other
 gives the same function; ``tests/test_bench.py`` checks that both steps compute the same losses.
 """
 

@@ -1,6 +1,6 @@
 """Benchmark 2: the pretext data pipeline alone (JPEG decode, random resized crop + flip, mask, batch).
 
-``pretext.data.MaskedImages`` over ``VOCImages`` of the generated mini-VOC, batched by
+``core.data.MaskedImages`` over ``VOCImages`` of the generated mini-VOC, batched by
 ``StepBatchSampler`` through the trainer's DataLoader (``make_loader``), at the network's input size
 and with its config's mask kind and worker count. Images/s over ``batches`` batches after the first
 (which includes starting the workers); peak RSS of this process and of the loader workers.
@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 from bench.machine import PeakRSS
-from pretext import minivoc
-from pretext.data import MaskedImages, StepBatchSampler, make_loader
-from pretext.datasets import VOCImages
-from pretext.masks import MaskGenerator
+from core import minivoc
+from core.data import MaskedImages, StepBatchSampler, make_loader
+from core.datasets import VOCImages
+from core.masks import MaskGenerator
 from pretext.train import Config, region_shapes
 
 

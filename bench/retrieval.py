@@ -19,7 +19,7 @@ import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
 from bench.machine import PeakRSS
-from pretext.atomic_io import atomic_write_json
+from core.atomic_io import atomic_write_json
 
 
 def clustered_features(

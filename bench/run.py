@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pretext.atomic_io import atomic_write_json, atomic_write_text
+from core.atomic_io import atomic_write_json, atomic_write_text
 
 # (name, module, args): batch 32 for AlexNet-227 keeps `make bench` under 10 minutes on 2 cores.
 FULL = [

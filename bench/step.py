@@ -23,10 +23,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench import baseline
 from bench.machine import PeakRSS, matmul_gflops
-from pretext.atomic_io import atomic_write_json
-from pretext.config import load_config
-from pretext.masks import MaskGenerator, builtin_shapes
-from pretext.models import Discriminator, build_model
+from core.atomic_io import atomic_write_json
+from core.config import load_config
+from core.masks import MaskGenerator, builtin_shapes
+from core.models import Discriminator, build_model
 from pretext.train import Config, Step, parse_config
 
 # The paper's configs (pretext/configs/) for the two paper networks; small64 is the built-in profile.

@@ -32,15 +32,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pretext.atomic_io import atomic_save, atomic_write_json
-from pretext.checkpoint import (
+from core.atomic_io import atomic_save, atomic_write_json
+from core.checkpoint import (
     file_sha256,
     load_checkpoint,
     model_from_checkpoint,
     resolve_checkpoint_path,
 )
-from pretext.data import fill_holes, to_unit_range
-from pretext.models import ContextEncoder
+from core.data import fill_holes, to_unit_range
+from core.models import ContextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def load_model(checkpoint: str | Path) -> tuple[ContextEncoder, dict[str, Any]]:
 
 def voc_images(voc_root: str | Path, split: str, image_size: int):
     """Eval-view images of a VOC split (uint8 [3, S, S] items, ``.ids``, ``.files``)."""
-    from pretext.datasets import VOCImages
+    from core.datasets import VOCImages
 
     return VOCImages(voc_root, split, image_size, train=False)
 
@@ -212,7 +212,7 @@ def split_images(data: str | Path, split: str, image_size: int):
     - a split file ``<data>/<split>`` (or an absolute path): one image per line, a path relative
       to ``data`` (or a VOC id when ``data`` has ``JPEGImages/``); ids are the lines.
     """
-    from pretext.datasets import ImageFiles, ImageFolderImages
+    from core.datasets import ImageFiles, ImageFolderImages
 
     root = Path(data)
     if is_voc_root(root) and (root / "ImageSets" / "Main" / f"{split}.txt").is_file():

@@ -13,7 +13,7 @@
    ``svm.solver=liblinear``) for every cost of
    ``svm.costs`` (VISSL's AlexNet list), the cost with the best 3-fold cross-validated AP on
    ``train_split`` refitted on all of it, AP on ``test_split`` by the VOC07 rules
-   (``transfer.voc_ap``: difficult-only entries left out, 11-point AP). As in VISSL, difficult-only
+   (``core.voc_ap``: difficult-only entries left out, 11-point AP). As in VISSL, difficult-only
    entries are negatives when training. Classes run in parallel (joblib, ``num_workers``).
 2. **kNN** (dinov2 ``eval/knn.py``, mmselfsup's kNN: cosine similarity, k = 20, votes weighted by
    exp(sim / T), T = 0.07) through a FAISS inner-product index. VOC is multi-label, so a query's
@@ -57,6 +57,16 @@ from sklearn.svm import LinearSVC
 from torch import nn
 from torch.utils.data import DataLoader
 
+from core import run_folder
+from core.atomic_io import atomic_write_json
+from core.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from core.cli import run_cli
+from core.config import ConfigError, parse_cli
+from core.data import to_unit_range
+from core.datasets import VOCClassification
+from core.models import AlexNetEncoder, ContextEncoder, DCGANEncoder
+from core.voc_ap import mean_ap, voc07_classification_ap
+from core.voc_splits import dataset_classes, require_split, voc_root
 from eval.features import (
     DEFAULT_CACHE_DIR,
     cached,
@@ -66,16 +76,6 @@ from eval.features import (
     pick_device,
 )
 from eval.retrieval import build_index, search
-from pretext.atomic_io import atomic_write_json
-from pretext.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from pretext.cli import run_cli
-from pretext.config import ConfigError, parse_cli
-from pretext.data import to_unit_range
-from pretext.datasets import VOCClassification
-from pretext.models import AlexNetEncoder, ContextEncoder, DCGANEncoder
-from transfer import run_folder
-from transfer.voc_ap import mean_ap, voc07_classification_ap
-from transfer.voc_splits import dataset_classes, require_split, voc_root
 
 log = logging.getLogger("eval.frozen")
 
@@ -593,7 +593,7 @@ def main(cfg: Config) -> dict[str, float]:
 
 
 def cli(argv: list[str] | None = None) -> dict[str, float]:
-    """User mistakes: one 'error:' line, exit 2 (pretext.cli.run_cli)."""
+    """User mistakes: one 'error:' line, exit 2 (core.cli.run_cli)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     return run_cli(lambda: main(parse_config(argv)))
 

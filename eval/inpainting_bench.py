@@ -4,7 +4,7 @@
         data=data/minivoc/VOC2007 run_dir=runs/eval/inpainting
 
 Every held-out image (``split``, eval view at the models' input size S) loses the central hole of
-:func:`pretext.masks.central_mask` (the S/2 square shrunk by ``overlap`` px per side) and is filled by
+:func:`core.masks.central_mask` (the S/2 square shrunk by ``overlap`` px per side) and is filled by
 
 - ``mean_fill``: the training set's mean colour (the context encoder's own input, §3.3);
 - ``nn_hog``: NN-inpainting (Hays & Efros style, §5.1): the training image whose *context* (the image
@@ -14,7 +14,7 @@ Every held-out image (``split``, eval view at the models' input size S) loses th
 - ``ce_l2`` / ``ce_l2_adv``: the central-mask context encoder trained with the L2 loss / the joint
   L2 + adversarial loss; its prediction is pasted into the hole (the known context is kept).
 
-Scores (:func:`pretext.inpainting.region_scores`), pixel values in [0, 1], over two regions of each
+Scores (:func:`core.inpainting.region_scores`), pixel values in [0, 1], over two regions of each
 method's output image (its fill pasted into the hole, every other pixel the known image, as the
 authors' ``test.lua`` pastes its prediction):
 
@@ -54,6 +54,12 @@ import numpy as np
 import torch
 from skimage.feature import hog
 
+from core.atomic_io import atomic_write_json, atomic_write_text
+from core.config import ConfigError, dump_yaml, parse_cli
+from core.data import dataset_mean, fill_holes, to_unit_range
+from core.inpainting import predict_full, region_scores, save_grid
+from core.masks import central_mask, central_square
+from core.models import ContextEncoder
 from eval.features import (
     DEFAULT_CACHE_DIR,
     encode_images,
@@ -64,12 +70,6 @@ from eval.features import (
     split_images,
 )
 from eval.retrieval import build_index, search
-from pretext.atomic_io import atomic_write_json, atomic_write_text
-from pretext.config import ConfigError, dump_yaml, parse_cli
-from pretext.data import dataset_mean, fill_holes, to_unit_range
-from pretext.inpainting import predict_full, region_scores, save_grid
-from pretext.masks import central_mask, central_square
-from pretext.models import ContextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ DEFAULT_SIZE, DEFAULT_OVERLAP = 64, 4
 
 
 def unit01(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1] (the convention of :func:`pretext.inpainting.evaluate_inpainting`)."""
+    """[-1, 1] -> [0, 1] (the convention of :func:`core.inpainting.evaluate_inpainting`)."""
     return x.add(1).div(2).clamp(0, 1)
 
 
@@ -313,7 +313,7 @@ def main(cfg: Config) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    from pretext.cli import run_cli
+    from core.cli import run_cli
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(json.dumps(run_cli(lambda: main(parse_config())), indent=2))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pretext.config import ConfigError, read_yaml
+from core.config import ConfigError, read_yaml
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
+from core.atomic_io import atomic_write_json
+from core.cli import ArgumentParser
 from eval.jobs import Job, Profile, expand, load_profile
-from pretext.atomic_io import atomic_write_json
-from pretext.cli import ArgumentParser
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 
@@ -184,7 +184,7 @@ def job_state_from_dir(run_dir: str) -> str:
 def prepare_data(profile: Profile) -> None:
     """Generate the built-in mini-VOCs (the transfer set, the pretext variants' sets) once, before
     jobs that read them start in parallel."""
-    from pretext.data import ensure_builtin
+    from core.data import ensure_builtin
 
     pre = profile.pretext
     roots = [profile.data, pre.get("data", profile.data)]
@@ -249,6 +249,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pretext.cli import run_cli
+    from core.cli import run_cli
 
     run_cli(main)

@@ -29,6 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.cli import ArgumentParser
+from core.data import fill_holes, to_unit_range
+from core.datasets import eval_view
+from core.images import load_rgb
+from core.inpainting import save_grid
 from eval.features import (
     DEFAULT_CACHE_DIR,
     LAYERS,
@@ -40,11 +45,6 @@ from eval.features import (
     split_images,
 )
 from eval.retrieval import INDEX_KINDS, METRICS, build_index, search
-from pretext.cli import ArgumentParser
-from pretext.data import fill_holes, to_unit_range
-from pretext.datasets import eval_view
-from pretext.images import load_rgb
-from pretext.inpainting import save_grid
 
 
 @dataclass
@@ -156,7 +156,7 @@ def main(cfg: QueryConfig) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    from pretext.cli import run_cli
+    from core.cli import run_cli
 
     logging.basicConfig(level=logging.WARNING)
     run_cli(lambda: main(parse_config()))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.atomic_io import atomic_save, atomic_write_text, read_jsonl
 from eval.jobs import Profile
 from eval.tables import (
     FROZEN_LAYER_COLUMNS,
@@ -29,7 +30,6 @@ from eval.tables import (
     to_markdown,
     write_table,
 )
-from pretext.atomic_io import atomic_save, atomic_write_text, read_jsonl
 
 PACKAGES = (
     "torch",

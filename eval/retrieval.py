@@ -39,6 +39,10 @@ import faiss
 import numpy as np
 import torch
 
+from core import voc
+from core.atomic_io import atomic_write_json, atomic_write_text
+from core.config import ConfigError, dump_yaml, parse_cli
+from core.inpainting import save_grid
 from eval.features import (
     DEFAULT_CACHE_DIR,
     LAYERS,
@@ -48,10 +52,6 @@ from eval.features import (
     l2_normalize,
     split_images,
 )
-from pretext import voc
-from pretext.atomic_io import atomic_write_json, atomic_write_text
-from pretext.config import ConfigError, dump_yaml, parse_cli
-from pretext.inpainting import save_grid
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +332,7 @@ def main(cfg: Config) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    from pretext.cli import run_cli
+    from core.cli import run_cli
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(json.dumps(run_cli(lambda: main(parse_config())), indent=2))

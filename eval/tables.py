@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from pretext.atomic_io import atomic_write_text
+from core.atomic_io import atomic_write_text
 
 
 @dataclass(frozen=True)

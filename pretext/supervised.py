@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretext.cli import UserError
-from pretext.data import to_unit_range
-from pretext.datasets import ImageFolderImages, VOCClassification
+from core.cli import UserError
+from core.data import to_unit_range
+from core.datasets import ImageFolderImages, VOCClassification
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def evaluate(
     if not images.multi_label:
         return {f"{prefix}_top1": float((logits.argmax(1) == target).float().mean())}
     # the transfer protocol's AP (a plain numpy/sklearn module; imported here only)
-    from transfer.voc_ap import mean_ap, voc07_classification_ap
+    from core.voc_ap import mean_ap, voc07_classification_ap
 
     per_class = voc07_classification_ap(
         logits.numpy(), (target > 0).numpy(), (target < 0).numpy().astype(np.float32)

@@ -25,16 +25,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pretext import distributed
-from pretext.atomic_io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
-from pretext.checkpoint import (
+from core.atomic_io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from core.checkpoint import (
     load_checkpoint,
     remove_stale_temp_files,
     save_checkpoint,
 )
-from pretext.cli import run_cli
-from pretext.config import ConfigError, dump_yaml, parse_cli, read_yaml, to_dict
-from pretext.data import (
+from core.cli import run_cli
+from core.config import ConfigError, dump_yaml, parse_cli, read_yaml, to_dict
+from core.data import (
     MaskedImages,
     SeededViews,
     StepBatchSampler,
@@ -44,7 +43,10 @@ from pretext.data import (
     make_loader,
     to_unit_range,
 )
-from pretext.inpainting import evaluate_inpainting
+from core.inpainting import evaluate_inpainting
+from core.masks import MaskGenerator, builtin_shapes, central_square
+from core.models import ARCHS, Discriminator, build_model
+from pretext import distributed
 from pretext.losses import (
     discriminator_loss,
     generator_adversarial_loss,
@@ -52,8 +54,6 @@ from pretext.losses import (
     masked_l2_loss,
     reconstruction_weights,
 )
-from pretext.masks import MaskGenerator, builtin_shapes, central_square
-from pretext.models import ARCHS, Discriminator, build_model
 from pretext.supervised import (
     Classifier,
     SupervisedStep,
@@ -205,7 +205,7 @@ def pick_device(name: str) -> torch.device:
 
 def build_images(cfg: DataConfig, split: str, train: bool, image_size: int):
     """The image dataset of ``split`` (uint8 [3, S, S] items)."""
-    from pretext.datasets import ImageFolderImages, VOCImages
+    from core.datasets import ImageFolderImages, VOCImages
 
     root = Path(cfg.root)
     if cfg.format == "voc":
@@ -234,7 +234,7 @@ def region_shapes(cfg: Config) -> tuple[list[np.ndarray], str]:
                 "(e.g. /datasets/VOCdevkit/VOC2012)"
             )
     if cfg.mask.shapes != "builtin" and root:
-        from pretext.voc import object_shapes
+        from core.voc import object_shapes
 
         if not Path(root).is_dir():
             raise FileNotFoundError(f"{root}: mask.shapes_root is not a folder")
@@ -669,7 +669,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def cli(argv: list[str] | None = None) -> dict[str, float]:
     """Mistakes in the user's config, data or checkpoint: one line naming the file and the
-    problem, exit 2 (pretext.cli.run_cli)."""
+    problem, exit 2 (core.cli.run_cli)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     return run_cli(lambda: main(parse_config(argv)))
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import submitit
 
-from pretext.atomic_io import atomic_write_text
-from pretext.cli import ArgumentParser
+from core.atomic_io import atomic_write_text
+from core.cli import ArgumentParser
 from slurm.launcher import CLUSTERS, StageJob, make_executor
 from slurm.sweep_file import (
     Cell,
@@ -449,6 +449,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pretext.cli import run_cli
+    from core.cli import run_cli
 
     run_cli(main)

@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from pretext.cli import UserError
+from core.cli import UserError
 
 SWEEP_KEYS = {"name", "cluster_file", "grid", "stages"}
 STAGE_KEYS = {

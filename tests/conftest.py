@@ -10,7 +10,7 @@ TINY_IMAGES = 48
 @pytest.fixture(scope="session")
 def tiny_voc(tmp_path_factory) -> Path:
     """A tiny mini-VOC (VOC2007 layout) generated once per session; treat it as read-only."""
-    from pretext import minivoc
+    from core import minivoc
 
     return minivoc.generate(tmp_path_factory.mktemp("minivoc"), n_images=TINY_IMAGES, seed=0)
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from pretext.datasets import ImageFolderImages
-from pretext.images import BadImageError, load_rgb, probe_image
+from core.datasets import ImageFolderImages
+from core.images import BadImageError, load_rgb, probe_image
 
 RNG = np.random.default_rng(0)
 PIXELS = (RNG.random((48, 64, 3)) * 255).astype(np.uint8)

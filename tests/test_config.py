@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pretext.config import ConfigError, load_config, read_yaml
+from core.config import ConfigError, load_config, read_yaml
 from pretext.train import Config, parse_config
 
 CONFIGS = sorted(Path("pretext/configs").glob("*.yaml"))

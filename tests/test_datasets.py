@@ -9,15 +9,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pretext import voc
-from pretext.datasets import (
+from core import voc
+from core.datasets import (
     ImageFolderImages,
     VOCClassification,
     VOCImages,
     eval_view,
     random_resized_crop_box,
 )
-from pretext.minivoc import CLASSES
+from core.minivoc import CLASSES
 
 XML = """<annotation><filename>x.jpg</filename>
 <size><width>100</width><height>80</height><depth>3</depth></size>

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pretext.models import ARCHS, AlexNetEncoder, Geometry, detection_geometry, feature_geometry
+from core.models import ARCHS, AlexNetEncoder, Geometry, detection_geometry, feature_geometry
 
 
 def _positive_copy(encoder: nn.Module) -> nn.Module:

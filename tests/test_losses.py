@@ -112,7 +112,7 @@ def test_run_folder_from_before_the_eq1_fix_is_not_taken_for_an_eq1_run(tmp_path
     random-region run folder of that time must not resume (or count as finished) as Eq. 1."""
     import yaml
 
-    from pretext.config import ConfigError, to_dict
+    from core.config import ConfigError, to_dict
     from pretext.train import check_resume_config
 
     cfg = parse_config(["--config", "pretext/configs/builtin.yaml", f"run_dir={tmp_path}"])

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from pretext import voc
-from pretext.config import ConfigError
+from core import voc
+from core.config import ConfigError
 from pretext.train import main, parse_config, region_shapes
 
 

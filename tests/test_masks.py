@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pretext.masks import (
+from core.masks import (
     MaskGenerator,
     builtin_shapes,
     central_mask,

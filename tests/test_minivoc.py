@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pretext import minivoc, voc
+from core import minivoc, voc
 
 N = 24
 
@@ -129,7 +129,7 @@ def test_cli(tmp_path):
 
 def test_no_mm_libraries_imported():
     code = (
-        "import sys, pretext.minivoc, pretext.images, pretext.voc, pretext.datasets\n"
+        "import sys, core.minivoc, core.images, core.voc, core.datasets\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('mmdet', 'mmseg', 'mmcv', 'mmengine')]\n"
         "assert not bad, bad\n"
     )

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pretext.models import (
+from core.models import (
     ARCHS,
     AlexNetEncoder,
     AlexNetSpec,

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretext import data as pretext_data
-from pretext.atomic_io import read_jsonl
-from pretext.checkpoint import load_checkpoint, load_encoder, model_from_checkpoint
+from core import data as pretext_data
+from core.atomic_io import read_jsonl
+from core.checkpoint import load_checkpoint, load_encoder, model_from_checkpoint
 from pretext.supervised import ImageFolderClasses, LabelError, classification_loss
 from pretext.train import main, parse_config
 
@@ -66,7 +66,7 @@ def test_supervised_learns_and_loads_through_the_transfer_path(tiny_train_args, 
 
 
 def _fresh(state):
-    from pretext.models import build_model
+    from core.models import build_model
 
     torch.manual_seed(0)  # the run's seed: the network before training
     return build_model(state["arch"], state["dropout"], state["output"]).state_dict()
@@ -146,7 +146,7 @@ def test_losses_ignore_difficult_entries_and_match_torch():
 
 
 def test_supervised_builtin_set_is_a_second_minivoc_seed(tmp_path, monkeypatch):
-    from pretext import minivoc
+    from core import minivoc
 
     calls = []
     monkeypatch.setattr(minivoc, "generate", lambda out, **kw: calls.append((Path(out), kw)))

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from pretext.atomic_io import read_jsonl
-from pretext.checkpoint import load_checkpoint, load_encoder
-from pretext.config import ConfigError
+from core.atomic_io import read_jsonl
+from core.checkpoint import load_checkpoint, load_encoder
+from core.config import ConfigError
 from pretext.train import main, parse_config
 
 

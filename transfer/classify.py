@@ -31,17 +31,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pretext.atomic_io import append_jsonl
-from pretext.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from pretext.cli import run_cli
-from pretext.config import parse_cli
-from pretext.data import to_unit_range
-from pretext.datasets import VOCClassification
-from pretext.models import AlexNetEncoder
-from transfer import run_folder
+from core import run_folder
+from core.atomic_io import append_jsonl
+from core.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from core.cli import run_cli
+from core.config import parse_cli
+from core.data import to_unit_range
+from core.datasets import VOCClassification
+from core.models import AlexNetEncoder
+from core.voc_ap import mean_ap, voc07_classification_ap
+from core.voc_splits import dataset_classes, require_split, voc_root
 from transfer.data_dependent_init import rescale_layers
-from transfer.voc_ap import mean_ap, voc07_classification_ap
-from transfer.voc_splits import dataset_classes, require_split, voc_root
 
 log = logging.getLogger("transfer.classify")
 

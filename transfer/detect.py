@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pretext.cli import run_cli
-from pretext.config import parse_cli
-from pretext.models import Geometry
+from core.cli import run_cli
+from core.config import parse_cli
+from core.models import Geometry
 from transfer import mm_run
 
 log = logging.getLogger("transfer.detect")

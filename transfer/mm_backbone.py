@@ -6,7 +6,7 @@ Importing this module registers :class:`PretextAlexNet` in ``mmdet.registry.MODE
 ``default_scope``). The configs in transfer/configs/ import it with ``custom_imports``.
 
 Images reach the backbone normalised to [-1, 1] like in pretext training: the data preprocessors
-use mean = std = 127.5 with ``bgr_to_rgb=True`` (pretext.data.to_unit_range).
+use mean = std = 127.5 with ``bgr_to_rgb=True`` (core.data.to_unit_range).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from mmengine.logging import MMLogger
 from mmengine.model import BaseModule
 from mmseg.evaluation.metrics import IoUMetric
 
-from pretext.checkpoint import CheckpointError, load_encoder
-from pretext.models import ARCHS, AlexNetEncoder
+from core.checkpoint import CheckpointError, load_encoder
+from core.models import ARCHS, AlexNetEncoder
 
 FEATURES = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5")
 CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -40,7 +40,7 @@ class PretextAlexNet(BaseModule):
         frozen_stages: conv1..conv{frozen_stages} get no gradient (0 = train everything).
 
     forward(x: [N, 3, H, W] in [-1, 1]) -> tuple of [N, C_f, H / s_f, W / s_f] (conv5 of small64:
-    C=96, s=8; of alexnet227: C=256, s=16; pretext.models.detection_geometry).
+    C=96, s=8; of alexnet227: C=256, s=16; core.models.detection_geometry).
     """
 
     def __init__(

@@ -24,10 +24,10 @@ import torch
 from mmengine.hooks import Hook
 from tqdm import tqdm
 
-from pretext.atomic_io import append_jsonl
-from pretext.models import ARCHS, Geometry, detection_geometry
-from transfer import run_folder
-from transfer.voc_splits import dataset_classes, require_split, voc_root
+from core import run_folder
+from core.atomic_io import append_jsonl
+from core.models import ARCHS, Geometry, detection_geometry
+from core.voc_splits import dataset_classes, require_split, voc_root
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pretext.cli import run_cli
-from pretext.config import parse_cli
-from pretext.minivoc import voc_palette
-from pretext.models import Geometry
-from pretext.voc import VOC_CLASSES
+from core.cli import run_cli
+from core.config import parse_cli
+from core.minivoc import voc_palette
+from core.models import Geometry
+from core.run_folder import TransferError
+from core.voc import VOC_CLASSES
 from transfer import mm_run
-from transfer.run_folder import TransferError
 
 log = logging.getLogger("transfer.segment")
 CONFIG = str(Path(__file__).parent / "configs" / "fcn_ce_voc.py")

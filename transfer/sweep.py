@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretext.atomic_io import atomic_write_json
-from pretext.cli import run_cli
-from pretext.config import load_config
+from core.atomic_io import atomic_write_json
+from core.cli import run_cli
+from core.config import load_config
 
 log = logging.getLogger("transfer.sweep")
 HEADLINE = {"classify": "mAP", "detect": "mAP", "segment": "mIoU"}

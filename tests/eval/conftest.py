@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretext.checkpoint import save_checkpoint
-from pretext.models import build_model
+from core.checkpoint import save_checkpoint
+from core.models import build_model
 
 MEAN = [0.1, -0.05, 0.0]
 

@@ -3,9 +3,9 @@
 import numpy as np
 import torch
 
+from core.masks import central_mask
 from eval import features
 from eval.features import encode_images, extract_features, load_model, voc_images
-from pretext.masks import central_mask
 
 
 def test_cache_reloads_identical_features_without_recomputing(

@@ -12,6 +12,8 @@ import pytest
 import torch
 from sklearn.svm import LinearSVC
 
+from core.models import build_model
+from core.voc_ap import mean_ap, voc07_classification_ap
 from eval import frozen
 from eval.frozen import (
     SVMConfig,
@@ -21,8 +23,6 @@ from eval.frozen import (
     pooling_for,
     svm_layer,
 )
-from pretext.models import build_model
-from transfer.voc_ap import mean_ap, voc07_classification_ap
 
 # VISSL, eval_alexnet_8gpu_transfer_voc07_svm.yaml: conv1 k19 s4, conv2 k12 s3, conv3-4 k9 s1,
 # conv5 k8 s1 -> 9600 / 9216 / 9600 / 9600 / 9216 dimensions at 227 px.

@@ -1,4 +1,4 @@
-"""Table 1 bench: NN-inpainting oracle, agreement with pretext.inpainting, Telea, the stage's keys."""
+"""Table 1 bench: NN-inpainting oracle, agreement with core.inpainting, Telea, the stage's keys."""
 
 import json
 
@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
+from core import voc
+from core.inpainting import evaluate_inpainting, hole_errors
+from core.masks import central_mask
 from eval import inpainting_bench as bench
 from eval.features import load_model, voc_images
-from pretext import voc
-from pretext.inpainting import evaluate_inpainting, hole_errors
-from pretext.masks import central_mask
 
 HOLE = central_mask(64, 2)
 MEAN = [0.1, -0.05, 0.0]  # any fill colour will do
@@ -100,7 +100,7 @@ def test_a_method_without_its_checkpoint_is_a_clear_error():
 
 def test_region_scores_oracle_constant_prediction_against_known_images():
     """Grey 0.5 predicted for two images: one black, one whose hole is white and band black."""
-    from pretext.inpainting import region_scores
+    from core.inpainting import region_scores
 
     size, overlap = 16, 2  # central square 4..12 (64 px), hole 6..10 (16 px)
     hole = torch.from_numpy(central_mask(size, overlap))
@@ -127,7 +127,7 @@ def test_region_scores_oracle_constant_prediction_against_known_images():
 
 
 def _copy_split(voc, split: str, out, nested: bool = False):
-    from pretext import voc as voclib
+    from core import voc as voclib
 
     for k, image_id in enumerate(voclib.read_split(voc, split)):
         target = out / (f"class{k % 2}/" if nested else "") / f"{image_id}.jpg"

@@ -61,7 +61,7 @@ def _run(module: str, argv: list[str]) -> dict:
 
 
 def test_paper_profile_configs_load_validate_and_start(tmp_path, monkeypatch):
-    from pretext import minivoc
+    from core import minivoc
 
     monkeypatch.chdir(Path(__file__).parents[2])  # config paths in the profile are repo-relative
     # AlexNet-227 refuses images whose short side is under 113 px: a mini-VOC of larger photos

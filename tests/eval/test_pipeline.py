@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from core.config import ConfigError
 from eval.jobs import expand, load_profile
 from eval.pipeline import run_pipeline
-from pretext.config import ConfigError
 
 STAGE = textwrap.dedent(
     """

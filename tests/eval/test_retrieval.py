@@ -120,7 +120,7 @@ def test_query_box_maps_into_the_eval_view():
 
 def _photo_folder(voc, out, splits, nested):
     """The VOC splits' photos as <out>/<split>/[<class>/]<id>.jpg (class: the first VOC object)."""
-    from pretext import voc as voclib
+    from core import voc as voclib
 
     names = voclib.class_names(voc)
     for split in splits:

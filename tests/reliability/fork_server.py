@@ -40,8 +40,8 @@ import transfer.classify  # noqa: F401
 
 
 def _install_pause(save: int, phase: str, marker: str) -> None:
-    import pretext.atomic_io as atomic_io
-    import pretext.checkpoint as checkpoint
+    import core.atomic_io as atomic_io
+    import core.checkpoint as checkpoint
 
     calls = [0]
     real_replace = os.replace

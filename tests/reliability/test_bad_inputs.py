@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pretext.checkpoint import save_checkpoint
-from pretext.models import build_model
-from pretext.voc import VOCFormatError
+from core.checkpoint import save_checkpoint
+from core.models import build_model
+from core.voc import VOCFormatError
 from transfer import classify
 
 

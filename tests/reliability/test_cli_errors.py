@@ -1,4 +1,4 @@
-"""Every ``python -m`` entry point reports a user's mistake the same way (pretext.cli.run_cli):
+"""Every ``python -m`` entry point reports a user's mistake the same way (core.cli.run_cli):
 exit code 2, exactly one stderr line ``error: ...`` naming the path / key, no traceback."""
 
 from pathlib import Path
@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretext.checkpoint import save_checkpoint
-from pretext.models import build_model
+from core.checkpoint import save_checkpoint
+from core.models import build_model
 
 MISSING = "/nonexistent/of/the/cli/test"
 
@@ -108,7 +108,7 @@ def _cases(ckpt: Path, voc: Path, tmp: Path) -> list[tuple[str, list[str], str]]
         ("slurm.sweep", ["status", f"{MISSING}/s.yaml"], f"{MISSING}/s.yaml"),
         ("slurm.sweep", ["status", str(sweep)], "frobnicate"),
         ("slurm.sweep", ["stat", str(sweep)], "argument command: invalid choice: 'stat'"),
-        ("pretext.minivoc", ["--n-images", "many"], "--n-images: invalid int value: 'many'"),
+        ("core.minivoc", ["--n-images", "many"], "--n-images: invalid int value: 'many'"),
     ]
     return cases
 
@@ -116,7 +116,7 @@ def _cases(ckpt: Path, voc: Path, tmp: Path) -> list[tuple[str, list[str], str]]
 CASE_IDS = [f"{m}-{i}" for i, m in enumerate(
     ["transfer.classify"] * 4 + ["transfer.detect"] * 4 + ["transfer.segment"] * 4
     + ["transfer.sweep"] * 4 + ["eval.retrieval"] * 4 + ["eval.inpainting_bench"] * 4
-    + ["eval.query"] * 4 + ["eval.pipeline"] * 3 + ["slurm.sweep"] * 3 + ["pretext.minivoc"]
+    + ["eval.query"] * 4 + ["eval.pipeline"] * 3 + ["slurm.sweep"] * 3 + ["core.minivoc"]
 )]  # fmt: skip
 
 
@@ -136,7 +136,7 @@ def test_user_mistake_is_one_error_line_and_exit_2(fork_server, ckpt, tiny_voc, 
 
 
 def test_a_bug_keeps_its_traceback(capsys):
-    from pretext.cli import run_cli
+    from core.cli import run_cli
 
     def buggy():
         raise KeyError("internal")

@@ -4,10 +4,10 @@ import json
 import multiprocessing as mp
 from pathlib import Path
 
+from core.atomic_io import append_jsonl, atomic_write_json, read_jsonl
 from eval.jobs import Job
 from eval.pipeline import write_run_json
 from eval.tables import collect_runs
-from pretext.atomic_io import append_jsonl, atomic_write_json, read_jsonl
 
 WRITERS, RECORDS = 4, 300
 

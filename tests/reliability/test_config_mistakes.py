@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretext.checkpoint import CheckpointError, load_encoder, save_checkpoint
-from pretext.models import build_model
+from core.checkpoint import CheckpointError, load_encoder, save_checkpoint
+from core.models import build_model
 from transfer import classify
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,9 +12,9 @@ import stat
 import pytest
 import torch
 
-import pretext.checkpoint
-from pretext.atomic_io import atomic_write_json
-from pretext.checkpoint import load_checkpoint
+import core.checkpoint
+from core.atomic_io import atomic_write_json
+from core.checkpoint import load_checkpoint
 from pretext.train import main, parse_config
 
 
@@ -42,7 +42,7 @@ class FullDisk:
 
 def fail_checkpoint_write(monkeypatch, nth: int, where: str) -> None:
     """Make the ``nth`` checkpoint write of this process fail with ENOSPC at ``where``."""
-    real_save, real_fsync, calls = pretext.checkpoint.atomic_save, os.fsync, [0]
+    real_save, real_fsync, calls = core.checkpoint.atomic_save, os.fsync, [0]
 
     def failing_save(path, writer):
         calls[0] += 1
@@ -60,7 +60,7 @@ def fail_checkpoint_write(monkeypatch, nth: int, where: str) -> None:
         finally:
             monkeypatch.setattr(os, "fsync", real_fsync)
 
-    monkeypatch.setattr(pretext.checkpoint, "atomic_save", failing_save)
+    monkeypatch.setattr(core.checkpoint, "atomic_save", failing_save)
 
 
 @pytest.mark.parametrize("where", ["write", "fsync"])

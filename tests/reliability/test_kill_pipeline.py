@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.atomic_io import read_jsonl
+from core.checkpoint import load_checkpoint
 from eval.jobs import expand, load_profile
 from eval.tables import Column, build_table, collect_runs, write_table
-from pretext.atomic_io import read_jsonl
-from pretext.checkpoint import load_checkpoint
 
 # The downstream job: a stand-in for a transfer stage (reads the pretext result, writes its own).
 STAGE = textwrap.dedent(

@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from pretext.atomic_io import read_jsonl
-from pretext.checkpoint import load_checkpoint
+from core.atomic_io import read_jsonl
+from core.checkpoint import load_checkpoint
 
 STEPS = 40
 # 'write': killed with half of the checkpoint's bytes in the temp file; 'replace': killed with the

@@ -7,9 +7,9 @@ import time
 
 import torch
 
-from pretext.atomic_io import read_jsonl
-from pretext.checkpoint import save_checkpoint
-from pretext.models import build_model
+from core.atomic_io import read_jsonl
+from core.checkpoint import save_checkpoint
+from core.models import build_model
 
 KILLS = 8
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretext.checkpoint import save_checkpoint
-from pretext.models import build_model
+from core.checkpoint import save_checkpoint
+from core.models import build_model
 
 TINY_IMAGES = 24
 
@@ -14,7 +14,7 @@ TINY_IMAGES = 24
 @pytest.fixture(scope="session")
 def voc_root(tmp_path_factory) -> Path:
     """A tiny mini-VOC2007 (24 images, 8 classes); read-only."""
-    from pretext import minivoc
+    from core import minivoc
 
     return minivoc.generate(tmp_path_factory.mktemp("tvoc"), n_images=TINY_IMAGES, workers=1)
 

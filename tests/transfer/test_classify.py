@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from pretext.checkpoint import CheckpointError, load_checkpoint
+from core.checkpoint import CheckpointError, load_checkpoint
+from core.run_folder import TransferError
 from transfer import classify
 from transfer.data_dependent_init import rescale_layers
-from transfer.run_folder import TransferError
 
 
 def test_rescaled_new_layers_have_zero_mean_unit_variance():

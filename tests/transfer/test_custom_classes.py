@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pretext import voc
-from pretext.minivoc import voc_palette
+from core import voc
+from core.minivoc import voc_palette
 
 CLASSES = ("tree", "roof")  # classes.txt order (not sorted: roof would come first)
 COLOURS = {"tree": (30, 160, 40), "roof": (200, 40, 30)}

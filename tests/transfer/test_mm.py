@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretext.checkpoint import CheckpointError, load_checkpoint
+from core.checkpoint import CheckpointError, load_checkpoint
 from transfer.mm_backbone import PretextAlexNet
 
 
@@ -92,8 +92,8 @@ def test_segment_few_iterations(voc_root, ckpt, tmp_path):
 
 
 def test_segment_missing_split_is_a_clear_error(voc_root, ckpt, tmp_path):
+    from core.run_folder import TransferError
     from transfer import segment
-    from transfer.run_folder import TransferError
 
     args = [*_mm_args(voc_root, ckpt, tmp_path / "seg"), "test_split=test"]
     with pytest.raises(TransferError, match="Segmentation/test.txt: split file not found"):
@@ -107,7 +107,7 @@ def test_detect_config_uses_the_conv5_geometry(arch, tmp_path):
     from mmdet.models.task_modules import AnchorGenerator
     from mmengine.config import Config as MMEngineConfig
 
-    from pretext.models import detection_geometry
+    from core.models import detection_geometry
     from transfer import detect, mm_run
 
     channels, geo = mm_run.encoder_geometry(arch)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from transfer.voc_ap import average_precision, mean_ap, voc07_classification_ap
+from core.voc_ap import average_precision, mean_ap, voc07_classification_ap
 
 
 def test_eleven_point_ap_by_hand():

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pretext import voc
-from pretext.data import ensure_builtin
-from transfer.run_folder import TransferError
+from core import voc
+from core.data import ensure_builtin
+from core.run_folder import TransferError
 
 
 def voc_root(path: str | Path) -> Path:

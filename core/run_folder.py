@@ -21,15 +21,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pretext.atomic_io import atomic_write_json
-from pretext.checkpoint import (
+from core.atomic_io import atomic_write_json
+from core.checkpoint import (
     CheckpointError,
     file_sha256,
     load_checkpoint,
     resolve_checkpoint_path,
 )
-from pretext.cli import UserError
-from pretext.config import dump_yaml, read_yaml, save_config, to_dict
+from core.cli import UserError
+from core.config import dump_yaml, read_yaml, save_config, to_dict
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pretext.masks import MaskGenerator
+from core.masks import MaskGenerator
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def ensure_builtin(root: str | Path) -> None:
     """Generate a built-in mini-VOC root (its seed and size) when it is missing; else nothing."""
     root = Path(root)
     if not root.exists() and is_builtin_root(root):
-        from pretext import minivoc
+        from core import minivoc
 
         log.info("generating the built-in mini-VOC under %s", root.parent)
         seed, n_images = BUILTIN_SETS[root.parts[-2]]

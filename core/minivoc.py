@@ -46,8 +46,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from pretext.cli import ArgumentParser
-from pretext.voc import VOC_CLASSES
+from core.cli import ArgumentParser
+from core.voc import VOC_CLASSES
 
 CLASSES: tuple[str, ...] = VOC_CLASSES[:8]
 DEFAULT_N_IMAGES = 1000
@@ -642,6 +642,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    from pretext.cli import run_cli
+    from core.cli import run_cli
 
     run_cli(main)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pretext.cli import UserError
+from core.cli import UserError
 
 # The devkit's order: mmdet label = position, SegmentationClass value = position + 1.
 VOC_CLASSES: tuple[str, ...] = (

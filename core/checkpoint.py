@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from pretext.atomic_io import atomic_save
-from pretext.cli import UserError
-from pretext.models import ARCHS, ContextEncoder, build_model
+from core.atomic_io import atomic_save
+from core.cli import UserError
+from core.models import ARCHS, ContextEncoder, build_model
 
 FORMAT = "context-encoder-suite/checkpoint-v1"
 METHODS = ("context_encoder", "autoencoder", "random_init", "supervised")

@@ -2,7 +2,7 @@
 
 Every generator is a pure function of its arguments and a ``numpy.random.Generator``; it returns a
 bool array ``hole: [S, S]`` (True = pixel removed). Masks are drawn in the data pipeline
-(:mod:`pretext.data`), never inside the trainer.
+(:mod:`core.data`), never inside the trainer.
 """
 
 from __future__ import annotations

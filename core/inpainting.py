@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pretext.atomic_io import atomic_save
-from pretext.data import fill_holes, to_unit_range
-from pretext.masks import central_mask, central_square
-from pretext.models import ContextEncoder
+from core.atomic_io import atomic_save
+from core.data import fill_holes, to_unit_range
+from core.masks import central_mask, central_square
+from core.models import ContextEncoder
 
 
 def hole_errors(

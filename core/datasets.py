@@ -3,7 +3,7 @@
 Views: ``train=True`` takes a random resized crop (area 40-100 %, aspect 3/4-4/3) and a random
 horizontal flip, drawn from torch's global RNG, so a seeded DataLoader (its generator seeds each
 worker) or ``torch.manual_seed`` around ``ds[i]`` reproduces them; ``train=False`` resizes the short
-side to S and takes the centre S x S crop. Images are decoded by ``pretext.images.load_rgb``
+side to S and takes the centre S x S crop. Images are decoded by ``core.images.load_rgb``
 (see its policy; ``convert=True`` converts grayscale / RGBA / CMYK / 16-bit instead of refusing).
 
 An image whose short side is below ``min_size`` (default S // 2: more than 2x upsampling) is bad.
@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pretext import voc
-from pretext.images import IMAGE_EXTENSIONS, BadImageError, load_rgb, probe_image
+from core import voc
+from core.images import IMAGE_EXTENSIONS, BadImageError, load_rgb, probe_image
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from pretext.atomic_io import atomic_write_text
-from pretext.cli import ArgumentParser, UserError
+from core.atomic_io import atomic_write_text
+from core.cli import ArgumentParser, UserError
 
 T = TypeVar("T")
 
