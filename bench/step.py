@@ -61,7 +61,7 @@ def build_ours(cfg: Config, device: torch.device, mean: list[float]) -> Step:
     """The trainer's step, set up as :func:`pretext.train.main` sets it up (single process)."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.arch, cfg.model.dropout, cfg.model.output)
-    disc = Discriminator() if cfg.loss.adversarial else None
+    disc = Discriminator.for_input(model.output_size) if cfg.loss.adversarial else None
     memory_format, autocast_dtype, compile_model = Step.settings(cfg, device)
     betas = cfg.optim.betas
     opt_g = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=betas)

@@ -14,6 +14,7 @@ Images live in [-1, 1]; the decoder ends in tanh.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -310,6 +311,11 @@ class ContextEncoder(nn.Module):
         self.encoder, self.bottleneck, self.decoder = encoder, bottleneck, decoder
         self.input_size, self.output = input_size, output
 
+    @property
+    def output_size(self) -> int:
+        """Side of the prediction: the input's (``full``) or its central half (``center``)."""
+        return self.input_size if self.output == "full" else self.input_size // 2
+
     def forward_encoder(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
@@ -334,6 +340,15 @@ class Discriminator(nn.Module):
         super().__init__()
         self.features = dcgan_downsampling(channels)
         self.head = nn.Conv2d(channels[-1], 1, 4)
+
+    @classmethod
+    def for_input(cls, size: int) -> Discriminator:
+        """The DCGAN discriminator for ``size``-px predictions: one k4 s2 layer per halving down to
+        4x4, at most four (64 px: 64-128-256-512, the netD of the released train.lua for its 64x64
+        centre; 32 px, the built-in small64's centre: 64-128-256). Larger or odd sizes keep four
+        layers and are average-pooled to 4x4."""
+        layers = min(4, max(1, round(math.log2(size / 4))))
+        return cls((64, 128, 256, 512)[:layers])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.features(x)

@@ -433,7 +433,7 @@ def main(cfg: Config) -> dict[str, float]:
         classifier = Classifier(model.encoder, len(names), h.kind, h.hidden, h.dropout)
     else:
         train_images = build_images(cfg.data, cfg.data.split, train=True, image_size=size)
-    disc = Discriminator() if cfg.loss.adversarial else None
+    disc = Discriminator.for_input(model.output_size) if cfg.loss.adversarial else None
     opt_g = torch.optim.Adam(
         (classifier or model).parameters(),
         lr=cfg.optim.lr,

@@ -76,3 +76,21 @@ def test_discriminator_gives_one_logit_per_image():
     d = Discriminator()
     assert d(torch.randn(5, 3, 64, 64)).shape == (5,)
     assert d(torch.randn(2, 3, 32, 32)).shape == (2,)
+
+
+@pytest.mark.parametrize(("size", "layers"), [(64, 4), (32, 3), (128, 4), (227, 4), (16, 2)])
+def test_discriminator_for_input_halves_down_to_4x4(size, layers):
+    d = Discriminator.for_input(size)
+    strided = [m for m in d.features.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(strided) == layers
+    assert [m.out_channels for m in strided] == [64, 128, 256, 512][:layers]
+    x = torch.randn(2, 3, size, size)
+    if size in (16, 32, 64, 128):  # powers of two reach the k4 head at exactly 4x4 (128: pooled from 8)
+        assert d.features(x).shape[-1] == (4 if size <= 64 else 8)
+    assert d(x).shape == (2,)
+
+
+def test_center_output_size_is_half_the_input():
+    assert build_model("small64", output="center").output_size == 32
+    assert build_model("small64").output_size == 64
+    assert build_model("inpaint128", output="center").output_size == 64
