@@ -5,6 +5,7 @@ One ``.pt`` file (a dict) per checkpoint, written atomically:
 - ``format``: :data:`FORMAT`; ``method``: context_encoder | autoencoder | random_init | supervised
 - ``arch``, ``output``, ``dropout``: enough to rebuild the network with :func:`build_model`
 - ``model``: full state dict; ``discriminator`` (or None); ``optimizers``; ``step``; ``rng``
+  (a DDP run also saves ``rng_ranks``, the torch RNG state of every rank)
 - ``data_mean``: per-channel fill value in [-1, 1] (masked pixels get the dataset mean, §3.3)
 - ``config``: the resolved training config as a dict; ``elapsed_s``: training time so far
 - ``method=supervised`` only: ``head`` (the classifier's state dict, ``pretext.supervised``) and

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -59,3 +60,107 @@ def init(env: DistEnv) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
     dist.init_process_group(backend, rank=env.rank, world_size=env.world_size)
+
+
+# ---- collectives of the training step (no-ops in one process) ----------------------------------
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of ``tensor`` over the ranks, in place (no autograd): loss values, pixel counts."""
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank; ``[obj]`` in one process."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (what DDP does at construction)."""
+    if world_size() > 1:
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, 0)
+
+
+def average_gradients(module: torch.nn.Module) -> None:
+    """Mean of the gradients over the ranks (DDP's reduction, for a module DDP cannot wrap: the
+    discriminator, called twice -- real and fake batch -- before one backward)."""
+    n = world_size()
+    if n == 1:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat.div_(n)
+        for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(v.view_as(g))
+
+
+class _GatherBatch(torch.autograd.Function):
+    """[n, ...] on each rank -> the global batch [world * n, ...] in rank order. Backward: the
+    global batch's gradient summed over the ranks (every rank's loss depends on every sample
+    through the batch statistics), this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x)
+        ctx.lo, ctx.n = dist.get_rank() * x.shape[0], x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.lo : ctx.lo + ctx.n]
+
+
+class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics are those of the global batch, on any device
+    (torch's SyncBatchNorm runs on GPUs only). Each rank gathers the global batch, normalises it
+    with the plain batch-norm kernel and keeps its own slice: the statistics, the running averages
+    and the output are the ones one process computes on the whole batch. Eval mode and one
+    process: plain BatchNorm2d. Same parameters, buffers and state-dict keys as BatchNorm2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or world_size() == 1:
+            return super().forward(x)
+        n = x.shape[0]
+        full = super().forward(_GatherBatch.apply(x))
+        lo = dist.get_rank() * n
+        return full[lo : lo + n]
+
+
+def sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """BatchNorm over the global batch when world_size > 1: torch's SyncBatchNorm on GPU,
+    :class:`GlobalBatchNorm2d` on CPU (in place: the parameters stay the optimizer's)."""
+    if world_size() == 1:
+        return module
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for m in module.modules():
+        if type(m) is torch.nn.BatchNorm2d:
+            m.__class__ = GlobalBatchNorm2d
+    return module
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -39,7 +39,11 @@ def hole_pixel_count(hole: torch.Tensor) -> torch.Tensor:
 
 
 def masked_l2_loss(
-    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, hole: torch.Tensor
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor,
+    hole: torch.Tensor,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. 1: || w * (x - F((1 - M) * x)) ||^2, normalised by the number of hole values.
 
@@ -47,9 +51,21 @@ def masked_l2_loss(
     [N, 1, H, W] (1 = removed). Returns sum(w * (pred - target)^2) / (C * #hole pixels), i.e. the
     mean squared error per hole value, with an overlap band (if any) counting ``overlap_weight``
     times. The normaliser comes from ``hole``, never from the weights' values.
+
+    ``count``: the number of hole values to divide by, in place of this batch's -- under DDP the
+    global batch's (:func:`hole_value_count` summed over the ranks), so that each rank's loss is its
+    share of the global-batch loss: hole sizes differ between ranks, and a mean of per-rank means
+    is not the global mean.
     """
     sq = (pred.float() - target.float()).pow(2) * weights
-    return sq.sum() / (hole_pixel_count(hole) * pred.shape[1]).clamp_min(1)
+    if count is None:
+        count = hole_value_count(hole, pred.shape[1])
+    return sq.sum() / count.clamp_min(1)
+
+
+def hole_value_count(hole: torch.Tensor, channels: int) -> torch.Tensor:
+    """The normaliser of :func:`masked_l2_loss`: hole pixels x channels (float scalar)."""
+    return hole_pixel_count(hole) * channels
 
 
 def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:

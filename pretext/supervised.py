@@ -31,6 +31,7 @@ from torch import nn
 from core.cli import UserError
 from core.data import to_unit_range
 from core.datasets import ImageFolderImages, VOCClassification
+from pretext import distributed
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +144,27 @@ class Classifier(nn.Module):
         return self.head(self.encoder(x))
 
 
-def classification_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def classification_loss(
+    logits: torch.Tensor, target: torch.Tensor, count: torch.Tensor | None = None
+) -> torch.Tensor:
     """int64 target [N]: cross-entropy; float target [N, C] in {1, 0, -1}: binary cross-entropy
-    averaged over the entries that are not -1 (ignored)."""
+    averaged over the entries that are not -1 (ignored). ``count``: the number of terms to divide
+    by in place of this batch's (:func:`loss_term_count`; under DDP the global batch's)."""
     if target.dtype == torch.int64:
-        return F.cross_entropy(logits, target)
+        if count is None:
+            return F.cross_entropy(logits, target)
+        return F.cross_entropy(logits, target, reduction="sum") / count.clamp(min=1)
     keep = (target >= 0).to(logits.dtype)
     bce = F.binary_cross_entropy_with_logits(logits, target.clamp(min=0), reduction="none")
-    return (bce * keep).sum() / keep.sum().clamp(min=1)
+    count = loss_term_count(target) if count is None else count
+    return (bce * keep).sum() / count.clamp(min=1)
+
+
+def loss_term_count(target: torch.Tensor) -> torch.Tensor:
+    """The normaliser of :func:`classification_loss`: images, or entries that are not -1."""
+    if target.dtype == torch.int64:
+        return torch.tensor(float(len(target)), device=target.device)
+    return (target >= 0).float().sum()
 
 
 def batch_accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -183,14 +197,19 @@ class SupervisedStep:
         enabled = self.autocast_dtype is not None
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled):
             logits = self.model(x)
-        loss = classification_loss(logits.float(), target)
-        out = {"loss": float(loss.detach()), "loss_cls": float(loss.detach())}
+        # DDP: this rank's share of the global-batch loss (see train.Step), backward world x share
+        world = distributed.world_size()
+        count = distributed.all_reduce_sum(loss_term_count(target)) if world > 1 else None
+        loss = classification_loss(logits.float(), target, count)
+        shown = distributed.all_reduce_sum(loss.detach().clone())
+        out = {"loss": float(shown), "loss_cls": float(shown)}
         if not math.isfinite(out["loss"]):
             return out
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * world if world > 1 else loss).backward()
         self.opt.step()
-        out["train_acc"] = float(batch_accuracy(logits.detach().float(), target))
+        acc = batch_accuracy(logits.detach().float(), target) / world  # mean over the ranks
+        out["train_acc"] = float(distributed.all_reduce_sum(acc))
         return out
 
 

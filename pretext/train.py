@@ -50,6 +50,7 @@ from pretext import distributed
 from pretext.losses import (
     discriminator_loss,
     generator_adversarial_loss,
+    hole_value_count,
     joint_loss,
     masked_l2_loss,
     reconstruction_weights,
@@ -338,7 +339,13 @@ class Step:
             target, weights, hole = target[crop], weights[crop], hole[crop]
         with self._autocast():
             pred = self.model(context)
-        rec = masked_l2_loss(pred, target, weights, hole)
+        # DDP: each rank's loss is its share of the global-batch loss (the shares sum to what one
+        # process computes on the whole batch); DDP averages gradients, so backward world x share.
+        world = distributed.world_size()
+        count = None
+        if world > 1:  # the global batch's hole values: hole sizes differ between ranks
+            count = distributed.all_reduce_sum(hole_value_count(hole, pred.shape[1]))
+        rec = masked_l2_loss(pred, target, weights, hole, count)
         out = {"loss_rec": rec}
         loss = rec
         if self.disc is not None:
@@ -346,16 +353,20 @@ class Step:
             # discarded by opt_d.zero_grad below, so they are not computed (same result, less work).
             self.disc.requires_grad_(False)
             with self._autocast():
-                adv = generator_adversarial_loss(self.disc(pred).float())
+                adv = generator_adversarial_loss(self.disc(pred).float()) / world
             loss = joint_loss(rec, adv, self.cfg.loss.lambda_rec, self.cfg.loss.lambda_adv)
             out["loss_adv"] = adv
         out["loss"] = loss
-        if not torch.isfinite(loss):
+        shown = out  # what is logged and checked: the global-batch values, the same on every rank
+        if world > 1:
+            values = torch.stack([v.detach().float() for v in out.values()])
+            shown = dict(zip(out, distributed.all_reduce_sum(values)))
+        if not torch.isfinite(shown["loss"]):
             if self.disc is not None:
                 self.disc.requires_grad_(True)
-            return {k: float(v.detach()) for k, v in out.items()}
+            return {k: float(v.detach()) for k, v in shown.items()}
         self.opt_g.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * world if world > 1 else loss).backward()
         self.opt_g.step()
         if self.disc is not None:
             self.disc.requires_grad_(True)
@@ -367,9 +378,10 @@ class Step:
                 )
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
+            distributed.average_gradients(self.disc)  # DDP's mean over ranks, by hand
             self.opt_d.step()
-            out["loss_disc"] = d_loss
-        return {k: float(v.detach()) for k, v in out.items()}
+            shown["loss_disc"] = distributed.all_reduce_sum(d_loss.detach() / world)
+        return {k: float(v.detach()) for k, v in shown.items()}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -415,6 +427,9 @@ def main(cfg: Config) -> dict[str, float]:
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
         for tmp in remove_stale_temp_files(ckpt_path):  # left by a kill during a checkpoint write
             log.info("removed %s, left by an interrupted checkpoint write", tmp)
+        if env.world_size > 1:
+            ensure_builtin(cfg.data.root)  # by rank 0 alone, before the others read it
+    distributed.barrier()
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -447,6 +462,8 @@ def main(cfg: Config) -> dict[str, float]:
         if disc is not None
         else None
     )
+    if env.world_size > 1:  # one torch RNG stream (dropout) per rank; DDP makes weights rank 0's
+        torch.manual_seed(cfg.seed + 1_000_003 * env.rank)
     step, elapsed = 0, 0.0
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
@@ -457,7 +474,8 @@ def main(cfg: Config) -> dict[str, float]:
             disc.load_state_dict(state["discriminator"])
             opt_d.load_state_dict(state["optimizers"]["disc"])  # type: ignore[union-attr]
         opt_g.load_state_dict(state["optimizers"]["gen"])
-        _set_rng_state(state["rng"])
+        rngs = state.get("rng_ranks") or [state["rng"]]  # rng_ranks: saved by a DDP run
+        _set_rng_state(rngs[env.rank] if len(rngs) == env.world_size else state["rng"])
         step, elapsed, mean_list = state["step"], state["elapsed_s"], state["data_mean"]
         _truncate_metrics(run_dir / "metrics.jsonl", step)
         log.info("resuming %s from step %d", run_dir, step)
@@ -466,7 +484,7 @@ def main(cfg: Config) -> dict[str, float]:
             build_images(cfg.data, cfg.data.split, train=False, image_size=size)
         )
 
-    def checkpoint_state() -> dict[str, Any]:
+    def checkpoint_state(rngs: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "method": cfg.method,
             "arch": cfg.model.arch,
@@ -479,7 +497,8 @@ def main(cfg: Config) -> dict[str, float]:
                 "disc": opt_d.state_dict() if opt_d else None,
             },
             "step": step,
-            "rng": _rng_state(),
+            "rng": rngs[0],
+            **({"rng_ranks": rngs} if len(rngs) > 1 else {}),
             "data_mean": mean_list,
             "config": to_dict(cfg),
             "elapsed_s": elapsed,
@@ -491,9 +510,13 @@ def main(cfg: Config) -> dict[str, float]:
         }
 
     total = 0 if cfg.method == "random_init" else cfg.optim.steps
+    # every rank has resumed (or not) before rank 0 may write a step-0 checkpoint
+    steps_rngs = distributed.all_gather_object((step, _rng_state()))
+    if len({s for s, _ in steps_rngs}) > 1:
+        raise RuntimeError(f"{ckpt_path}: ranks resumed from different steps {steps_rngs}")
     if step == 0 and env.is_main and not ckpt_path.exists():
         save_checkpoint(
-            ckpt_path, checkpoint_state()
+            ckpt_path, checkpoint_state([r for _, r in steps_rngs])
         )  # a loadable step-0 checkpoint from the start
 
     use_gpu = device.type == "cuda"
@@ -508,8 +531,13 @@ def main(cfg: Config) -> dict[str, float]:
         _move_optimizer(opt_d, device)
     train_model: torch.nn.Module = classifier or model
     if env.world_size > 1:
+        # BatchNorm over the global batch, so that the statistics are one process's
+        train_model = distributed.sync_batchnorm(train_model, device)
         ids = [device.index] if use_gpu else None
         train_model = DistributedDataParallel(train_model, device_ids=ids)
+        if disc is not None:  # not DDP-wrapped (see average_gradients): same start, global BN
+            disc = distributed.sync_batchnorm(disc, device)
+            distributed.broadcast_module(disc)
     if compile_model:
         train_model = torch.compile(train_model)
     mean = torch.tensor(mean_list, device=device)
@@ -582,8 +610,10 @@ def main(cfg: Config) -> dict[str, float]:
                 append_jsonl(run_dir / "metrics.jsonl", record)
                 bar.set_postfix(loss=f"{losses['loss']:.4f}")
                 t_last, n_last = now, 0
-            if env.is_main and (step % cfg.checkpoint_every == 0 or step == total):
-                save_checkpoint(ckpt_path, checkpoint_state())
+            if step % cfg.checkpoint_every == 0 or step == total:
+                rngs = distributed.all_gather_object(_rng_state())  # every rank's, for resuming
+                if env.is_main:
+                    save_checkpoint(ckpt_path, checkpoint_state(rngs))
         bar.close()
 
     if not env.is_main:
@@ -671,7 +701,10 @@ def cli(argv: list[str] | None = None) -> dict[str, float]:
     """Mistakes in the user's config, data or checkpoint: one line naming the file and the
     problem, exit 2 (core.cli.run_cli)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return run_cli(lambda: main(parse_config(argv)))
+    try:
+        return run_cli(lambda: main(parse_config(argv)))
+    finally:
+        distributed.cleanup()
 
 
 if __name__ == "__main__":
