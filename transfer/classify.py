@@ -96,6 +96,10 @@ class Config:
     force: bool = False  # recompute a finished run folder / reuse one started differently
 
 
+# Keys that may change between a run and a re-run of its folder (core.run_folder.open_run).
+FREE_KEYS = {"force", "num_workers", "threads", "progress"}
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
     flags = {"checkpoint": "pretext checkpoint (.pt or run folder)",
              "data": "VOC root, e.g. VOCdevkit/VOC2007"}  # fmt: skip
@@ -359,7 +363,7 @@ def main(cfg: Config) -> dict[str, float]:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run_dir)
     model, source = load_pretext(cfg.checkpoint, cfg.arch)
-    done = run_folder.finished_result(run_dir, cfg, source)
+    done = run_folder.open_run(run_dir, cfg, FREE_KEYS, {"checkpoint": source})
     if done is not None:
         return done
     root = voc_root(cfg.data)
@@ -369,7 +373,7 @@ def main(cfg: Config) -> dict[str, float]:
     size = cfg.image_size or model.input_size
     meta = {"task": "classify", "source": source, "seed": cfg.seed, "data": str(root),
             "classes": list(classes), "image_size": size}  # fmt: skip
-    run_folder.start(run_dir, cfg, meta)
+    run_folder.start(run_dir, cfg, meta, {"checkpoint": source})
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a restarted run logs afresh
     t0 = time.perf_counter()
 
