@@ -229,8 +229,8 @@ def finetune(
         stats = rescale_layers(model.new_layers, lambda: model(x))
         log.info("data-dependent init: per-layer (mean, std) after rescaling %s", stats)
     groups = [
-        {"params": list(model.head.parameters()), "lr_mult": 1.0},
-        {"params": list(model.encoder.parameters()), "lr_mult": fc.encoder_lr_mult},
+        {"params": list(model.head.parameters()), "lr": fc.lr},
+        {"params": list(model.encoder.parameters()), "lr": fc.lr * fc.encoder_lr_mult},
     ]
     if fc.encoder_lr_mult == 0:
         groups = groups[:1]
@@ -247,7 +247,12 @@ def finetune(
         num_workers=cfg.num_workers,
         generator=generator,
     )
-    steps = fc.epochs * len(loader)
+    steps, per_epoch = fc.epochs * len(loader), len(loader)
+    # torch's LambdaLR on the closed-form factor of step k (epoch k // per_epoch, fraction
+    # (k % per_epoch) / per_epoch): each group's lr = its base lr * factor, as before the change
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: lr_factor(k // per_epoch + (k % per_epoch) / per_epoch, fc)
+    )
     bar = tqdm(
         total=steps, desc=f"finetune {run_dir.name}", disable=not cfg.progress, file=sys.stderr
     )
@@ -256,10 +261,7 @@ def finetune(
         if fc.encoder_lr_mult == 0:
             model.encoder.eval()
         total, count = 0.0, 0
-        for i, (images, labels, diff) in enumerate(loader):
-            factor = lr_factor(epoch + i / len(loader), fc)
-            for group in opt.param_groups:
-                group["lr"] = fc.lr * group["lr_mult"] * factor
+        for images, labels, diff in loader:
             logits = model(to_unit_range(images))
             # difficult-only entries are neither positive nor negative (VOC07 protocol)
             weight = 1.0 - diff
@@ -270,6 +272,7 @@ def finetune(
             if fc.clip_grad > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), fc.clip_grad)
             opt.step()
+            schedule.step()
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(
                     f"{run_dir}: non-finite fine-tuning loss at epoch {epoch}; lower finetune.lr"
@@ -277,9 +280,10 @@ def finetune(
             total, count = total + loss.item() * len(images), count + len(images)
             bar.update(1)
         bar.set_postfix(loss=f"{total / count:.4f}")
+        lr = fc.lr * lr_factor(epoch + (per_epoch - 1) / per_epoch, fc)  # the epoch's last step
         append_jsonl(
             run_dir / "metrics.jsonl",
-            {"mode": "finetune", "epoch": epoch + 1, "loss": total / count, "lr": fc.lr * factor},
+            {"mode": "finetune", "epoch": epoch + 1, "loss": total / count, "lr": lr},
         )
     bar.close()
 
