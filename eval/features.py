@@ -39,7 +39,7 @@ from core.checkpoint import (
     model_from_checkpoint,
     resolve_checkpoint_path,
 )
-from core.data import fill_holes, to_unit_range
+from core.data import ensure_builtin, fill_holes, to_unit_range
 from core.models import ContextEncoder
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,7 @@ def split_images(data: str | Path, split: str, image_size: int):
     from core.datasets import ImageFiles, ImageFolderImages
 
     root = Path(data)
+    ensure_builtin(root)  # the built-in mini-VOC is generated on first use
     if is_voc_root(root) and (root / "ImageSets" / "Main" / f"{split}.txt").is_file():
         return voc_images(root, split, image_size)
     target = (

@@ -121,6 +121,10 @@ class Config:
     force: bool = False  # recompute a finished run folder / reuse one started differently
 
 
+# Keys that may change between a run and a re-run of its folder (core.run_folder.open_run).
+FREE_KEYS = {"force", "num_workers", "device", "cache_dir"}
+
+
 def check_config(cfg: Config) -> Config:
     bad = [layer for layer in cfg.layers if layer not in LAYERS]
     if bad or not cfg.layers:
@@ -518,7 +522,7 @@ def main(cfg: Config) -> dict[str, float]:
     cfg = check_config(cfg)
     run_dir = Path(cfg.run_dir)
     source = run_folder.source_meta(cfg.checkpoint)
-    done = run_folder.finished_result(run_dir, cfg, source)
+    done = run_folder.open_run(run_dir, cfg, FREE_KEYS, {"checkpoint": source})
     if done is not None:
         return done
     state = load_checkpoint(cfg.checkpoint)
@@ -532,7 +536,7 @@ def main(cfg: Config) -> dict[str, float]:
     meta = {"task": "frozen", "source": source, "seed": cfg.seed, "data": str(root),
             "classes": list(classes), "image_size": size, "layers": list(cfg.layers),
             "pooling": {k: v for k, v in pooling.items() if k in cfg.layers}}  # fmt: skip
-    run_folder.start(run_dir, cfg, meta)
+    run_folder.start(run_dir, cfg, meta, {"checkpoint": source})
     t0 = time.perf_counter()
     data = {}
     for split in (cfg.train_split, cfg.test_split):

@@ -54,8 +54,9 @@ import numpy as np
 import torch
 from skimage.feature import hog
 
-from core.atomic_io import atomic_write_json, atomic_write_text
-from core.config import ConfigError, dump_yaml, parse_cli
+from core import run_folder
+from core.atomic_io import atomic_write_json
+from core.config import ConfigError, parse_cli
 from core.data import dataset_mean, fill_holes, to_unit_range
 from core.inpainting import predict_full, region_scores, save_grid
 from core.masks import central_mask, central_square
@@ -186,6 +187,11 @@ class Config:
     batch_size: int = 64
     cache_dir: str = DEFAULT_CACHE_DIR
     device: str = "auto"
+    force: bool = False  # recompute a finished run folder / reuse one started differently
+
+
+# Keys that may change between a run and a re-run of its folder (core.run_folder.open_run).
+FREE_KEYS = {"force", "device", "cache_dir"}
 
 
 def resolve(cfg: Config) -> Config:
@@ -217,11 +223,6 @@ def main(cfg: Config) -> dict[str, float]:
     """Table 1 on ``cfg.split``; returns (and writes to result.json) the flat metrics."""
     cfg = resolve(cfg)
     run_dir = Path(cfg.run_dir)
-    result_path = run_dir / "result.json"
-    if result_path.exists():
-        log.info("%s is finished; nothing to do", run_dir)
-        return json.loads(result_path.read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     device = pick_device(cfg.device)
     models = {m: load_model(getattr(cfg, m)) for m in ("ce_l2", "ce_l2_adv") if m in cfg.methods}
@@ -240,7 +241,13 @@ def main(cfg: Config) -> dict[str, float]:
             if ref
             else DEFAULT_OVERLAP
         )
-    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    # provenance of every checkpoint read (path, sha256): a re-run from other weights is refused
+    sources = {name: {k: meta[k] for k in ("path", "sha256")} for name, (_, meta) in models.items()}
+    done = run_folder.open_run(run_dir, cfg, FREE_KEYS, sources)
+    if done is not None:
+        return done
+    run_meta = {"task": "inpainting_bench", "data": str(cfg.data), "image_size": size}
+    run_folder.start(run_dir, cfg, run_meta, sources)
     hole = central_mask(size, cfg.overlap)
     lo, hi = central_square(size)
     center = torch.zeros(size, size, dtype=torch.bool)
@@ -308,8 +315,7 @@ def main(cfg: Config) -> dict[str, float]:
             run_dir / "inpainting_grid.json",
             {"columns": ["masked_input", *cfg.methods, "truth"], "ids": ids[:rows]},
         )
-    atomic_write_json(result_path, result)
-    return result
+    return run_folder.finish(run_dir, result, run_meta)
 
 
 if __name__ == "__main__":

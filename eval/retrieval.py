@@ -39,9 +39,8 @@ import faiss
 import numpy as np
 import torch
 
-from core import voc
-from core.atomic_io import atomic_write_json, atomic_write_text
-from core.config import ConfigError, dump_yaml, parse_cli
+from core import run_folder, voc
+from core.config import ConfigError, parse_cli
 from core.inpainting import save_grid
 from eval.features import (
     DEFAULT_CACHE_DIR,
@@ -217,6 +216,11 @@ class Config:
     device: str = "auto"
     grid_queries: int = 6
     grid_k: int = 8
+    force: bool = False  # recompute a finished run folder / reuse one started differently
+
+
+# Keys that may change between a run and a re-run of its folder (core.run_folder.open_run).
+FREE_KEYS = {"force", "device", "cache_dir"}
 
 
 def check_config(cfg: Config) -> Config:
@@ -250,12 +254,13 @@ def retrieval_benchmark(cfg: Config) -> dict[str, float]:
     """
     cfg = check_config(cfg)
     run_dir = Path(cfg.run_dir)
-    result_path = run_dir / "result.json"
-    if result_path.exists():
-        log.info("%s is finished; nothing to do", run_dir)
-        return json.loads(result_path.read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    # provenance of every checkpoint read (path, sha256): a re-run from other weights is refused
+    sources = {name: run_folder.provenance(ckpt) for name, ckpt in cfg.checkpoints.items()}
+    done = run_folder.open_run(run_dir, cfg, FREE_KEYS, sources)
+    if done is not None:
+        return done
+    meta = {"task": "retrieval", "data": str(cfg.data)}
+    run_folder.start(run_dir, cfg, meta, sources)
     start = time.perf_counter()
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
     device = "cpu" if device == "auto" else device
@@ -309,8 +314,7 @@ def retrieval_benchmark(cfg: Config) -> dict[str, float]:
     result["n_queries"] = float(len(qset.ids))
     result["n_database"] = float(len(dbset.ids))
     result["time_s"] = time.perf_counter() - start
-    atomic_write_json(result_path, result)
-    return result
+    return run_folder.finish(run_dir, result, meta)
 
 
 def write_retrieval_grid(

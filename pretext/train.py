@@ -25,6 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from core import run_folder
 from core.atomic_io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from core.checkpoint import (
     load_checkpoint,
@@ -32,7 +33,7 @@ from core.checkpoint import (
     save_checkpoint,
 )
 from core.cli import run_cli
-from core.config import ConfigError, dump_yaml, parse_cli, read_yaml, to_dict
+from core.config import ConfigError, parse_cli, to_dict
 from core.data import (
     MaskedImages,
     SeededViews,
@@ -246,44 +247,21 @@ def region_shapes(cfg: Config) -> tuple[list[np.ndarray], str]:
 
 
 def check_resume_config(run_dir: Path, cfg: Config) -> None:
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.exists():
-        return
-    saved, current = _flatten(read_yaml(saved_path)), _flatten(to_dict(cfg))
-    # A key added to Config after the run started is absent from its config.yaml: no difference
-    # while it keeps its default (old run folders still resume and count as finished) -- unless
-    # the run was trained differently before the key existed (LEGACY_VALUES).
-    for key, value in LEGACY_VALUES.items():
-        if key.split(".")[0] in {k.split(".")[0] for k in saved}:
-            saved.setdefault(key, value)
-    default = _flatten(to_dict(resolve(Config())))
-    diff = sorted(
-        k
-        for k in set(saved) | set(current)
-        if saved.get(k) != current.get(k)
-        and k not in RESUME_FREE_KEYS
-        and not (k not in saved and current.get(k) == default.get(k))
+    """Refuse (core.run_folder.RunFolderError) to resume a run folder started with another config
+    (keys outside RESUME_FREE_KEYS), unless ``force=true``."""
+    run_folder.check_unchanged(
+        run_dir, cfg, RESUME_FREE_KEYS, defaults=resolve(Config()), legacy=LEGACY_VALUES
     )
-    if diff and not cfg.force:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)
-        raise ConfigError(
-            f"{saved_path}: the run folder was started with a different config ({details}); "
-            "use another run_dir, or force=true to resume anyway"
-        )
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:
-    """Linear warm-up then cosine decay to 1% (or constant)."""
+    """Linear warm-up then cosine decay to 1% (or constant).
+
+    Kept hand-written rather than torch.optim.lr_scheduler: a pure function of the step, so a
+    resumed run needs no scheduler state. SequentialLR(LinearLR, CosineAnnealingLR) gives the same
+    schedule to 6e-15 (relative) but computes it recursively (bit-equal on 57 of 1500 steps), needs
+    its state in every checkpoint (and a fallback for the checkpoints written without it) and a
+    second scheduler for the discriminator: longer, for nothing the step function lacks."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if not cfg.cosine:
@@ -417,14 +395,16 @@ def main(cfg: Config) -> dict[str, float]:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run_dir)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
-    result_path = run_dir / "result.json"
-    check_resume_config(run_dir, cfg)
-    if result_path.exists() and ckpt_path.exists():
-        log.info("%s is finished; nothing to do", run_dir)
-        return json.loads(result_path.read_text())
+    done = run_folder.open_run(
+        run_dir, cfg, RESUME_FREE_KEYS, defaults=resolve(Config()), legacy=LEGACY_VALUES
+    )
+    if done is not None and ckpt_path.exists():
+        return done
+    meta: dict[str, Any] = {"task": "pretext", "method": cfg.method}
+    if ckpt_path.exists():  # provenance of the checkpoint this run resumes from
+        meta["resumed_from"] = run_folder.provenance(ckpt_path)
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        run_folder.start(run_dir, cfg, meta)
         for tmp in remove_stale_temp_files(ckpt_path):  # left by a kill during a checkpoint write
             log.info("removed %s, left by an interrupted checkpoint write", tmp)
         if env.world_size > 1:
@@ -619,9 +599,10 @@ def main(cfg: Config) -> dict[str, float]:
     if not env.is_main:
         return {}
     if classifier is not None:
-        return _finish_supervised(
+        result = _finish_supervised(
             cfg, classifier, train_images, val_labelled, step, elapsed, device
         )
+        return _finish(run_dir, result, meta)
     eval_images = build_images(cfg.data, cfg.data.val_split, train=False, image_size=size)
     inpaint = evaluate_inpainting(
         model,
@@ -647,8 +628,14 @@ def main(cfg: Config) -> dict[str, float]:
         result["skipped_eval_images"] = float(len(eval_images.skipped))
     if last:  # none for random init (and before the first logged step): no NaN in the JSON
         result["final_loss_rec"] = last[-1]["loss_rec"]
-    atomic_write_json(result_path, result)
-    return result
+    return _finish(run_dir, result, meta)
+
+
+def _finish(run_dir: Path, result: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """meta.json (with the provenance of the checkpoint written: path, sha256), then result.json."""
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    meta = {**meta, "checkpoint": run_folder.provenance(ckpt)}
+    return run_folder.finish(run_dir, result, meta)
 
 
 def _finish_supervised(
@@ -678,7 +665,6 @@ def _finish_supervised(
     last = read_jsonl(Path(cfg.run_dir) / "metrics.jsonl")
     if last:
         result["final_loss"] = last[-1]["loss"]
-    atomic_write_json(Path(cfg.run_dir) / "result.json", result)
     return result
 
 

@@ -15,7 +15,7 @@ from core.datasets import (
     VOCClassification,
     VOCImages,
     eval_view,
-    random_resized_crop_box,
+    train_view,
 )
 from core.minivoc import CLASSES
 
@@ -142,13 +142,35 @@ def test_eval_view_is_the_centre_crop():
     assert eval_view(image, 20).shape == (20, 20, 3)
 
 
-def test_random_resized_crop_box_respects_scale_and_ratio():
-    torch.manual_seed(0)
-    for _ in range(200):
-        top, left, h, w = random_resized_crop_box(120, 160)
-        assert top >= 0 and top + h <= 120 and left >= 0 and left + w <= 160
-        assert 0.4 - 0.02 <= h * w / (120 * 160) <= 1.0
-        assert 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05 or (h, w) == (120, 160)
+def test_train_view_is_a_crop_of_scale_and_ratio_then_a_flip_drawn_from_torch_rng():
+    """Oracle: the crop box from torch's RNG as RandomResizedCrop draws it (10 tries of uniform
+    area and log-uniform aspect, then randint top / left), PIL bilinear resize, flip if rand < 0.5."""
+    import math
+
+    rng = np.random.default_rng(0)
+    for shape in [(120, 160), (300, 90), (41, 40)]:
+        image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        height, width = shape
+        for seed in range(20):
+            torch.manual_seed(seed)
+            for _ in range(10):
+                area = height * width * torch.empty(1).uniform_(0.4, 1.0).item()
+                aspect = math.exp(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3)).item())
+                w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+                if 0 < w <= width and 0 < h <= height:
+                    top = int(torch.randint(0, height - h + 1, (1,)))
+                    left = int(torch.randint(0, width - w + 1, (1,)))
+                    break
+            else:
+                continue  # the fallback box (rare) is torchvision's business
+            crop = Image.fromarray(image[top : top + h, left : left + w])
+            expected = np.asarray(crop.resize((32, 32), Image.Resampling.BILINEAR))
+            if torch.rand(1).item() < 0.5:
+                expected = expected[:, ::-1]
+            after = torch.rand(1)
+            torch.manual_seed(seed)
+            assert (train_view(image, 32) == expected).all(), (shape, seed)
+            assert torch.rand(1) == after  # the same number of draws
 
 
 def test_train_views_follow_torch_rng(tiny_voc):

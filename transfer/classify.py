@@ -96,6 +96,10 @@ class Config:
     force: bool = False  # recompute a finished run folder / reuse one started differently
 
 
+# Keys that may change between a run and a re-run of its folder (core.run_folder.open_run).
+FREE_KEYS = {"force", "num_workers", "threads", "progress"}
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
     flags = {"checkpoint": "pretext checkpoint (.pt or run folder)",
              "data": "VOC root, e.g. VOCdevkit/VOC2007"}  # fmt: skip
@@ -225,8 +229,8 @@ def finetune(
         stats = rescale_layers(model.new_layers, lambda: model(x))
         log.info("data-dependent init: per-layer (mean, std) after rescaling %s", stats)
     groups = [
-        {"params": list(model.head.parameters()), "lr_mult": 1.0},
-        {"params": list(model.encoder.parameters()), "lr_mult": fc.encoder_lr_mult},
+        {"params": list(model.head.parameters()), "lr": fc.lr},
+        {"params": list(model.encoder.parameters()), "lr": fc.lr * fc.encoder_lr_mult},
     ]
     if fc.encoder_lr_mult == 0:
         groups = groups[:1]
@@ -243,7 +247,12 @@ def finetune(
         num_workers=cfg.num_workers,
         generator=generator,
     )
-    steps = fc.epochs * len(loader)
+    steps, per_epoch = fc.epochs * len(loader), len(loader)
+    # torch's LambdaLR on the closed-form factor of step k (epoch k // per_epoch, fraction
+    # (k % per_epoch) / per_epoch): each group's lr = its base lr * factor, as before the change
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: lr_factor(k // per_epoch + (k % per_epoch) / per_epoch, fc)
+    )
     bar = tqdm(
         total=steps, desc=f"finetune {run_dir.name}", disable=not cfg.progress, file=sys.stderr
     )
@@ -252,10 +261,7 @@ def finetune(
         if fc.encoder_lr_mult == 0:
             model.encoder.eval()
         total, count = 0.0, 0
-        for i, (images, labels, diff) in enumerate(loader):
-            factor = lr_factor(epoch + i / len(loader), fc)
-            for group in opt.param_groups:
-                group["lr"] = fc.lr * group["lr_mult"] * factor
+        for images, labels, diff in loader:
             logits = model(to_unit_range(images))
             # difficult-only entries are neither positive nor negative (VOC07 protocol)
             weight = 1.0 - diff
@@ -266,6 +272,7 @@ def finetune(
             if fc.clip_grad > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), fc.clip_grad)
             opt.step()
+            schedule.step()
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(
                     f"{run_dir}: non-finite fine-tuning loss at epoch {epoch}; lower finetune.lr"
@@ -273,9 +280,10 @@ def finetune(
             total, count = total + loss.item() * len(images), count + len(images)
             bar.update(1)
         bar.set_postfix(loss=f"{total / count:.4f}")
+        lr = fc.lr * lr_factor(epoch + (per_epoch - 1) / per_epoch, fc)  # the epoch's last step
         append_jsonl(
             run_dir / "metrics.jsonl",
-            {"mode": "finetune", "epoch": epoch + 1, "loss": total / count, "lr": fc.lr * factor},
+            {"mode": "finetune", "epoch": epoch + 1, "loss": total / count, "lr": lr},
         )
     bar.close()
 
@@ -359,7 +367,7 @@ def main(cfg: Config) -> dict[str, float]:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run_dir)
     model, source = load_pretext(cfg.checkpoint, cfg.arch)
-    done = run_folder.finished_result(run_dir, cfg, source)
+    done = run_folder.open_run(run_dir, cfg, FREE_KEYS, {"checkpoint": source})
     if done is not None:
         return done
     root = voc_root(cfg.data)
@@ -369,7 +377,7 @@ def main(cfg: Config) -> dict[str, float]:
     size = cfg.image_size or model.input_size
     meta = {"task": "classify", "source": source, "seed": cfg.seed, "data": str(root),
             "classes": list(classes), "image_size": size}  # fmt: skip
-    run_folder.start(run_dir, cfg, meta)
+    run_folder.start(run_dir, cfg, meta, {"checkpoint": source})
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a restarted run logs afresh
     t0 = time.perf_counter()
 

@@ -60,6 +60,10 @@ class MMConfig:
     force: bool = False
 
 
+# Keys that may change between a run and a re-run of its folder (core.run_folder.open_run).
+FREE_KEYS = {"force", "num_workers", "threads", "progress"}
+
+
 def encoder_geometry(arch: str) -> tuple[int, Geometry]:
     """(conv5 channels, conv5 geometry: stride, first-cell centre, receptive field) of an
     AlexNet-style arch, from its layer arithmetic (alexnet227: stride 16, small64: 8)."""
@@ -112,7 +116,7 @@ def run(
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run_dir)
     source = run_folder.source_meta(cfg.checkpoint, cfg.arch or None)
-    done = run_folder.finished_result(run_dir, cfg, source)
+    done = run_folder.open_run(run_dir, cfg, FREE_KEYS, {"checkpoint": source})
     if done is not None:
         return done
     channels, geometry = encoder_geometry(source["arch"])
@@ -123,7 +127,7 @@ def run(
     meta = {"task": task, "source": source, "seed": cfg.seed, "data": str(root),
             "classes": list(classes), "mm_config": cfg.mm_config,
             "conv5_geometry": dataclasses.asdict(geometry)}  # fmt: skip
-    run_folder.start(run_dir, cfg, meta)
+    run_folder.start(run_dir, cfg, meta, {"checkpoint": source})
     work_dir = run_dir / "work"
     resuming = (work_dir / "last_checkpoint").exists()
     if not resuming:
