@@ -140,12 +140,13 @@ def submit(
     folder: str | Path,
     name: str,
     dry_run: bool = False,
-    out=sys.stdout,
+    out=None,
     only: list[str] | None = None,
 ) -> list[Group]:
     """Submit the missing / failed jobs (``state``: :func:`states`); submitit files in ``folder``."""
     import submitit
 
+    out = out or sys.stdout
     groups, held = plan(jobs, state, only)
     by_dir = {j.run_dir: j for j in jobs}
     ids = {d: s.job_id for d, s in state.items() if s.state in ("pending", "running")}
@@ -180,8 +181,9 @@ def submit(
     return groups
 
 
-def print_status(jobs: list[Job], state: dict[str, State], out=sys.stdout, all_jobs=True) -> None:
+def print_status(jobs: list[Job], state: dict[str, State], out=None, all_jobs=True) -> None:
     """One line per job (or per job not done), then the totals."""
+    out = out or sys.stdout
     counts: dict[str, int] = {}
     for job in jobs:
         s = state[job.run_dir]
