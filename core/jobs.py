@@ -234,7 +234,9 @@ def expand(profile: Profile) -> list[Job]:
             )  # fmt: skip
             module = pre.get("module", "pretext.train")
             resources = _resources(profile, "pretext", pre, spec)
-            jobs.append(Job("pretext", "pretext", variant, seed, module, argv, run_dir, (), resources))
+            jobs.append(
+                Job("pretext", "pretext", variant, seed, module, argv, run_dir, (), resources)
+            )
             pretext_dirs[(variant, seed)] = run_dir
     for stage in ("transfer", "eval"):
         for task, spec in getattr(profile, stage).items():
@@ -271,7 +273,9 @@ def _downstream_jobs(
             argv.append(arg)
         run_dir = run_dir_for(profile.runs_root, stage, task, "all", 0)
         argv += [f"run_dir={run_dir}", f"data={spec.get('data', profile.data)}"]
-        job = Job(stage, task, "all", 0, spec["module"], tuple(argv), run_dir, tuple(deps), resources)
+        job = Job(
+            stage, task, "all", 0, spec["module"], tuple(argv), run_dir, tuple(deps), resources
+        )
         return [job]
     for variant in spec.get("variants", []):
         for seed in [s for (v, s) in pretext_dirs if v == variant]:
@@ -280,7 +284,17 @@ def _downstream_jobs(
             argv = [a.replace("{checkpoint}", ckpt) for a in args]
             argv += [f"run_dir={run_dir}", f"seed={seed}", f"data={spec.get('data', profile.data)}"]
             jobs.append(
-                Job(stage, task, variant, seed, spec["module"], tuple(argv), run_dir, (ckpt,), resources)
+                Job(
+                    stage,
+                    task,
+                    variant,
+                    seed,
+                    spec["module"],
+                    tuple(argv),
+                    run_dir,
+                    (ckpt,),
+                    resources,
+                )
             )
     return jobs
 
@@ -349,8 +363,12 @@ def job_state(run_dir: str | Path, scheduler_state: str | None = None) -> State:
         if scheduler_state in (None, "UNKNOWN"):
             just = time.time() - info.get("submitted", 0) < SUBMIT_GRACE_S
             state.state = "pending" if just else "unknown"
-            state.reason = "just submitted, not in sacct/squeue yet" if just else (
-                "no job state from sacct/squeue"  # not provably dead: not resubmitted
+            state.reason = (
+                "just submitted, not in sacct/squeue yet"
+                if just
+                else (
+                    "no job state from sacct/squeue"  # not provably dead: not resubmitted
+                )
             )
         else:
             state.reason = f"job ended {scheduler_state} without a result"

@@ -71,7 +71,9 @@ def scheduler_states(records: dict[str, dict[str, Any]]) -> dict[str, str]:
     sacct does not know (no accounting, or not recorded yet)."""
     import submitit
 
-    jobs = {d: submitit.SlurmJob(folder=r["folder"], job_id=r["job_id"]) for d, r in records.items()}
+    jobs = {
+        d: submitit.SlurmJob(folder=r["folder"], job_id=r["job_id"]) for d, r in records.items()
+    }
     if jobs:
         submitit.SlurmJob.watcher.update()  # now, not after submitit's adaptive delay
     states = {d: job.state.split()[0] for d, job in jobs.items()}  # "CANCELLED by 0"

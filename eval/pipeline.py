@@ -51,7 +51,9 @@ def run_job(job: Job, threads: int) -> tuple[bool, float]:
     run_dir = Path(job.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", job.module, *job.argv]
-    write_run_json(job, "running", command=command, log=str(run_dir / "log.txt"), started=time.time())
+    write_run_json(
+        job, "running", command=command, log=str(run_dir / "log.txt"), started=time.time()
+    )
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(threads),
@@ -157,7 +159,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--profile", default=os.environ.get("PROFILE", "builtin"), help="builtin | paper | a YAML path"
+        "--profile",
+        default=os.environ.get("PROFILE", "builtin"),
+        help="builtin | paper | a YAML path",
     )
     parser.add_argument("--executor", choices=["local", "slurm"], default="local")
     parser.add_argument("--cluster", default=None, help="cluster file (default: the profile's)")
@@ -167,7 +171,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dry-run", action="store_true", help="list jobs and their state (slurm: the plan)"
     )
-    parser.add_argument("--status", action="store_true", help="slurm: show progress, submit nothing")
+    parser.add_argument(
+        "--status", action="store_true", help="slurm: show progress, submit nothing"
+    )
     parser.add_argument("--no-tables", action="store_true", help="run the jobs only")
     parser.add_argument(
         "--only", nargs="+", choices=["pretext", "transfer", "eval"], help="run these stages only"

@@ -11,6 +11,16 @@ from core import slurm
 from core.jobs import ACTIVE_STATES, expand, load_profile
 
 FAST = {"timeout_min": 5, "cpus_per_task": 1, "mem_gb": 1}
+CLUSTER = str(Path(__file__).resolve().parents[2] / "slurm" / "clusters" / "local.yaml")
+
+
+def run_slurm(path, *flags) -> int:
+    """``make table EXECUTOR=slurm CLUSTER=slurm/clusters/local.yaml`` on the profile ``path``."""
+    from eval import pipeline
+
+    return pipeline.main(
+        ["--profile", str(path), "--executor", "slurm", "--cluster", CLUSTER, *flags]
+    )
 
 
 def two_stage(tmp: Path, name: str = "p", **pretext) -> dict:
@@ -32,7 +42,7 @@ def two_stage(tmp: Path, name: str = "p", **pretext) -> dict:
             "classify": {
                 "module": "fake_stage",
                 "args": ["checkpoint={checkpoint}", "steps=2"],
-                "variants": list((pretext.get("variants") or {"ce": {}})),
+                "variants": list(pretext.get("variants") or {"ce": {}}),
                 "resources": FAST,
             }
         },

@@ -11,20 +11,12 @@ from pathlib import Path
 
 import fake_stage
 import pytest
-from profiles import FAST, two_stage, wait_settled, write_profile
+from profiles import CLUSTER, FAST, run_slurm, two_stage, wait_settled, write_profile
 
 from core.jobs import expand, read_run_json
 from eval import pipeline
 
 pytestmark = pytest.mark.slurm
-REPO = Path(__file__).resolve().parents[2]
-CLUSTER = str(REPO / "slurm" / "clusters" / "local.yaml")
-
-
-def _slurm(path, *flags) -> int:
-    return pipeline.main(
-        ["--profile", str(path), "--executor", "slurm", "--cluster", CLUSTER, *flags]
-    )
 
 
 def _submitted(text: str) -> list[str]:
@@ -59,7 +51,7 @@ def test_profile_end_to_end_tables_equal_local_and_rerun_submits_only_missing(
     path, profile = write_profile(tmp_path / "slurm", spec, cluster=CLUSTER)
     jobs = expand(profile)
     assert len(jobs) == 15
-    assert _slurm(path) == 0  # submits everything and returns
+    assert run_slurm(path) == 0  # submits everything and returns
     first = capsys.readouterr().out
     ids = _submitted(first)
     assert len(ids) == 15 and "run the same command again" in first
@@ -68,7 +60,7 @@ def test_profile_end_to_end_tables_equal_local_and_rerun_submits_only_missing(
     array = ids[0].split("_")[0]
     assert ids[:5] == [f"{array}_{i}" for i in range(5)]
     assert first.count(f"after {array}_") == 5  # classify + frozen of one pretext job share one
-    assert _slurm(path) == 0  # again while running: progress, nothing submitted
+    assert run_slurm(path) == 0  # again while running: progress, nothing submitted
     again = capsys.readouterr().out
     assert _submitted(again) == [] and "jobs done" in again and "total:" in again
 
@@ -83,7 +75,7 @@ def test_profile_end_to_end_tables_equal_local_and_rerun_submits_only_missing(
             assert (run / "starts.txt").stat().st_mtime >= (
                 Path(dep) / "result.json"
             ).stat().st_mtime
-    assert _slurm(path) == 0  # all done: the tables
+    assert run_slurm(path) == 0  # all done: the tables
     assert "all jobs done" in capsys.readouterr().out
     tables = sorted(p.name for p in Path(local.results_dir).glob("*.*") if "runs" not in p.name)
     assert "table2_transfer.csv" in tables and "frozen_layers.csv" in tables
@@ -99,7 +91,7 @@ def test_profile_end_to_end_tables_equal_local_and_rerun_submits_only_missing(
     victim = next(j for j in jobs if j.task == "classify" and j.variant.endswith("random_block"))
     before = json.loads((Path(victim.run_dir) / "result.json").read_text())
     shutil.rmtree(victim.run_dir)
-    assert _slurm(path) == 0
+    assert run_slurm(path) == 0
     out = capsys.readouterr().out
     assert len(_submitted(out)) == 1 and "[0] 1 job(s):" in out
     assert read_run_json(victim.run_dir)["job_id"] == _submitted(out)[0]
@@ -115,7 +107,7 @@ def test_failed_job_reported_with_log_and_only_it_resubmitted(slurm_cluster, tmp
         "good": {"seeds": [0]}, "bad": {"seeds": [0], "overrides": [f"fail_if_exists={marker}"]},
     })  # fmt: skip
     path, profile = write_profile(tmp_path, spec, cluster=CLUSTER)
-    assert _slurm(path, "--no-tables") == 0
+    assert run_slurm(path, "--no-tables") == 0
     state = wait_settled(profile, timeout_s=90)
     failed = state["pretext/pretext/bad/seed0"]
     assert (failed.state, failed.scheduler_state) == ("failed", "FAILED")
@@ -138,7 +130,7 @@ def test_failed_job_reported_with_log_and_only_it_resubmitted(slurm_cluster, tmp
     good = read_run_json(profile.runs_root + "/pretext/good/seed0")
     marker.unlink()
     capsys.readouterr()
-    assert _slurm(path, "--no-tables") == 0
+    assert run_slurm(path, "--no-tables") == 0
     ids = _submitted(capsys.readouterr().out)
     assert len(ids) == 2
     assert read_run_json(profile.runs_root + "/pretext/bad/seed0")["job_id"] == ids[0]
@@ -160,7 +152,7 @@ def test_time_limit_requeues_and_resumes_to_same_metrics(slurm_cluster, tmp_path
     del spec["transfer"]
     path, profile = write_profile(tmp_path, spec, cluster=CLUSTER)
     t0 = time.monotonic()
-    assert _slurm(path, "--no-tables") == 0
+    assert run_slurm(path, "--no-tables") == 0
     state = wait_settled(profile, timeout_s=200)["pretext/pretext/ce/seed5"]
     assert state.state == "done", state
     run = Path(profile.runs_root) / "pretext/ce/seed5"
@@ -185,7 +177,7 @@ def test_two_task_job_runs_every_task(slurm_cluster, tmp_path):
     del spec["transfer"]
     path, profile = write_profile(tmp_path, spec, cluster=CLUSTER)
     assert expand(profile)[0].resources["tasks_per_node"] == 2
-    assert _slurm(path, "--no-tables") == 0
+    assert run_slurm(path, "--no-tables") == 0
     state = wait_settled(profile, timeout_s=60)["pretext/pretext/ddp/seed0"]
     assert (state.state, state.scheduler_state) == ("done", "COMPLETED")
     ranks = Path(profile.runs_root) / "pretext/ddp/seed0/ranks"
