@@ -81,7 +81,8 @@ def test_pretext_sweep_preempted_cell_resumes_and_feeds_tables(slurm_cluster, ti
     # Same numbers as an uninterrupted run of the same cell (timing metrics aside).
     from pretext import train
 
-    argv = [f"{k}={v}" for k, v in tiny.items()] + ["mask.kind=central", "seed=0"]
+    argv = ["--config", "pretext/configs/builtin.yaml", *[f"{k}={v}" for k, v in tiny.items()]]
+    argv += ["mask.kind=central", "seed=0"]
     reference = train.main(train.parse_config([*argv, f"run_dir={tmp_path / 'reference'}"]))
     resumed = json.loads((ckpt.parent.parent / "result.json").read_text())
     for key in ("final_loss_rec", "inpaint_l1", "inpaint_l2", "inpaint_psnr", "steps"):
