@@ -1,6 +1,9 @@
 # Two commands on a fresh machine: `make table` (the whole pipeline, ending in results/) and `make test`.
+# On SLURM: `make table EXECUTOR=slurm [CLUSTER=slurm/clusters/site.yaml]` submits, run again for progress / tables.
 PY := .venv/bin/python
 PROFILE ?= builtin
+EXECUTOR ?= local
+CLUSTER ?=
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup test test-fast lint format table bench data clean-runs
@@ -27,7 +30,7 @@ data: setup
 
 table: export CE_TABLE_START := $(shell date +%s)
 table: setup
-	$(PY) -m eval.pipeline --profile $(PROFILE)
+	$(PY) -m eval.pipeline --profile $(PROFILE) --executor $(EXECUTOR) $(if $(CLUSTER),--cluster $(CLUSTER))
 
 bench: setup
 	$(PY) -m bench.run

@@ -1,7 +1,7 @@
 """How every ``python -m`` entry point reports a user's mistake: one ``error: ...`` line, exit 2.
 
-A mistake in the user's input (config key or value, checkpoint, data root, image, VOC file, sweep
-or profile file) raises a :class:`UserError` (or FileNotFoundError) whose message names the file /
+A mistake in the user's input (config key or value, checkpoint, data root, image, VOC file,
+profile or cluster file) raises a :class:`UserError` (or FileNotFoundError) whose message names the file /
 key and the problem; :func:`run_cli` turns it into one line on stderr and exit status 2, like
 argparse does for a bad flag. Anything else is a bug and keeps its traceback (exit 1).
 

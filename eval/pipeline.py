@@ -1,20 +1,22 @@
 """``make table``: run what is missing of a profile (pretext -> transfer -> eval), then the tables.
 
-    python -m eval.pipeline --profile builtin          # eval/profiles/builtin.yaml
-    python -m eval.pipeline --profile paper --dry-run  # list the jobs and their state
+    python -m eval.pipeline --profile builtin              # eval/profiles/builtin.yaml, here
+    python -m eval.pipeline --profile paper --dry-run      # list the jobs and their state
+    python -m eval.pipeline --profile paper --executor slurm [--cluster FILE]   # on SLURM
+    python -m eval.pipeline --profile paper --executor slurm --status           # progress only
 
-Each job runs as its own process (``python -m <module> <argv>``), so a crash or a kill loses at
-most that job's progress since its last checkpoint: run the command again and finished jobs are
-skipped (their ``result.json`` exists), half-finished ones resume from their checkpoints, and
-failed ones are retried. A job's ``run.json`` records what it is, its command and its status.
+Local executor: each job runs as its own process (``python -m <module> <argv>``), so a crash or a
+kill loses at most that job's progress since its last checkpoint: run the command again and
+finished jobs are skipped (their ``result.json`` exists), half-finished ones resume from their
+checkpoints, and failed ones are retried. SLURM executor (:mod:`core.slurm`): submits what is
+missing or failed and returns with the job ids; run again, it shows progress (and resubmits what
+failed); when every job is done it writes the tables. A job's ``run.json`` records what it is, its
+command and its status; one lock per runs folder keeps two pipelines from running the same jobs.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
-import json
 import os
 import subprocess
 import sys
@@ -22,9 +24,17 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from core.atomic_io import atomic_write_json
 from core.cli import ArgumentParser
-from eval.jobs import Job, Profile, expand, load_profile
+from core.jobs import (
+    Job,
+    PipelineBusy,
+    Profile,
+    expand,
+    job_state,
+    load_profile,
+    runs_lock,
+    write_run_json,
+)
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 
@@ -36,29 +46,14 @@ def profile_path(name: str) -> Path:
     return PROFILES_DIR / f"{name}.yaml"
 
 
-def job_state(job: Job) -> str:
-    run_dir = Path(job.run_dir)
-    if (run_dir / "result.json").exists():
-        return "done"
-    run_json = run_dir / "run.json"
-    if run_json.exists():
-        try:
-            return json.loads(run_json.read_text()).get("status", "pending")
-        except json.JSONDecodeError:
-            return "pending"
-    return "missing"
-
-
-def write_run_json(job: Job, status: str, **extra) -> None:
-    atomic_write_json(Path(job.run_dir) / "run.json", {**job.identity(), "status": status, **extra})
-
-
 def run_job(job: Job, threads: int) -> tuple[bool, float]:
     """Run one job to completion in a subprocess; returns (success, wall seconds)."""
     run_dir = Path(job.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", job.module, *job.argv]
-    write_run_json(job, "running", command=command, started=time.time())
+    write_run_json(
+        job, "running", command=command, log=str(run_dir / "log.txt"), started=time.time()
+    )
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(threads),
@@ -74,44 +69,14 @@ def run_job(job: Job, threads: int) -> tuple[bool, float]:
     wall = time.perf_counter() - t0
     ok = proc.returncode == 0 and (run_dir / "result.json").exists()
     if ok:
-        write_run_json(job, "done", command=command, wall_s=wall)
+        write_run_json(job, "done", command=command, log=str(run_dir / "log.txt"), wall_s=wall)
     else:
         tail = (run_dir / "log.txt").read_text(errors="replace").splitlines()[-15:]
         write_run_json(
-            job, "failed", command=command, wall_s=wall, returncode=proc.returncode, log_tail=tail
-        )
+            job, "failed", command=command, log=str(run_dir / "log.txt"), wall_s=wall,
+            returncode=proc.returncode, log_tail=tail,
+        )  # fmt: skip
     return ok, wall
-
-
-class PipelineBusy(RuntimeError):
-    """Another pipeline process holds the runs folder."""
-
-
-@contextlib.contextmanager
-def runs_lock(runs_root: str | Path):
-    """Exclusive hold of ``<runs_root>/.pipeline.lock`` for one pipeline process at a time (two
-    ``make table`` on one folder would run the same jobs twice). The kernel drops the lock when
-    the holder dies, kill -9 included, so a stale file never blocks."""
-    path = Path(runs_root) / ".pipeline.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
-            raise PipelineBusy(
-                f"{path}: another pipeline (pid {holder}) is running on {runs_root}; "
-                "wait for it or stop it"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def run_pipeline(
@@ -133,7 +98,7 @@ def _run_jobs(
     parallel = parallel or profile.parallel
     threads = max(1, (os.cpu_count() or 1) // parallel)
     by_dir = {j.run_dir: j for j in jobs}
-    state = {j.run_dir: job_state(j) for j in jobs}
+    state = {j.run_dir: job_state(j.run_dir).state for j in jobs}
     todo = [j for j in jobs if state[j.run_dir] != "done"]
     print(
         f"pipeline {profile.name}: {len(jobs) - len(todo)}/{len(jobs)} jobs done, {len(todo)} to run",
@@ -145,7 +110,7 @@ def _run_jobs(
             for job in list(todo):
                 if len(running) >= parallel:
                     break
-                dep_states = [state[d] if d in state else job_state_from_dir(d) for d in job.deps]
+                dep_states = [state[d] if d in state else job_state(d).state for d in job.deps]
                 if any(s in ("failed", "blocked") for s in dep_states):
                     state[job.run_dir] = "blocked"
                     write_run_json(job, "blocked", reason=f"a dependency failed: {job.deps}")
@@ -177,10 +142,6 @@ def _run_jobs(
     return {by_dir[d].name: s for d, s in state.items()}
 
 
-def job_state_from_dir(run_dir: str) -> str:
-    return "done" if (Path(run_dir) / "result.json").exists() else "missing"
-
-
 def prepare_data(profile: Profile) -> None:
     """Generate the built-in mini-VOCs (the transfer set, the pretext variants' sets) once, before
     jobs that read them start in parallel."""
@@ -202,11 +163,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("PROFILE", "builtin"),
         help="builtin | paper | a YAML path",
     )
+    parser.add_argument("--executor", choices=["local", "slurm"], default="local")
+    parser.add_argument("--cluster", default=None, help="cluster file (default: the profile's)")
     parser.add_argument(
-        "--parallel", type=int, default=None, help="jobs at once (default: the profile's)"
+        "--parallel", type=int, default=None, help="local jobs at once (default: the profile's)"
     )
     parser.add_argument(
-        "--dry-run", action="store_true", help="list jobs and their state, run nothing"
+        "--dry-run", action="store_true", help="list jobs and their state (slurm: the plan)"
+    )
+    parser.add_argument(
+        "--status", action="store_true", help="slurm: show progress, submit nothing"
     )
     parser.add_argument("--no-tables", action="store_true", help="run the jobs only")
     parser.add_argument(
@@ -215,29 +181,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def write_tables(profile: Profile, wall: float, argv: list[str] | None) -> None:
+    from eval.report import write_report
+
+    command = " ".join(["python -m eval.pipeline", *(sys.argv[1:] if argv is None else argv)])
+    write_report(profile, pipeline_wall_s=wall, command=command)
+
+
+def run_slurm(profile: Profile, args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Submit what is missing or failed; tables once every job is done."""
+    from core import slurm
+
+    jobs = expand(profile)
+    with runs_lock(profile.runs_root):
+        state = slurm.states(jobs)
+        if not args.status and not args.dry_run:
+            prepare_data(profile)
+        todo = [j for j in jobs if state[j.run_dir].state != "done"]
+        print(f"pipeline {profile.name} (slurm): {len(jobs) - len(todo)}/{len(jobs)} jobs done")
+        slurm.print_status(jobs, state, all_jobs=args.status)
+        if todo and not args.status:
+            folder = Path(profile.runs_root) / ".submitit"
+            slurm.submit(jobs, state, folder, profile.name, args.dry_run, only=args.only)
+    if todo or args.dry_run or args.status:
+        if todo and not args.dry_run:
+            print("run the same command again for progress; it writes the tables when all is done")
+        return 0
+    if not args.no_tables:
+        write_tables(profile, 0.0, argv)
+    print(f"pipeline {profile.name}: all jobs done; tables in {profile.results_dir}/")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    profile = load_profile(profile_path(args.profile))
-    if args.dry_run:
-        for job in expand(profile):
-            print(f"{job_state(job):8s} {job.name:55s} python -m {job.module} {' '.join(job.argv)}")
-        return 0
-    t0 = time.perf_counter()
-    prepare_data(profile)
+    profile = load_profile(profile_path(args.profile), cluster=args.cluster)
     try:
+        if args.executor == "slurm":
+            return run_slurm(profile, args, argv)
+        if args.dry_run or args.status:
+            for job in expand(profile):
+                state = job_state(job.run_dir).state
+                print(f"{state:8s} {job.name:55s} python -m {job.module} {' '.join(job.argv)}")
+            return 0
+        t0 = time.perf_counter()
+        prepare_data(profile)
         states = run_pipeline(profile, args.parallel, only=args.only)
     except PipelineBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     wall = time.perf_counter() - t0
     if not args.no_tables:
-        from eval.report import write_report
-
-        write_report(
-            profile,
-            pipeline_wall_s=wall,
-            command=" ".join(["python -m eval.pipeline", *(argv or sys.argv[1:])]),
-        )
+        write_tables(profile, wall, argv)
     bad = sorted(name for name, s in states.items() if s != "done")
     if bad:
         print(f"{len(bad)} job(s) not done: {', '.join(bad)}", file=sys.stderr)

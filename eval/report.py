@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from core.atomic_io import atomic_save, atomic_write_text, read_jsonl
-from eval.jobs import Profile
+from core.jobs import Profile
 from eval.tables import (
     FROZEN_LAYER_COLUMNS,
     FROZEN_LAYERS,

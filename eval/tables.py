@@ -1,6 +1,6 @@
 """Result tables built from recorded runs (pandas): the paper's Table 1 and Table 2.
 
-Every run folder written by :mod:`eval.pipeline` (or a SLURM sweep) has a ``run.json`` that says
+Every run folder written by :mod:`eval.pipeline` (local or SLURM executor) has a ``run.json`` that says
 what it is (stage, task, variant, seed, the command) and, once finished, a ``result.json`` with its
 flat metrics; a run that crashed has ``status: failed`` in ``run.json``. Tables are pure functions of
 those records, so every cell can be traced back to its run folders (``runs`` column of the long

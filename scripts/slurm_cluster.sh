@@ -83,7 +83,7 @@ wait_for() {  # wait_for SECONDS DAEMON COMMAND...: until COMMAND succeeds; fail
 
 write_configs() {
     local cpus mem_mb
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc honours OMP_NUM_THREADS
     mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
     cat >"$STATE/slurm.conf" <<EOF
 ClusterName=$CLUSTER

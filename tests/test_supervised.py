@@ -160,7 +160,7 @@ def test_supervised_builtin_set_is_a_second_minivoc_seed(tmp_path, monkeypatch):
 
 
 def test_profiles_run_supervised_on_its_own_data(monkeypatch):
-    from eval.jobs import expand, load_profile
+    from core.jobs import expand, load_profile
     from eval.pipeline import profile_path
 
     monkeypatch.chdir(ROOT)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.jobs import expand, load_profile
+from core.jobs import expand, load_profile
 from eval.pipeline import profile_path
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from core.config import ConfigError
-from eval.jobs import expand, load_profile
+from core.jobs import expand, load_profile
 from eval.pipeline import run_pipeline
 
 STAGE = textwrap.dedent(

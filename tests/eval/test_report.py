@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from eval.jobs import Profile
+from core.jobs import Profile
 from eval.report import write_report
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "bottleneck")

@@ -30,8 +30,11 @@ def _cases(ckpt: Path, voc: Path, tmp: Path) -> list[tuple[str, list[str], str]]
     image = next((voc / "JPEGImages").glob("*.jpg"))
     profile = tmp / "profile.yaml"
     profile.write_text("name: x\nfrobnicate: 1\n")
-    sweep = tmp / "sweep.yaml"
-    sweep.write_text("name: x\nfrobnicate: 1\n")
+    gridded = tmp / "gridded.yaml"
+    gridded.write_text(
+        "name: x\nruns_root: r\nresults_dir: s\ndata: d\nseeds: [0]\n"
+        "pretext: {variants: {ce: {grid: {mask.kind: [central]}, resources: {gpu: 1}}}}\n"
+    )
     cases = []
     for module in ("transfer.classify", "transfer.detect", "transfer.segment"):
         cases += [
@@ -41,30 +44,6 @@ def _cases(ckpt: Path, voc: Path, tmp: Path) -> list[tuple[str, list[str], str]]
             (module, [f"checkpoint={ckpt}", run, "seed=ten"], "seed: expected an integer"),
         ]
     cases += [
-        (
-            "transfer.sweep",
-            [
-                run,
-                f"checkpoints.ce={MISSING}/ce.pt",
-                f"data={voc}",
-                "tasks=[classify]",
-                "seeds=[0]",
-            ],
-            f"{MISSING}/ce.pt",
-        ),  # fmt: skip
-        (
-            "transfer.sweep",
-            [
-                run,
-                f"checkpoints.ce={ckpt}",
-                f"data={MISSING}/VOC2007",
-                "tasks=[classify]",
-                "seeds=[0]",
-            ],
-            f"{MISSING}/VOC2007",
-        ),  # fmt: skip
-        ("transfer.sweep", [run, "frobnicate=1"], "unknown key(s) ['frobnicate']"),
-        ("transfer.sweep", [run, "threads=many"], "threads: expected an integer"),
         ("eval.retrieval", [run, f"checkpoints.ce={MISSING}/ce.pt", f"data={voc}"], MISSING),
         ("eval.retrieval", [run, f"checkpoints.ce={ckpt}", f"data={MISSING}/VOC2007"], MISSING),
         ("eval.retrieval", [run, "checkpoints.ce=x", "frobnicate=1"], "['frobnicate']"),
@@ -105,9 +84,17 @@ def _cases(ckpt: Path, voc: Path, tmp: Path) -> list[tuple[str, list[str], str]]
         ("eval.pipeline", ["--profile", f"{MISSING}/p.yaml", "--dry-run"], f"{MISSING}/p.yaml"),
         ("eval.pipeline", ["--profile", str(profile), "--dry-run"], "['frobnicate']"),
         ("eval.pipeline", ["--parallel", "two", "--dry-run"], "--parallel: invalid int value"),
-        ("slurm.sweep", ["status", f"{MISSING}/s.yaml"], f"{MISSING}/s.yaml"),
-        ("slurm.sweep", ["status", str(sweep)], "frobnicate"),
-        ("slurm.sweep", ["stat", str(sweep)], "argument command: invalid choice: 'stat'"),
+        (
+            "eval.pipeline",
+            ["--profile", str(gridded), "--dry-run"],
+            "ce.resources: unknown key(s) ['gpu']",
+        ),
+        (
+            "eval.pipeline",
+            ["--profile", str(profile), "--executor", "slurm", "--status"],
+            "['frobnicate']",
+        ),
+        ("eval.pipeline", ["--executor", "slrum"], "argument --executor: invalid choice: 'slrum'"),
         ("core.minivoc", ["--n-images", "many"], "--n-images: invalid int value: 'many'"),
     ]
     return cases
@@ -115,8 +102,8 @@ def _cases(ckpt: Path, voc: Path, tmp: Path) -> list[tuple[str, list[str], str]]
 
 CASE_IDS = [f"{m}-{i}" for i, m in enumerate(
     ["transfer.classify"] * 4 + ["transfer.detect"] * 4 + ["transfer.segment"] * 4
-    + ["transfer.sweep"] * 4 + ["eval.retrieval"] * 4 + ["eval.inpainting_bench"] * 4
-    + ["eval.query"] * 4 + ["eval.pipeline"] * 3 + ["slurm.sweep"] * 3 + ["core.minivoc"]
+    + ["eval.retrieval"] * 4 + ["eval.inpainting_bench"] * 4
+    + ["eval.query"] * 4 + ["eval.pipeline"] * 6 + ["core.minivoc"]
 )]  # fmt: skip
 
 

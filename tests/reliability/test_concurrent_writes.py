@@ -5,8 +5,7 @@ import multiprocessing as mp
 from pathlib import Path
 
 from core.atomic_io import append_jsonl, atomic_write_json, read_jsonl
-from eval.jobs import Job
-from eval.pipeline import write_run_json
+from core.jobs import Job, write_run_json
 from eval.tables import collect_runs
 
 WRITERS, RECORDS = 4, 300

@@ -10,7 +10,7 @@ import pandas as pd
 
 from core.atomic_io import read_jsonl
 from core.checkpoint import load_checkpoint
-from eval.jobs import expand, load_profile
+from core.jobs import expand, load_profile
 from eval.tables import Column, build_table, collect_runs, write_table
 
 # The downstream job: a stand-in for a transfer stage (reads the pretext result, writes its own).
