@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core import run_folder
 from core.atomic_io import atomic_write_json
 from core.config import ConfigError, read_yaml
 
@@ -341,7 +342,7 @@ def job_state(run_dir: str | Path, scheduler_state: str | None = None) -> State:
     with the job's SLURM state (``scheduler_state``, for jobs the SLURM executor submitted) and
     submitit's result pickle (the stage's Python error)."""
     info = read_run_json(run_dir)
-    done = (Path(run_dir) / "result.json").exists()
+    done = run_folder.is_finished(run_dir)
     if info.get("executor") != "slurm":
         if done:
             return State("done", log=info.get("log"))

@@ -85,7 +85,12 @@ def test_discriminator_for_input_halves_down_to_4x4(size, layers):
     assert len(strided) == layers
     assert [m.out_channels for m in strided] == [64, 128, 256, 512][:layers]
     x = torch.randn(2, 3, size, size)
-    if size in (16, 32, 64, 128):  # powers of two reach the k4 head at exactly 4x4 (128: pooled from 8)
+    if size in (
+        16,
+        32,
+        64,
+        128,
+    ):  # powers of two reach the k4 head at exactly 4x4 (128: pooled from 8)
         assert d.features(x).shape[-1] == (4 if size <= 64 else 8)
     assert d(x).shape == (2,)
 
