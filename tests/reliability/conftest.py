@@ -92,7 +92,11 @@ class ForkServer:
 
     def close(self) -> None:
         self.proc.stdin.close()  # type: ignore[union-attr]
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # starved on a loaded machine: end of session, stop it
+            self.proc.kill()
+            self.proc.wait()
 
 
 @pytest.fixture(scope="session")
