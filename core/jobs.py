@@ -213,10 +213,10 @@ def _seeds(spec: dict[str, Any], profile: Profile) -> list[int]:
 
 
 def _resources(profile: Profile, key: str, *specs: dict[str, Any]) -> dict[str, Any]:
-    out = dict(profile.site["resources"])
+    out = dict(profile.site.get("resources", {}))
     for spec in specs:
         out.update(spec.get("resources") or {})
-    return {**out, **profile.site["stages"].get(key, {})}
+    return {**out, **profile.site.get("stages", {}).get(key, {})}
 
 
 def expand(profile: Profile) -> list[Job]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from core.atomic_io import atomic_save, atomic_write_text, read_jsonl
-from core.jobs import Profile
+from core.jobs import Profile, expand
 from eval.tables import (
     FROZEN_LAYER_COLUMNS,
     FROZEN_LAYERS,
@@ -185,7 +185,10 @@ def make_wall_line() -> list[str]:
 def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path:
     out = Path(profile.results_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # only this profile's run folders: another profile may share its runs root (PROFILE=ablation)
     runs = collect_runs(profile.runs_root)
+    if not runs.empty:
+        runs = runs[runs["run_dir"].isin({str(Path(j.run_dir)) for j in expand(profile)})]
     sections = []
     baseline = baseline_variant(profile)
     t2, t2_long = build_table(runs, TABLE2_COLUMNS, table2_rows(profile), baseline)

@@ -16,7 +16,8 @@ LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "bottleneck")
 
 
 def record(root, stage, task, variant, seed, result):
-    run_dir = root / stage / task / variant / f"seed{seed}"
+    # the pipeline's scheme (core.jobs.run_dir_for): <stage>/<task>/..., pretext/<variant>/...
+    run_dir = root.joinpath(*([stage] if task == stage else [stage, task]), variant, f"seed{seed}")
     run_dir.mkdir(parents=True)
     info = {"stage": stage, "task": task, "variant": variant, "seed": seed, "status": "done"}
     (run_dir / "run.json").write_text(json.dumps(info))
@@ -38,12 +39,15 @@ def test_report_writes_frozen_table_differences_and_figure(tmp_path, monkeypatch
             record(runs, "eval", "frozen", variant, seed,
                    {**layers, "svm_best_mAP": best, "knn_mAP": best - 0.1})  # fmt: skip
             record(runs, "pretext", "pretext", variant, seed, {"train_time_s": 60.0})
+    # a run of another profile sharing this runs root (PROFILE=ablation does): not in the report
+    record(runs, "eval", "frozen", "other_profile_variant", 0, {"svm_best_mAP": 0.9})
     profile = Profile(
         name="t", runs_root=str(runs), results_dir=str(tmp_path / "results"), data="/nowhere",
         seeds=[0, 1, 2],
-        pretext={"variants": {"random_init": {"title": "Random initialization"},
+        pretext={"config": "pretext/configs/builtin.yaml",
+                 "variants": {"random_init": {"title": "Random initialization"},
                               "context_encoder": {"title": "Context encoder"}}},
-        eval={"frozen": {"variants": ["random_init", "context_encoder"]}},
+        eval={"frozen": {"module": "eval.frozen", "variants": ["random_init", "context_encoder"]}},
     )  # fmt: skip
     monkeypatch.setenv("CE_TABLE_START", str(int(time.time()) - 150))  # as `make table` exports
     out = write_report(profile, 1.0, "make table")
@@ -61,6 +65,8 @@ def test_report_writes_frozen_table_differences_and_figure(tmp_path, monkeypatch
     assert t2_csv.loc["Context encoder", "Frozen kNN (VOC07 mAP %)"].startswith(
         "41.2 ± 1.2 (n=3); Δ"
     )
+    listed = pd.read_csv(out / "runs.csv")
+    assert set(listed["variant"]) == {"random_init", "context_encoder"} and len(listed) == 12
     readme = (out / "README.md").read_text()
     assert "paired by seed" in readme
     wall = re.search(
