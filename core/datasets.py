@@ -16,6 +16,7 @@ list is not seen by the main process; the warning in the log is).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,15 +40,15 @@ CROP_RATIO = (3 / 4, 4 / 3)
 # drawn from torch's global RNG, the crop resized by PIL, bilinear; then a flip on torch.rand(1) <
 # 0.5) -- draw for draw and pixel for pixel the hand-written view it replaced (300/300 seeds and
 # shapes compared), so (seed, step, slot) still decides every crop of the pretext data pipeline.
-TRAIN_VIEWS: dict[int, v2.Compose] = {}
+@functools.cache
+def _train_transform(size: int) -> v2.Compose:
+    crop = v2.RandomResizedCrop(size, CROP_SCALE, CROP_RATIO, v2.InterpolationMode.BILINEAR)
+    return v2.Compose([crop, v2.RandomHorizontalFlip()])
 
 
 def train_view(image: np.ndarray, size: int) -> np.ndarray:
     """uint8 [H, W, 3] -> random resized crop + random flip, uint8 [size, size, 3]."""
-    if size not in TRAIN_VIEWS:
-        crop = v2.RandomResizedCrop(size, CROP_SCALE, CROP_RATIO, v2.InterpolationMode.BILINEAR)
-        TRAIN_VIEWS[size] = v2.Compose([crop, v2.RandomHorizontalFlip()])
-    return np.asarray(TRAIN_VIEWS[size](Image.fromarray(image)))
+    return np.asarray(_train_transform(size)(Image.fromarray(image)))
 
 
 # The eval view stays hand-written: torchvision's Resize + CenterCrop truncate the long side and

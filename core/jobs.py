@@ -364,12 +364,11 @@ def job_state(run_dir: str | Path, scheduler_state: str | None = None) -> State:
         if scheduler_state in (None, "UNKNOWN"):
             just = time.time() - info.get("submitted", 0) < SUBMIT_GRACE_S
             state.state = "pending" if just else "unknown"
+            # "unknown" is not provably dead: it is not resubmitted
             state.reason = (
                 "just submitted, not in sacct/squeue yet"
                 if just
-                else (
-                    "no job state from sacct/squeue"  # not provably dead: not resubmitted
-                )
+                else "no job state from sacct/squeue"
             )
         else:
             state.reason = f"job ended {scheduler_state} without a result"

@@ -24,6 +24,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
+from core import run_folder
 from core.cli import ArgumentParser
 from core.jobs import (
     Job,
@@ -67,7 +68,7 @@ def run_job(job: Job, threads: int) -> tuple[bool, float]:
         log.flush()
         proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
     wall = time.perf_counter() - t0
-    ok = proc.returncode == 0 and (run_dir / "result.json").exists()
+    ok = proc.returncode == 0 and run_folder.is_finished(run_dir)
     if ok:
         write_run_json(job, "done", command=command, log=str(run_dir / "log.txt"), wall_s=wall)
     else:

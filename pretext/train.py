@@ -246,10 +246,11 @@ def region_shapes(cfg: Config) -> tuple[list[np.ndarray], str]:
     return shapes, f"builtin blobs ({len(shapes)})"
 
 
-def check_resume_config(run_dir: Path, cfg: Config) -> None:
-    """Refuse (core.run_folder.RunFolderError) to resume a run folder started with another config
-    (keys outside RESUME_FREE_KEYS), unless ``force=true``."""
-    run_folder.check_unchanged(
+def open_run_folder(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
+    """:func:`core.run_folder.open_run` with pretext's rules: refuse (RunFolderError) a run folder
+    started with another config (keys outside RESUME_FREE_KEYS; LEGACY_VALUES for keys added since),
+    unless ``force=true``; the recorded result of a finished folder, else None."""
+    return run_folder.open_run(
         run_dir, cfg, RESUME_FREE_KEYS, defaults=resolve(Config()), legacy=LEGACY_VALUES
     )
 
@@ -395,9 +396,7 @@ def main(cfg: Config) -> dict[str, float]:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run_dir)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
-    done = run_folder.open_run(
-        run_dir, cfg, RESUME_FREE_KEYS, defaults=resolve(Config()), legacy=LEGACY_VALUES
-    )
+    done = open_run_folder(run_dir, cfg)
     if done is not None and ckpt_path.exists():
         return done
     meta: dict[str, Any] = {"task": "pretext", "method": cfg.method}

@@ -113,14 +113,14 @@ def test_run_folder_from_before_the_eq1_fix_is_not_taken_for_an_eq1_run(tmp_path
     import yaml
 
     from core.config import ConfigError, to_dict
-    from pretext.train import check_resume_config
+    from pretext.train import open_run_folder
 
     cfg = parse_config(["--config", "pretext/configs/builtin.yaml", f"run_dir={tmp_path}"])
     old = to_dict(cfg)
     del old["mask"]["overlap_loss"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     with pytest.raises(ConfigError, match="mask.overlap_loss: 'on' -> 'off'"):
-        check_resume_config(tmp_path, cfg)
+        open_run_folder(tmp_path, cfg)
     band = parse_config(["--config", "pretext/configs/builtin.yaml", f"run_dir={tmp_path}",
                          "mask.overlap_loss=on"])  # fmt: skip
-    check_resume_config(tmp_path, band)  # the same training: resumes
+    assert open_run_folder(tmp_path, band) is None  # the same training: resumes (not finished)

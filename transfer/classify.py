@@ -272,6 +272,7 @@ def finetune(
             if fc.clip_grad > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), fc.clip_grad)
             opt.step()
+            lr = opt.param_groups[0]["lr"]  # the head's lr of this step (logged: the epoch's last)
             schedule.step()
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(
@@ -280,7 +281,6 @@ def finetune(
             total, count = total + loss.item() * len(images), count + len(images)
             bar.update(1)
         bar.set_postfix(loss=f"{total / count:.4f}")
-        lr = fc.lr * lr_factor(epoch + (per_epoch - 1) / per_epoch, fc)  # the epoch's last step
         append_jsonl(
             run_dir / "metrics.jsonl",
             {"mode": "finetune", "epoch": epoch + 1, "loss": total / count, "lr": lr},
