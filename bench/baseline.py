@@ -193,8 +193,9 @@ class BaselineStep:
         )
 
     def __call__(self, images: torch.Tensor, hole: torch.Tensor) -> dict[str, float]:
-        x = images.float() / 127.5 - 1.0
-        m = hole.float()
+        # the batch comes from the host, as ours does (uint8 / bool, sent to the model's device)
+        x = images.to(self.mean.device).float() / 127.5 - 1.0
+        m = hole.to(self.mean.device).float()
         context = x * (1 - m) + self.mean.view(1, 3, 1, 1) * m
         grown = F.max_pool2d(m, 2 * self.overlap + 1, stride=1, padding=self.overlap)
         weights = m + self.overlap_weight * (grown - m)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from bench.machine import PeakRSS
@@ -36,7 +37,10 @@ def measure_pipeline(
         workers, len(os.sched_getaffinity(0))
     )  # the paper configs ask for 8; use the cores there are
     images = VOCImages(voc, "train", size, train=True)
-    shapes_cfg = Config(data=cfg.data.__class__(root=str(voc)), mask=cfg.mask)
+    # silhouettes from the generated mini-VOC, standing in for the paper configs' VOC2012 shapes_root
+    shapes_cfg = Config(
+        data=cfg.data.__class__(root=str(voc)), mask=replace(cfg.mask, shapes_root=str(voc))
+    )
     masks = MaskGenerator(
         cfg.mask.kind, size, cfg.mask.overlap, cfg.mask.max_coverage, region_shapes(shapes_cfg)[0]
     )

@@ -190,7 +190,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.pipeline_batches:
         from bench.pipeline import measure_pipeline
 
-        cfg = bench_config(args.arch, args.batch)
+        cfg = bench_config(args.arch, args.batch, args.overrides)
         pipe = measure_pipeline(cfg, args.data_root, args.pipeline_batches)
         pipe["pipeline_over_step"] = pipe["images_per_s"] / result["step"]["ours_images_per_s"]
         result["pipeline"] = pipe

@@ -77,3 +77,34 @@ def test_tiny_bench_writes_json_and_markdown(tiny_voc, tmp_path):
     assert set(saved["retrieval_scaling"]) >= {"brute_query", "faiss_build"}
     md = (tmp_path / "bench.md").read_text()
     assert "speed-up" in md and "small64" in md and "recall@10" in md
+
+
+def _fake_step(arch: str, compiled: bool) -> dict:
+    mem = {"peak_rss_mb": 900.0, "cuda_max_allocated_mb": 1234.0}
+    settings = {"channels_last": True, "autocast": "bfloat16", "compile": compiled, "threads": 16}
+    return {"arch": arch, "batch": 64, "mask": "central", "adversarial": True, "settings": settings,
+            "baseline_images_per_s": 1000.0, "ours_images_per_s": 2500.0, "speedup": 2.5,
+            "ours_gflops": 9830.0, "ours_first_step_s": 31.5,
+            "baseline_memory": mem, "ours_memory": dict(mem, cuda_max_allocated_mb=617.0)}  # fmt: skip
+
+
+def test_gpu_section_renders_the_recorded_gpu_runs():
+    gpu = {
+        "environment": {"gpu": "NVIDIA H100", "torch": "2.11.0", "cpu": "Xeon", "cores": 16},
+        "wall_s": 120.0,
+        "runs": {
+            "gpu_step_inpaint128": {
+                "step": _fake_step("inpaint128", False),
+                "pipeline": {"images_per_s": 5000.0, "workers": 2, "pipeline_over_step": 2.0},
+            },
+            "gpu_step_inpaint128_compiled": {"step": _fake_step("inpaint128", True)},
+        },
+    }
+    lines = run.gpu_markdown(gpu)
+    rows = [line for line in lines if line.startswith("| inpaint128")]
+    assert len(rows) == 2
+    assert "bfloat16, channels_last |" in rows[0] and "**2.50x**" in rows[0]
+    assert "| 9.8 | 31.5 | 1234 / 617 | 5000.0 (2) | **2.00x** |" in rows[0]
+    assert "bfloat16, channels_last, compile |" in rows[1] and rows[1].endswith("| — | — |")
+    assert "NVIDIA H100" in lines[0]
+    assert "No GPU run is recorded" in run.gpu_markdown(None)[0]
