@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from core.atomic_io import atomic_write_json, atomic_write_text
+from core.machine import cpu_model
 
 # (name, module, args): batch 32 for AlexNet-227 keeps `make bench` under 10 minutes on 2 cores.
 FULL = [
@@ -64,19 +65,9 @@ def _load() -> list[float]:
 def environment() -> dict:
     cuda = torch.cuda.is_available()
     return {"torch": torch.__version__, "python": platform.python_version(),
-            "cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0)),
+            "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)),
             "torch_threads": torch.get_num_threads(), "cuda": cuda,
             "gpu": torch.cuda.get_device_name(0) if cuda else None}  # fmt: skip
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def scaling(small: dict, large: dict) -> dict:

@@ -19,6 +19,7 @@ import pandas as pd
 
 from core.atomic_io import atomic_save, atomic_write_text, read_jsonl
 from core.jobs import Profile, expand
+from core.machine import cpu_model
 from eval.tables import (
     FROZEN_LAYER_COLUMNS,
     FROZEN_LAYERS,
@@ -159,17 +160,6 @@ def copy_figure(src: Path, dst: Path) -> bool:
         return False
     atomic_save(dst, lambda fh: fh.write(src.read_bytes()))
     return True
-
-
-def cpu_model() -> str:
-    """The CPU's model name (times differ by up to ~2x between the machines this runs on)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def make_wall_line() -> list[str]:
