@@ -23,6 +23,7 @@ from core.machine import cpu_model
 from eval.tables import (
     FROZEN_LAYER_COLUMNS,
     FROZEN_LAYERS,
+    LOWSHOT_COLUMNS,
     RETRIEVAL_COLUMNS,
     TABLE1_COLUMNS,
     TABLE2_COLUMNS,
@@ -190,6 +191,11 @@ def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path
             tf, tf_long, out, "frozen_layers", "Frozen features: VOC07 linear SVM per layer"
         )
         sections.append(("Frozen features: VOC07 linear SVM test mAP per layer", tf))
+        if any(f"m.{c.metric}" in runs.columns for c in LOWSHOT_COLUMNS):
+            title = "Frozen features: low-shot VOC07 SVM, k positives per class"
+            tl, tl_long = build_table(runs, LOWSHOT_COLUMNS, frozen_rows(profile), baseline)
+            write_table(tl, tl_long, out, "frozen_lowshot", title)
+            sections.append((f"{title} (layer chosen by cross-validation)", tl))
     if table1_rows(profile):
         t1, t1_long = build_table(runs, TABLE1_COLUMNS, table1_rows(profile))
         write_table(t1, t1_long, out, "table1_inpainting", "Table 1: inpainting, central masks")
@@ -229,7 +235,9 @@ def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path
         "intervals that exclude 0. Frozen SVM / kNN: `eval/frozen.py` (VOC07 linear SVM on the "
         "layer chosen by 3-fold cross-validation on trainval; kNN k=20, T=0.07 on the layer chosen "
         "by leave-one-out on trainval); per layer in `frozen_layers.md`, "
-        "`figures/frozen_svm_layers.png`.",
+        "`figures/frozen_svm_layers.png`. Low-shot: SVMs on k positives and (C − 1) k negatives per class "
+        "drawn from trainval, 5 samples (the same for every run), each cell over the runs' "
+        "sample means; the cost is chosen by cross-validation on the sample (C = 1 at k = 1).",
         "",
         "## Provenance",
         "",

@@ -53,6 +53,13 @@ FROZEN_LAYER_COLUMNS = tuple(
     for layer in FROZEN_LAYERS
 )
 
+# Low-shot VOC07 SVM on the layer chosen by cross-validation (eval/frozen.py, Goyal et al. 2019):
+# test mAP with k positives per class, each run's value the mean over its independent samples.
+LOWSHOT_K = (1, 2, 4, 8, 16, 32)
+LOWSHOT_COLUMNS = tuple(
+    Column(f"k={k} (VOC07 mAP %)", "eval", "frozen", f"lowshot_k{k}_mAP", 100.0) for k in LOWSHOT_K
+)
+
 # Table 1 (§5.1): inpainting on held-out images, central masks.
 # Main columns: the hole's pixels, PSNR averaged per image (paper-comparable, eval/inpainting_bench.py);
 # then the whole central S/2 square (overlap band included) and the pooled-L2 PSNR of the hole.

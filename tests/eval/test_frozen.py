@@ -16,9 +16,13 @@ from core.models import build_model
 from core.voc_ap import mean_ap, voc07_classification_ap
 from eval import frozen
 from eval.frozen import (
+    Config,
+    LowShotConfig,
     SVMConfig,
     fit_l2svm,
     knn_scores,
+    lowshot_layer,
+    lowshot_rows,
     pool_spec,
     pooling_for,
     svm_layer,
@@ -127,6 +131,60 @@ def test_svm_difficult_only_test_entries_are_left_out():
     assert voc07_classification_ap(scores, yt2, np.zeros_like(yt))[0] < 0.99  # counted: a miss
 
 
+def single_label_bank(n: int, classes: int, rng, separable: bool):
+    """One class per image: features along the class's own direction (+ noise), or pure noise."""
+    labels = np.eye(classes)[rng.integers(0, classes, n)]
+    noise = rng.normal(size=(n, 32))
+    x = labels @ np.eye(classes, 32) * 5 + 0.1 * noise if separable else noise
+    return x.astype(np.float32), labels
+
+
+def test_lowshot_rows_draw_k_positives_and_c_minus_1_k_negatives():
+    rng = np.random.default_rng(4)
+    _, y = multilabel_bank(400, 4, rng, separable=False)
+    difficult = np.zeros_like(y)
+    difficult[:20, 0] = 1  # difficult-only entries of class 0: never drawn as its negatives
+    y[:20, 0] = 0
+    for k in (1, 3, 8):
+        rows = lowshot_rows(y, difficult, k, sample=0)
+        assert len(rows) == 4
+        for c, r in enumerate(rows):
+            assert len(np.unique(r)) == len(r) == 4 * k  # k + 3k, without replacement
+            assert int(y[r, c].sum()) == k
+            assert not difficult[r, c].any()
+        # the draw is a function of (k, sample) only; another sample is another draw
+        again = lowshot_rows(y, difficult, k, sample=0)
+        assert all(np.array_equal(a, b) for a, b in zip(rows, again))
+        other = lowshot_rows(y, difficult, k, sample=1)
+        assert not all(np.array_equal(a, b) for a, b in zip(rows, other))
+    assert lowshot_rows(y, difficult, int(y.sum(0).min()) + 1, 0) is None  # too few positives
+
+
+def test_lowshot_svm_oracles():
+    """Separable single-label bank: AP 1 from one shot on; label-free features: the prior."""
+    rng = np.random.default_rng(5)
+    cfg = Config(
+        svm=SVMConfig(costs=(0.1, 1.0, 10.0)), lowshot=LowShotConfig(k=(1, 2, 8), samples=3)
+    )
+    x, y = single_label_bank(300, 4, rng, separable=True)
+    xt, yt = single_label_bank(200, 4, rng, separable=True)
+    zeros, zeros_t = np.zeros_like(y), np.zeros_like(yt)
+    maps = lowshot_layer((x, y, zeros), (xt, yt, zeros_t), cfg)
+    assert set(maps) == {"1", "2", "8"}
+    np.testing.assert_allclose([m for v in maps.values() for m in v], 1.0)
+
+    x, y = single_label_bank(300, 4, rng, separable=False)
+    xt, yt = single_label_bank(4000, 4, rng, separable=False)
+    cfg.ap_mode = "area"
+    maps = lowshot_layer((x, y, zeros), (xt, yt, np.zeros_like(yt)), cfg)
+    for values in maps.values():
+        assert len(values) == 3
+        np.testing.assert_allclose(np.mean(values), yt.mean(), atol=0.03)
+    # a k no sample can reach: NaN, not an error
+    cfg.lowshot = LowShotConfig(k=(1000,), samples=2)
+    assert np.isnan(lowshot_layer((x, y, zeros), (xt, yt, np.zeros_like(yt)), cfg)["1000"]).all()
+
+
 def test_knn_votes_oracle():
     """Database: unit vectors at 0°, 60°, 90°, 180°; query at 0°; k = 2, T = 0.5: neighbours
     0 (cos 1) and 1 (cos 0.5), weights softmax(1/0.5, 0.5/0.5) = (e2, e1) / (e2 + e1)."""
@@ -172,7 +230,7 @@ def test_knn_clustered_bank_is_perfect_and_label_free_is_prior():
 
 def test_stage_on_tiny_voc_caches_and_resumes(tiny_voc, tiny_ckpt, tmp_path, monkeypatch):
     argv = [f"checkpoint={tiny_ckpt}", f"data={tiny_voc}", f"run_dir={tmp_path / 'run'}",
-            f"cache_dir={tmp_path / 'cache'}", "svm.costs=[0.1,1.0]", "knn.k=5"]  # fmt: skip
+            f"cache_dir={tmp_path / 'cache'}", "svm.costs=[0.1,1.0]", "knn.k=5", "lowshot.k=[1,2,1000]", "lowshot.samples=3"]  # fmt: skip
     result = frozen.main(frozen.parse_config(argv))
     assert json.loads((tmp_path / "run" / "result.json").read_text()) == result
     assert torch.is_grad_enabled()  # no global side effect on the caller
@@ -185,6 +243,13 @@ def test_stage_on_tiny_voc_caches_and_resumes(tiny_voc, tiny_ckpt, tmp_path, mon
     assert result["svm_best_mAP"] == result[f"svm_{best}_mAP"]
     knn_layer = frozen.LAYERS[int(result["knn_layer"]) - 1]
     assert result["knn_mAP"] == result[f"knn_{knn_layer}_mAP"]
+    part = json.loads((tmp_path / "run" / "layers" / "lowshot.json").read_text())
+    for k in (1, 2):  # on the SVM's layer; mean and sample std of the recorded samples
+        maps = np.array(part["test_mAP"][str(k)])
+        assert len(maps) == 3 and np.isfinite(maps).all()
+        assert result[f"lowshot_k{k}_mAP"] == pytest.approx(maps.mean())
+        assert result[f"lowshot_k{k}_std"] == pytest.approx(maps.std(ddof=1))
+    assert "lowshot_k1000_mAP" not in result  # more shots than the tiny set has: not recorded
 
     # a second run folder reuses the cached features: no image is encoded again
     def no_encoding(*args, **kwargs):
