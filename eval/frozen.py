@@ -435,6 +435,18 @@ def svm_one_class(
     return cv_ap, cost, fit_predict(np.arange(len(y)), cost, -1, "test")
 
 
+def svm_inputs(
+    x_train: np.ndarray, x_test: np.ndarray, solver: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(train, test) features L2-normalised in float64 (VISSL's ``normalize: True``) and, for the
+    ``newton`` solver, gram = train train^T + 1 and gram_test = test train^T + 1 (else None)."""
+    xtr = l2_normalize(x_train).astype(np.float64)
+    xte = l2_normalize(x_test).astype(np.float64)
+    if solver != "newton":
+        return xtr, xte, None, None
+    return xtr, xte, xtr @ xtr.T + 1.0, xte @ xtr.T + 1.0
+
+
 def svm_layer(
     x_train: np.ndarray,
     labels_train: np.ndarray,
@@ -447,11 +459,7 @@ def svm_layer(
     Features are L2-normalised here (VISSL's ``normalize: True``); classes run in ``n_jobs``
     threads (LAPACK and liblinear release the GIL, so the features are shared, not copied).
     """
-    xtr = l2_normalize(x_train).astype(np.float64)
-    xte = l2_normalize(x_test).astype(np.float64)
-    gram = gram_test = None
-    if cfg.solver == "newton":
-        gram, gram_test = xtr @ xtr.T + 1.0, xte @ xtr.T + 1.0
+    xtr, xte, gram, gram_test = svm_inputs(x_train, x_test, cfg.solver)
     jobs = (
         delayed(svm_one_class)(xtr, svm_targets(labels_train[:, c]), xte, cfg, gram, gram_test)
         for c in range(labels_train.shape[1])
@@ -506,9 +514,7 @@ def lowshot_layer(
     that is a choice made on the test split, which this benchmark does not make.
     """
     (xtr, ytr, dtr), (xte, yte, dte) = train, test
-    xtr = l2_normalize(xtr).astype(np.float64)
-    xte = l2_normalize(xte).astype(np.float64)
-    gram, gram_test = xtr @ xtr.T + 1.0, xte @ xtr.T + 1.0
+    xtr, xte, gram, gram_test = svm_inputs(xtr, xte, cfg.svm.solver)
     out: dict[str, list[float]] = {}
     for k in cfg.lowshot.k:
         maps = []
@@ -523,8 +529,8 @@ def lowshot_layer(
                     svm_targets(ytr[r, c]),
                     xte,
                     cfg.svm,
-                    gram[np.ix_(r, r)],
-                    gram_test[:, r],
+                    None if gram is None else gram[np.ix_(r, r)],
+                    None if gram_test is None else gram_test[:, r],
                 )
                 for c, r in enumerate(rows)
             )

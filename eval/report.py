@@ -23,12 +23,12 @@ from core.machine import cpu_model
 from eval.tables import (
     FROZEN_LAYER_COLUMNS,
     FROZEN_LAYERS,
-    LOWSHOT_COLUMNS,
     RETRIEVAL_COLUMNS,
     TABLE1_COLUMNS,
     TABLE2_COLUMNS,
     build_table,
     collect_runs,
+    lowshot_columns,
     to_markdown,
     write_table,
 )
@@ -191,9 +191,9 @@ def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path
             tf, tf_long, out, "frozen_layers", "Frozen features: VOC07 linear SVM per layer"
         )
         sections.append(("Frozen features: VOC07 linear SVM test mAP per layer", tf))
-        if any(f"m.{c.metric}" in runs.columns for c in LOWSHOT_COLUMNS):
+        if lowshot := lowshot_columns(runs):
             title = "Frozen features: low-shot VOC07 SVM, k positives per class"
-            tl, tl_long = build_table(runs, LOWSHOT_COLUMNS, frozen_rows(profile), baseline)
+            tl, tl_long = build_table(runs, lowshot, frozen_rows(profile), baseline)
             write_table(tl, tl_long, out, "frozen_lowshot", title)
             sections.append((f"{title} (layer chosen by cross-validation)", tl))
     if table1_rows(profile):
@@ -236,7 +236,8 @@ def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path
         "layer chosen by 3-fold cross-validation on trainval; kNN k=20, T=0.07 on the layer chosen "
         "by leave-one-out on trainval); per layer in `frozen_layers.md`, "
         "`figures/frozen_svm_layers.png`. Low-shot: SVMs on k positives and (C − 1) k negatives per class "
-        "drawn from trainval, 5 samples (the same for every run), each cell over the runs' "
+        "drawn from trainval, `lowshot.samples` samples (5 by default; the same for every run), each "
+        "cell over the runs' "
         "sample means; the cost is chosen by cross-validation on the sample (C = 1 at k = 1).",
         "",
         "## Provenance",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,12 +54,17 @@ FROZEN_LAYER_COLUMNS = tuple(
     for layer in FROZEN_LAYERS
 )
 
+
 # Low-shot VOC07 SVM on the layer chosen by cross-validation (eval/frozen.py, Goyal et al. 2019):
 # test mAP with k positives per class, each run's value the mean over its independent samples.
-LOWSHOT_K = (1, 2, 4, 8, 16, 32)
-LOWSHOT_COLUMNS = tuple(
-    Column(f"k={k} (VOC07 mAP %)", "eval", "frozen", f"lowshot_k{k}_mAP", 100.0) for k in LOWSHOT_K
-)
+def lowshot_columns(runs: pd.DataFrame) -> tuple[Column, ...]:
+    """One column per k the frozen runs recorded (``lowshot_k<k>_mAP``, ``lowshot.k``), by k."""
+    found = (re.fullmatch(r"m\.lowshot_k(\d+)_mAP", name) for name in runs.columns)
+    ks = sorted(int(m.group(1)) for m in found if m)
+    return tuple(
+        Column(f"k={k} (VOC07 mAP %)", "eval", "frozen", f"lowshot_k{k}_mAP", 100.0) for k in ks
+    )
+
 
 # Table 1 (§5.1): inpainting on held-out images, central masks.
 # Main columns: the hole's pixels, PSNR averaged per image (paper-comparable, eval/inpainting_bench.py);

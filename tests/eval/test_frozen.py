@@ -230,7 +230,8 @@ def test_knn_clustered_bank_is_perfect_and_label_free_is_prior():
 
 def test_stage_on_tiny_voc_caches_and_resumes(tiny_voc, tiny_ckpt, tmp_path, monkeypatch):
     argv = [f"checkpoint={tiny_ckpt}", f"data={tiny_voc}", f"run_dir={tmp_path / 'run'}",
-            f"cache_dir={tmp_path / 'cache'}", "svm.costs=[0.1,1.0]", "knn.k=5", "lowshot.k=[1,2,1000]", "lowshot.samples=3"]  # fmt: skip
+            f"cache_dir={tmp_path / 'cache'}", "svm.costs=[0.1,1.0]", "knn.k=5",
+            "lowshot.k=[1,2,1000]", "lowshot.samples=3"]  # fmt: skip
     result = frozen.main(frozen.parse_config(argv))
     assert json.loads((tmp_path / "run" / "result.json").read_text()) == result
     assert torch.is_grad_enabled()  # no global side effect on the caller

@@ -36,8 +36,11 @@ def test_report_writes_frozen_table_differences_and_figure(tmp_path, monkeypatch
                 for i, layer in enumerate(LAYERS)
             }
             best = layers["svm_conv5_mAP"]
+            # low-shot at k = 64 and 1 (columns come from the recorded k, sorted): CE +0.1 at k=64
+            lowshot = {"lowshot_k64_mAP": 0.4 + 0.1 * (slope > 0) + 0.01 * seed,
+                       "lowshot_k1_mAP": 0.2 + 0.01 * seed}  # fmt: skip
             record(runs, "eval", "frozen", variant, seed,
-                   {**layers, "svm_best_mAP": best, "knn_mAP": best - 0.1})  # fmt: skip
+                   {**layers, **lowshot, "svm_best_mAP": best, "knn_mAP": best - 0.1})  # fmt: skip
             record(runs, "pretext", "pretext", variant, seed, {"train_time_s": 60.0})
     # a run of another profile sharing this runs root (PROFILE=ablation does): not in the report
     record(runs, "eval", "frozen", "other_profile_variant", 0, {"svm_best_mAP": 0.9})
@@ -56,6 +59,10 @@ def test_report_writes_frozen_table_differences_and_figure(tmp_path, monkeypatch
     assert "| Random initialization | 31.0 ± 1.0 (n=3) |" in layers_md  # 30, 31, 32
     # conv5: 50.0 / 51.1 / 52.4, paired differences 20.0 / 20.1 / 20.4 -> interval above 0: starred
     assert "51.2 ± 1.2 (n=3); Δ +20.2 [+19.6, +20.7]*" in layers_md
+    lowshot_md = (out / "frozen_lowshot.md").read_text()
+    assert "| Method | k=1 (VOC07 mAP %) | k=64 (VOC07 mAP %) |" in lowshot_md
+    assert "| Random initialization | 21.0 ± 1.0 (n=3) | 41.0 ± 1.0 (n=3) |" in lowshot_md
+    assert "51.0 ± 1.0 (n=3); Δ +10.0 [+10.0, +10.0]*" in lowshot_md
     long = (out / "frozen_layers_runs.csv").read_text()
     assert "paired" in long
     t2 = (out / "table2_transfer.md").read_text()
