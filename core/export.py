@@ -220,6 +220,7 @@ def export_encoder(
             **{k: meta[k] for k in ("sha256", "method", "arch", "step")},
         },
     }
+    record = json.loads(json.dumps(record))  # what the file holds (tuples -> lists)
     atomic_write_json(sidecar(out), record)  # after the weights: it names their sha256
     return record
 
