@@ -3,6 +3,7 @@
 One ``.pt`` file (a dict) per checkpoint, written atomically:
 
 - ``format``: :data:`FORMAT`; ``method``: context_encoder | autoencoder | random_init | supervised
+  | imported
 - ``arch``, ``output``, ``dropout``: enough to rebuild the network with :func:`build_model`
 - ``model``: full state dict; ``discriminator`` (or None); ``optimizers``; ``step``; ``rng``
   (a DDP run also saves ``rng_ranks``, the torch RNG state of every rank)

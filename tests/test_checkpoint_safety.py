@@ -87,7 +87,9 @@ def test_crafted_checkpoint_is_refused_and_runs_nothing(payload, tmp_path):
         "import": lambda: import_encoder(evil, tmp_path / "imported.pt", "small64"),
     }
     for name, load in loaders.items():
-        with pytest.raises(CheckpointError, match=r"(evil|last).pt: refused: unpickling it would call"):
+        with pytest.raises(
+            CheckpointError, match=r"(evil|last).pt: refused: unpickling it would call"
+        ):
             load()
         assert not target.exists(), f"{name} ran the payload"
     assert not (tmp_path / "out.pth").exists() and not (tmp_path / "imported.pt").exists()
@@ -121,8 +123,11 @@ def test_stage_cli_refuses_with_one_error_line(tiny_voc, tmp_path):
 
 @pytest.mark.parametrize(
     "value,kind",
-    [(np.float64(0.5), "numpy.float64"), (pathlib.Path("x"), "PosixPath"),
-     (np.random.get_state(), "numpy.ndarray")],  # fmt: skip
+    [
+        (np.float64(0.5), "numpy.float64"),
+        (pathlib.Path("x"), "PosixPath"),
+        (np.random.get_state(), "numpy.ndarray"),
+    ],  # fmt: skip
 )
 def test_save_refuses_what_the_loader_would_refuse(value, kind, tmp_path):
     """A checkpoint the safe loader could not read is never written (the writer's own bug)."""

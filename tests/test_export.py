@@ -49,9 +49,7 @@ def tv_state() -> dict[str, torch.Tensor]:
     return torchvision.models.alexnet(weights=None).state_dict()
 
 
-def torchvision_state_dict(
-    path: Path, state: dict[str, torch.Tensor], head: bool = True
-) -> Path:
+def torchvision_state_dict(path: Path, state: dict[str, torch.Tensor], head: bool = True) -> Path:
     """``state`` saved as users save a torchvision model; ``head=False``: without the 58M-parameter
     ImageNet classifier (which the import leaves out anyway), to keep the file small."""
     torch.save({k: v for k, v in state.items() if head or k.startswith("features.")}, path)
@@ -216,7 +214,9 @@ def test_bad_state_dict_is_one_error_line_and_exit_2(change, tv_state, tmp_path,
         run_cli(main, ["import", str(src), str(out), "--arch", ARCH])
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {src}: does not fit arch {ARCH!r} (torchvision layout): {WORDS[change]}"]
+    assert err == [
+        f"error: {src}: does not fit arch {ARCH!r} (torchvision layout): {WORDS[change]}"
+    ]
     assert not out.exists()
 
 
