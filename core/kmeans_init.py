@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,9 @@ from core.data_dependent_init import rescale_layers
 class KMeansInitConfig:
     """Options of :func:`kmeans_init_`; defaults follow ``magic_init.py`` unless noted."""
 
+    # k-means: §3.3's k-means filters; gaussian: N(0, 1) filters (the reference's default type
+    # ``elwise``, the paper's "Random Gaussian" rows), then the same §3.1 / §3.2 scaling
+    filters: Literal["kmeans", "gaussian"] = "kmeans"
     max_patches: int = 10_000  # patches sampled per layer (reference: a 500 MB buffer, ~10^5)
     kmeans_iters: int = 100  # Lloyd iterations at most (sklearn MiniBatchKMeans max_iter=100)
     kmeans_tol: float = 1e-4  # stop when the centres move less than this (sklearn KMeans tol)
@@ -211,8 +214,11 @@ def conv_layers(encoder: nn.Module) -> dict[str, nn.Conv2d]:
 def kmeans_filters(
     x: torch.Tensor, conv: nn.Conv2d, cfg: KMeansInitConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """§3.3 k-means filters of ``conv`` from its input ``x``: [out, in, kh, kw] float64, and a record."""
+    """§3.3 k-means filters of ``conv`` from its input ``x`` (Gaussian ones for ``cfg.filters =
+    'gaussian'``): [out, in, kh, kw] float64, and a record of what was done."""
     out = conv.out_channels
+    if cfg.filters == "gaussian":
+        return torch.randn(conv.weight.shape, generator=generator, dtype=torch.float64), {}
     patches = sample_patches(x, conv, cfg.max_patches, generator)
     record: dict[str, Any] = {"patches": patches.shape[0], "patch_dim": patches.shape[1]}
     if patches.shape[0] < out:  # initializeWeight: "Not enough data", Gaussian filters instead
@@ -352,6 +358,8 @@ def kmeans_init_(
     units, after §3.1 and after §3.2.
     """
     t0 = time.perf_counter()
+    if cfg.filters not in ("kmeans", "gaussian"):
+        raise ValueError(f"filters must be 'kmeans' or 'gaussian', got {cfg.filters!r}")
     if images.dim() != 4 or not images.is_floating_point():
         raise ValueError(f"images must be a float [N, 3, S, S] tensor, got {tuple(images.shape)}")
     generator = torch.Generator().manual_seed(seed)

@@ -262,3 +262,21 @@ def test_summary_metrics_are_flat_numbers():
     assert all(isinstance(v, float) for v in flat.values())
     assert flat["init_images"] == 16.0 and flat["init_conv1_patches"] == FAST.max_patches
     assert flat["init_between_converged"] == 1.0 and "init_conv5_between_scale" in flat
+
+
+def test_gaussian_filters_get_the_same_within_layer_scaling_and_use_no_patches():
+    images = smooth_images(16, 32, seed=8)
+    enc = tiny_encoder()
+    cfg = K.KMeansInitConfig(**{**FAST.__dict__, "filters": "gaussian", "between_layer": False})
+    report = K.kmeans_init_(enc, images, seed=0, cfg=cfg)
+    assert all("patches" not in rec for rec in report["layers"].values())
+    for o in unit_outputs(enc, images).values():
+        assert torch.allclose(
+            o.mean((0, 2, 3)), torch.full((o.shape[1],), 0.1, dtype=o.dtype), atol=1e-5
+        )
+        assert torch.allclose(o.std((0, 2, 3)), torch.ones(o.shape[1], dtype=o.dtype), atol=1e-5)
+    kmeans_enc = tiny_encoder()
+    K.kmeans_init_(
+        kmeans_enc, images, seed=0, cfg=K.KMeansInitConfig(**{**cfg.__dict__, "filters": "kmeans"})
+    )
+    assert not torch.equal(enc.conv1.weight, kmeans_enc.conv1.weight)
