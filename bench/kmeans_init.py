@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -57,9 +58,10 @@ def main(args: argparse.Namespace) -> dict:
     runs = []
     for _ in range(args.repeats):
         encoder = build_model(args.arch).encoder
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         report = kmeans_init_(encoder, images, seed=args.seed, cfg=cfg)
-        runs.append({"wall_s": time.perf_counter() - t0, "sha256": weights_sha256(encoder)})
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        runs.append({"wall_s": wall, "cpu_s": cpu, "sha256": weights_sha256(encoder)})
     result = {
         "arch": args.arch,
         "images": len(images),
@@ -67,6 +69,8 @@ def main(args: argparse.Namespace) -> dict:
         "cpu": cpu_model(),
         "config": report["config"],
         "wall_s": [r["wall_s"] for r in runs],
+        "cpu_s": [r["cpu_s"] for r in runs],  # less sensitive than wall time to a shared machine
+        "load_avg": list(os.getloadavg()),
         "bit_identical": len({r["sha256"] for r in runs}) == 1,
         "sha256": runs[0]["sha256"],
         "layers": report["layers"],
