@@ -216,7 +216,9 @@ def test_initialised_features_are_finite_and_differ_from_random_init():
 def test_same_seed_and_images_give_bit_identical_weights_whatever_the_starting_weights():
     images = smooth_images(16, 32, seed=3)
     a, b, c = tiny_encoder(0), tiny_encoder(1), tiny_encoder(0)
+    global_rng = torch.get_rng_state()
     K.kmeans_init_(a, images, seed=5, cfg=FAST)
+    assert torch.equal(torch.get_rng_state(), global_rng)  # its own generator only
     K.kmeans_init_(b, images, seed=5, cfg=FAST)
     K.kmeans_init_(c, images, seed=6, cfg=FAST)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
