@@ -37,6 +37,7 @@ from core.masks import MASK_KINDS, builtin_shapes, central_mask, shrink_shape
 
 REGION_TRIES = 4 * 6  # random_region_mask: 4 * max_shapes candidates
 BLOCK_TRIES = 4 * 8  # random_block_mask: 4 * max_blocks candidates
+ROUND = 4  # candidate slots rendered together: most holes are done within 4 to 8
 
 
 def draw_crop(
@@ -194,25 +195,26 @@ class BatchedMasks:
         flip = np.where(u[..., 4] < 0.5, -1.0, 1.0)
         return {"h": h, "w": w, "y": y, "x": x, "shape": shape, "theta": theta, "flip": flip}
 
-    def _pieces(self, p: dict[str, np.ndarray], rows: np.ndarray, k: int, spare: int):
-        """Canvas positions (flat, into [N * S * S]) of the pixels of candidate ``k`` of the
-        samples ``rows``, and for each the row (index into ``rows``) it belongs to.
+    def _pieces(self, p: dict[str, np.ndarray], rows: np.ndarray, ks: np.ndarray, spare: int):
+        """Canvas positions (flat, into [N * S * S]; ``spare`` for a box pixel outside the piece)
+        of every box pixel of candidate slot ``ks[j]`` of sample ``rows[j]``, in that order, and
+        for each pixel its j.
 
         Two-level ragged: per box row, the warp is an affine function of the column, so the
         per-pixel work is one gather of its row's coefficients, two multiply-adds and a floor."""
         s, dev = self.size, self.device
-        h, w = p["h"][rows, k], p["w"][rows, k]
+        h, w = p["h"][rows, ks], p["w"][rows, ks]
         row_cand = np.repeat(np.arange(len(rows)), h)  # box rows, on the host (few thousand)
         r = np.arange(len(row_cand)) - np.repeat(np.cumsum(h) - h, h)
         wr = w[row_cand]
-        canvas_row = (rows * s * s + p["y"][rows, k] * s + p["x"][rows, k])[row_cand] + r * s
+        canvas_row = (rows * s * s + p["y"][rows, ks] * s + p["x"][rows, ks])[row_cand] + r * s
         ints = [canvas_row, row_cand]
         floats = []
         if "shape" in p:
             # core.masks._deform with its per-candidate constants folded: source row
             # iy = floor(ay * r + by * c + cy), column ix = floor(ax * r + bx * c + cx)
-            theta, flip = p["theta"][rows, k], p["flip"][rows, k]
-            sh, sw = (self.shape_hw[p["shape"][rows, k], j].astype(np.float64) for j in (0, 1))
+            theta, flip = p["theta"][rows, ks], p["flip"][rows, ks]
+            sh, sw = (self.shape_hw[p["shape"][rows, ks], j].astype(np.float64) for j in (0, 1))
             cos, sin = np.cos(theta), np.sin(theta)
             kfit = np.abs(cos) + np.abs(sin)
             y0, x0 = 0.5 / h - 0.5, flip * (0.5 / w - 0.5)
@@ -223,7 +225,7 @@ class BatchedMasks:
             c = row_cand
             floats = [ay[c] * r + cy[c], by[c], ax[c] * r + cx[c], bx[c]]
             ints += [
-                self.shape_off[p["shape"][rows, k]][c],
+                self.shape_off[p["shape"][rows, ks]][c],
                 sh[c].astype(np.int64),
                 sw[c].astype(np.int64),
             ]
@@ -232,7 +234,7 @@ class BatchedMasks:
         start = torch.from_numpy(np.cumsum(wr) - wr).to(dev)
         col = torch.arange(len(pix_row), device=dev) - start.index_select(0, pix_row)
 
-        def per_pixel(a: np.ndarray) -> torch.Tensor:  # 1-D gathers: several times faster than 2-D
+        def per_pixel(a: np.ndarray) -> torch.Tensor:  # 1-D gathers: faster than 2-D on the CPU
             return torch.from_numpy(np.ascontiguousarray(a)).to(dev).index_select(0, pix_row)
 
         canvas, cand = per_pixel(canvas_row) + col, per_pixel(row_cand)
@@ -258,16 +260,27 @@ class BatchedMasks:
         hole = torch.zeros(spare + 1, dtype=torch.bool, device=self.device)
         hole[spare] = True
         count = np.zeros(n_samples, np.int64)
-        for k in range(tries):
+        for k0 in range(0, tries, ROUND):
             rows = np.flatnonzero(count < target_count)
             if not len(rows):
                 break
-            canvas, cand = self._pieces(p, rows, k, spare)
-            fresh = ~hole.index_select(0, canvas)
-            new = torch.bincount(cand, weights=fresh.float(), minlength=len(rows))
-            new = new.cpu().numpy().astype(np.int64)
-            ok = count[rows] + new <= self.max_count
-            keep = fresh & torch.from_numpy(ok).to(self.device).index_select(0, cand)
-            hole[torch.where(keep, canvas, spare)] = True
-            count[rows] += np.where(ok, new, 0)
+            # render ROUND slots of every sample still active at once (few ops, little waste)
+            slots = np.arange(k0, min(k0 + ROUND, tries))
+            ks, cr = np.repeat(slots, len(rows)), np.tile(rows, len(slots))
+            canvas, cand = self._pieces(p, cr, ks, spare)
+            per_slot = (p["h"][cr, ks] * p["w"][cr, ks]).reshape(len(slots), len(rows)).sum(1)
+            bounds = np.concatenate([[0], np.cumsum(per_slot)])
+            for j in range(len(slots)):
+                active = count[rows] < target_count[rows]
+                if not active.any():
+                    break
+                seg = slice(int(bounds[j]), int(bounds[j + 1]))
+                cv, cd = canvas[seg], cand[seg] - j * len(rows)
+                fresh = ~hole.index_select(0, cv)
+                new = torch.bincount(cd, weights=fresh.float(), minlength=len(rows))
+                new = new.cpu().numpy().astype(np.int64)
+                ok = active & (count[rows] + new <= self.max_count)
+                keep = fresh & torch.from_numpy(ok).to(self.device).index_select(0, cd)
+                hole[torch.where(keep, cv, spare)] = True
+                count[rows] += np.where(ok, new, 0)
         return hole[:spare]

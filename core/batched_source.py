@@ -6,9 +6,12 @@ hole bool [N, 1, S, S]) on ``device``, one per step from ``start_step`` to ``tot
 batches of :class:`core.data.StepBatchSampler` (same epochs, same DDP slices). Sample ``slot`` of
 step ``t`` is drawn from ``numpy.random.default_rng(sample_seed(seed, t, slot))``: its crop, flip
 and hole are a function of (seed, step, slot), so a resumed run sees the batches an uninterrupted
-run would. The host part of a batch (parameters, copying the stored bytes into one padded array)
-is prepared ``prefetch`` steps ahead in a thread, the pixels are made on the device
-(:mod:`core.batch_augment`).
+run would. On a GPU the host part of a batch (parameters, copying the stored bytes into one
+padded array) is prepared ``prefetch`` steps ahead in a thread and the pixels are made on the
+device (:mod:`core.batch_augment`). On the CPU, whole batches are made by ``workers`` loader
+processes with one torch thread each, as today's loader does: many small batched ops in one
+process with several OpenMP threads stall whenever the cores are shared (measured: 15x slower
+at 64 px on a loaded 2-core machine than one thread).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from core.batch_augment import BatchedMasks, draw_crop, pad_batch, resized_crops
 from core.data import StepBatchSampler
@@ -37,9 +41,10 @@ class BatchedSource:
         masks: BatchedMasks,
         sampler: StepBatchSampler,
         prefetch: int = 2,
+        workers: int = 0,
     ):
         self.store, self.size, self.masks, self.sampler = store, size, masks, sampler
-        self.device, self.prefetch = masks.device, prefetch
+        self.device, self.prefetch, self.workers = masks.device, prefetch, workers
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -62,7 +67,16 @@ class BatchedSource:
     def batch(self, keys: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.device_part(self.host_part(keys))
 
+    def __getitem__(self, keys: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch(keys)  # a map-style dataset of whole batches, for loader workers
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.device.type == "cpu" and self.workers > 0:
+            loader = DataLoader(self, sampler=self.sampler, batch_size=None,
+                                num_workers=self.workers, prefetch_factor=self.prefetch or 2)  # fmt: skip
+            self.loader_iter = iter(loader)  # its worker processes, for whoever monitors them
+            yield from self.loader_iter
+            return
         if self.prefetch <= 0:
             for keys in self.sampler:
                 yield self.batch(keys)
@@ -108,11 +122,13 @@ def make_batched_source(
     store: str | Path | None = None,
     verify_sources: bool = True,
     prefetch: int = 2,
+    workers: int | None = None,
 ) -> BatchedSource:
     """The batched source of a pretext config ``cfg`` (reads cfg.data.{store, root, format,
     split}, cfg.mask.{kind, overlap, max_coverage}, cfg.optim.batch_size, cfg.seed; ``store``
     overrides cfg.data.store). ``shapes``: the random-region silhouettes (pretext's
-    region_shapes). A store built from other data, split or short side than ``size`` is refused."""
+    region_shapes). ``workers`` (default cfg.data.num_workers) is used on the CPU only. A store built
+    from other data, split or short side than ``size`` is refused."""
     path = store if store is not None else getattr(cfg.data, "store", "")
     if not path:
         raise StoreError(
@@ -125,4 +141,5 @@ def make_batched_source(
     sampler = StepBatchSampler(
         len(images), cfg.optim.batch_size, cfg.seed, start_step, total_steps, rank, world_size
     )
-    return BatchedSource(images, size, masks, sampler, prefetch)
+    workers = cfg.data.num_workers if workers is None else workers
+    return BatchedSource(images, size, masks, sampler, prefetch, workers)

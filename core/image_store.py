@@ -337,6 +337,14 @@ class ImageStore:
     def __len__(self) -> int:
         return len(self.offsets)
 
+    def __getstate__(self) -> dict[str, Any]:  # to a worker process: reopen, never copy the data
+        return {k: v for k, v in self.__dict__.items() if k != "data"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        data = self.path / "images.u8"
+        self.data = np.memmap(data, np.uint8, "r") if self.meta["bytes"] else np.zeros(0, np.uint8)
+
     def image(self, i: int) -> np.ndarray:
         h, w, c = self.shapes[i]
         o = int(self.offsets[i])
