@@ -164,15 +164,12 @@ def data_path_markdown(res: dict) -> list[str]:
             f"**{r['speedup']:.2f}x** | {r['loader_peak_rss_mb']:.0f} / {r['batched_peak_rss_mb']:.0f} | "
             f"{e2e_s} | {st['build_s']:.1f} ({st['images']}, {st['mib']:.0f}) |"
         )
-    envs = {
-        json.dumps(r.get("environment"), sort_keys=True)
-        for r in runs.values()
-        if r.get("environment")
-    }
-    for env in sorted(envs):
-        e = json.loads(env)
-        lines += ["", f"Measured {e['date']}, commit {e['commit']}, {e['cpu']} ({e['cores']} cores), "
-                  f"load average before/after {e['load_before']} / {e['load_after']}."]  # fmt: skip
+    for r in runs.values():
+        e = r.get("environment")
+        if e:
+            lines += ["", f"{r['arch']}: measured {e['date']}, commit {e['commit']}, {e['cpu']} "
+                      f"({e['cores']} cores), load average before/after {e['load_before']} / "
+                      f"{e['load_after']}."]  # fmt: skip
     lines += [
         "",
         "Loader: today's `MaskedImages(VOCImages)` DataLoader (JPEG decode, PIL crop + flip, numpy "

@@ -355,7 +355,7 @@ class ImageStore:
     ) -> None:
         """Raise StoreError unless this store was built from ``root``/``split`` at ``short_side``
         from source files that are unchanged (sizes and mtimes; ``verify_sources`` stats them all)."""
-        s = self.settings
+        s, root = self.settings, Path(root).resolve()
         wanted = {
             "root": str(Path(root).resolve()),
             "format": fmt,

@@ -106,6 +106,8 @@ def test_store_from_other_settings_or_data_is_refused(tiny_voc, store_dir, tmp_p
     with pytest.raises(StoreError, match="short_side: store 32, config 64"):
         store.check(tiny_voc, "voc", "train", 64)
     store.check(tiny_voc, "voc", "train", SIDE)  # the matching config passes
+    (tmp_path / "link").symlink_to(tiny_voc)
+    store.check(tmp_path / "link", "voc", "train", SIDE)  # the same files through a symlink
 
 
 def test_partial_store_from_other_settings_is_refused(tiny_voc, tmp_path, capsys):
