@@ -53,7 +53,9 @@ class Training:
     mean: list[float]
     step: int = 0
     elapsed: float = 0.0
-    rng: dict[str, Any] | None = None  # resumed: this rank's saved RNG state, set as the loop starts
+    rng: dict[str, Any] | None = (
+        None  # resumed: this rank's saved RNG state, set as the loop starts
+    )
 
 
 def lr_at(step: int, cfg: Any) -> float:
