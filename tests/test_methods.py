@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from core import checkpoint
 from core.atomic_io import read_jsonl
 from core.checkpoint import load_checkpoint, load_encoder
 from core.config import ConfigError
@@ -141,6 +142,7 @@ def test_relative_location_config_checks():
 
 def test_methods_are_the_config_choices_and_the_trainer_has_no_method_branches():
     assert set(typing.get_args(typing.get_type_hints(Config)["method"])) == set(METHODS)
+    assert set(checkpoint.METHODS) == set(METHODS)  # the format's list of method names
     for name in ("pretext/train.py", "pretext/engine.py"):
         text = (ROOT / name).read_text()
         assert not re.search(r"method\s*(==|!=|in)\s*[\"'(]", text), name
