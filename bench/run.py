@@ -101,15 +101,15 @@ def gpu_markdown(gpu: dict | None) -> list[str]:
         return [
             "No GPU run is recorded (`bench_gpu.json`): the GPU paths (bf16 autocast, channels_last, "
             "torch.compile, hole filling and loss weights computed on the device from uint8 images and "
-            "bool masks sent with pinned memory by several workers) are in the code (`Step.settings`, "
-            "`Step.__call__`, `make_loader`). `python -m bench.run --device cuda` measures them on a GPU "
+            "bool masks sent with pinned memory by several workers) are in the code (`step_settings`, "
+            "`InpaintingStep.__call__`, `make_loader`). `python -m bench.run --device cuda` measures them on a GPU "
             "machine.",
         ]
     env = gpu["environment"]
     lines = [
         f"{env['gpu']}, torch {env['torch']}, host CPU {env['cpu']} ({env['cores']} cores); wall time "
         f"{gpu['wall_s']:.0f} s. Baseline: the eager fp32 NCHW step of section 1. Ours: "
-        "`pretext.train.Step` with the trainer's GPU defaults (settings column). Median of 20 "
+        "`pretext.methods.context_encoder.InpaintingStep` with the trainer's GPU defaults (settings column). Median of 20 "
         "alternating timed steps after one warm-up step (which includes compilation when it is on).",
         "",
         "| network | batch | ours: settings | baseline img/s | ours img/s | speed-up | ours TFLOP/s | "
@@ -212,7 +212,7 @@ def markdown(res: dict, gpu: dict | None = None) -> str:
     lines += [
         "",
         "Baseline: `bench/baseline.py`, the same networks and losses written plainly (eager fp32, NCHW, "
-        "out-of-place activations, per-parameter Adam). Ours: `pretext.train.Step` with the trainer's "
+        "out-of-place activations, per-parameter Adam). Ours: `pretext.methods.context_encoder.InpaintingStep` with the trainer's "
         "CPU defaults (settings in bench.json). FLOPs: `torch.utils.flop_counter.FlopCounterMode` over one "
         "step (convolutions and matmuls, forward and backward). Peak RSS: the process high-water mark "
         "(VmHWM, reset through /proc/self/clear_refs) during one step, both models resident.",

@@ -2,16 +2,17 @@
 
 One ``.pt`` file (a dict) per checkpoint, written atomically:
 
-- ``format``: :data:`FORMAT`; ``method``: context_encoder | autoencoder | random_init | supervised
-  | imported
+- ``format``: :data:`FORMAT`; ``method``: one of :data:`METHODS` (``pretext.methods.METHODS``, and
+  ``imported`` for ``core.export import``)
 - ``arch``, ``output``, ``dropout``: enough to rebuild the network with :func:`build_model`
 - ``model``: full state dict; ``discriminator`` (or None); ``optimizers``; ``step``; ``rng``
   (a DDP run also saves ``rng_ranks``, the torch RNG state of every rank)
 - ``data_mean``: per-channel fill value in [-1, 1] (masked pixels get the dataset mean, §3.3)
 - ``config``: the resolved training config as a dict; ``elapsed_s``: training time so far
-- ``method=supervised`` only: ``head`` (the classifier's state dict, ``pretext.supervised``) and
-  ``class_names``; its ``model`` is the whole network with the trained encoder (the bottleneck and
-  decoder untrained), so loaders that read ``model`` need nothing else
+- methods with a head (supervised, rotation, relative_location): ``head`` (its state dict,
+  ``pretext/methods/<method>.py``), and for supervised ``class_names``; their ``model`` is the whole
+  network with the trained encoder (the bottleneck and decoder untrained), so loaders that read
+  ``model`` need nothing else
 - ``method=imported`` (``core.export import``): an encoder trained elsewhere; ``source``
   {path, sha256, layout}; its bottleneck and decoder are untrained, as for ``supervised``
 
@@ -38,7 +39,16 @@ from core.cli import UserError
 from core.models import ARCHS, ContextEncoder, build_model
 
 FORMAT = "context-encoder-suite/checkpoint-v1"
-METHODS = ("context_encoder", "autoencoder", "random_init", "supervised", "imported")
+METHODS = (
+    "context_encoder",
+    "autoencoder",
+    "random_init",
+    "kmeans_init",
+    "supervised",
+    "rotation",
+    "relative_location",
+    "imported",
+)
 # what torch's restricted unpickler builds (torch/_weights_only_unpickler.py); nothing else is saved
 PLAIN_VALUES = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device)
 
