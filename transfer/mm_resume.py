@@ -77,7 +77,9 @@ class DataOnlyRunner(Runner):
         checkpoint = read_tensor_file(filename, map_location)
         self.call_hook("after_load_checkpoint", checkpoint=checkpoint)
         model = self.model.module if is_model_wrapper(self.model) else self.model
-        checkpoint = _load_checkpoint_to_model(model, checkpoint, strict, list(revise_keys))
+        checkpoint = _load_checkpoint_to_model(
+            model, checkpoint, strict, revise_keys=list(revise_keys)
+        )
         self._has_loaded = True
         self.logger.info(f"Load checkpoint from {filename}")
         return checkpoint
@@ -99,8 +101,8 @@ class ResumeHook(Hook):
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         hub = checkpoint["message_hub"]
-        hub["log_scalars"] = {key: HistoryBuffer(v["log_history"].numpy(),
-                                                 v["count_history"].numpy(), v["max_length"])
+        hub["log_scalars"] = {key: HistoryBuffer(v["log_history"].cpu().numpy(),
+                                                 v["count_history"].cpu().numpy(), v["max_length"])
                               for key, v in hub["log_scalars"].items()}  # fmt: skip
         self.rng = checkpoint["rng"]
         self.elapsed_before = float(checkpoint["meta"].get("elapsed_s", 0.0))
@@ -110,7 +112,9 @@ class ResumeHook(Hook):
             tmp.unlink(missing_ok=True)  # left by a killed write; this process is the only writer
         loop = runner.train_loop
         if self.rng is not None and runner.iter > 0:
-            loop.dataloader_iterator = RestoreRngAfter(loop.dataloader_iterator, runner.iter, self.rng)
+            loop.dataloader_iterator = RestoreRngAfter(
+                loop.dataloader_iterator, runner.iter, self.rng
+            )
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         step = runner.iter + 1
@@ -158,8 +162,14 @@ def message_hub_state(state: dict[str, Any]) -> dict[str, Any]:
         scalars[key] = {"log_history": torch.from_numpy(np.array(values)),
                         "count_history": torch.from_numpy(np.array(counts)),
                         "max_length": int(buffer.max_length)}  # fmt: skip
-    info = {k: v.item() if isinstance(v, np.generic) else v for k, v in state["runtime_info"].items()}
-    return {"log_scalars": scalars, "runtime_info": info, "resumed_keys": dict(state["resumed_keys"])}
+    info = {
+        k: v.item() if isinstance(v, np.generic) else v for k, v in state["runtime_info"].items()
+    }
+    return {
+        "log_scalars": scalars,
+        "runtime_info": info,
+        "resumed_keys": dict(state["resumed_keys"]),
+    }
 
 
 def to_cpu(value: Any) -> Any:
@@ -196,14 +206,15 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    """Set the states of :func:`rng_state` (loaded to any device: mmengine resumes onto the GPU)."""
+    torch.set_rng_state(state["torch"].cpu())
     numpy = state["numpy"]
-    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+    np.random.set_state((numpy["kind"], numpy["keys"].cpu().numpy().astype(np.uint32), numpy["pos"],
                          numpy["has_gauss"], numpy["cached_gaussian"]))  # fmt: skip
     python = state["python"]
     random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 class RestoreRngAfter:
