@@ -22,7 +22,6 @@ between leaves nothing to resume from) and keeps no RNG state. :class:`ResumeHoo
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 from collections.abc import Iterator
@@ -39,8 +38,6 @@ from mmengine.runner.checkpoint import _load_checkpoint_to_model, weights_to_cpu
 
 from core.atomic_io import atomic_write_text
 from core.checkpoint import CheckpointError, read_tensor_file, require_plain_data, save_tensor_file
-
-log = logging.getLogger(__name__)
 
 POINTER = "last_checkpoint"
 
