@@ -59,8 +59,13 @@ class CheckpointError(UserError):
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` (plus the format tag) atomically: a kill leaves the previous file intact."""
-    state = {"format": FORMAT, **state}
-    require_plain_data(state, "checkpoint")
+    save_tensor_file(path, {"format": FORMAT, **state}, "checkpoint")
+
+
+def save_tensor_file(path: str | Path, state: Any, where: str = "checkpoint") -> None:
+    """``torch.save`` of plain data (:func:`require_plain_data`, else TypeError naming ``where``),
+    atomically: what :func:`read_tensor_file` reads back; a kill leaves the previous file intact."""
+    require_plain_data(state, where)
 
     def write(fh) -> None:
         try:

@@ -6,12 +6,13 @@ mmengine's Runner and evaluates once on the test split at the end. mmdet / mmseg
 here and in transfer.mm_backbone, never from pretext/ or eval/.
 
 The mmengine work dir is ``<run_dir>/work`` (its logs, and a checkpoint every ``checkpoint_every``
-iterations: a killed run resumes from it).
+iterations and after the last: a killed run resumes from it, exactly; transfer.mm_resume).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -25,7 +26,7 @@ from mmengine.hooks import Hook
 from tqdm import tqdm
 
 from core import run_folder
-from core.atomic_io import append_jsonl
+from core.atomic_io import append_jsonl, atomic_write_text, read_jsonl
 from core.models import ARCHS, Geometry, detection_geometry
 from core.voc_splits import dataset_classes, require_split, voc_root
 
@@ -87,6 +88,7 @@ class ProgressHook(Hook):
         self.desc, self.enabled, self.bar = desc, enabled, None
 
     def before_train(self, runner) -> None:
+        truncate_metrics(self.metrics_path, runner.iter)
         self.bar = tqdm(total=self.total, initial=runner.iter, desc=self.desc,
                         disable=not self.enabled, file=sys.stderr)  # fmt: skip
 
@@ -101,6 +103,15 @@ class ProgressHook(Hook):
 
     def after_train(self, runner) -> None:
         self.bar.close()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines logged after the checkpoint a run resumes from (and a test line), so that no
+    iteration appears twice."""
+    records = read_jsonl(path)
+    kept = [r for r in records if r.get("iter", 0) <= step and "test" not in r]
+    if len(kept) != len(records) or (path.exists() and not path.read_text().endswith("\n")):
+        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 
 def run(
@@ -128,14 +139,15 @@ def run(
             "classes": list(classes), "mm_config": cfg.mm_config,
             "conv5_geometry": dataclasses.asdict(geometry)}  # fmt: skip
     run_folder.start(run_dir, cfg, meta, {"checkpoint": source})
+    from transfer import mm_resume  # imports mmengine.runner (seconds): only when a run starts
+
     work_dir = run_dir / "work"
-    resuming = (work_dir / "last_checkpoint").exists()
-    if not resuming:
+    resume_from = mm_resume.resume_checkpoint(work_dir)
+    if resume_from is None:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     t0 = time.perf_counter()
 
     from mmengine.config import Config as MMEngineConfig
-    from mmengine.runner import Runner
 
     mm = MMEngineConfig.fromfile(cfg.mm_config)
     mm.model.backbone.update(
@@ -164,24 +176,25 @@ def run(
     schedule.append(dict(type="CosineAnnealingLR", by_epoch=False, begin=warmup,
                          end=cfg.max_iters, eta_min=cfg.lr * 0.01))  # fmt: skip
     mm.param_scheduler = schedule if warmup > 0 else schedule[1:]
-    mm.default_hooks.checkpoint = dict(
-        type="CheckpointHook", by_epoch=False, interval=cfg.checkpoint_every, max_keep_ckpts=1
-    )
+    mm.default_hooks.checkpoint = None  # mm_resume.ResumeHook saves plain-data checkpoints
     mm.default_hooks.pop("visualization", None)  # no images written
     mm.work_dir = str(work_dir)
     mm.randomness = dict(seed=cfg.seed, deterministic=False)
-    mm.resume = resuming
+    mm.resume = resume_from is not None
+    mm.load_from = str(resume_from) if resume_from is not None else None
     mm.launcher = "none"
 
-    runner = Runner.from_cfg(mm)
+    runner = mm_resume.DataOnlyRunner.from_cfg(mm)
     runner.register_hook(
         ProgressHook(
             run_dir / "metrics.jsonl", cfg.max_iters, f"{task} {run_dir.name}", cfg.progress
         )
     )
+    resume = mm_resume.ResumeHook(work_dir, cfg.checkpoint_every, cfg.max_iters, t0)
+    runner.register_hook(resume)
     runner.train()
     test_metrics = runner.test()
     result = metrics({k: float(v) for k, v in test_metrics.items()})
-    result["time_s"] = time.perf_counter() - t0
+    result["time_s"] = resume.elapsed_s()
     append_jsonl(run_dir / "metrics.jsonl", {"iter": cfg.max_iters, "test": result})
     return run_folder.finish(run_dir, result, {**meta, "elapsed_s": result["time_s"]})

@@ -37,6 +37,9 @@ from pathlib import Path
 import eval.pipeline  # noqa: F401
 import pretext.train  # noqa: F401
 import transfer.classify  # noqa: F401
+import transfer.detect  # noqa: F401
+import transfer.mm_resume  # noqa: F401
+import transfer.segment  # noqa: F401
 
 
 def _install_pause(save: int, phase: str, marker: str) -> None:
