@@ -62,6 +62,43 @@ def voc07_map(
 ) -> float:
     """VOC07 mAP as the protocols compute it: a class whose scores are all NaN (no classifier was
     trained, eval.frozen) or that has no positive among the rows has no AP and is left out."""
-    per_class = voc07_classification_ap(scores, labels, difficult_only, ap_mode)
-    per_class[np.isnan(scores).all(0)] = np.nan
+    untrained = np.isnan(scores).all(0)
+    per_class = voc07_classification_ap(np.where(untrained, 0.0, scores), labels, difficult_only,
+                                        ap_mode)  # fmt: skip
+    per_class[untrained] = np.nan
     return mean_ap(per_class)
+
+
+def resampled_maps(arrays: Mapping[str, np.ndarray], metric: str, index: np.ndarray) -> np.ndarray:
+    """VOC07 mAP of ``arrays[metric]`` on each resample of the test images: [B].
+
+    ``index`` [B, M]: row b lists the test rows of resample b (with repeats, a bootstrap draw);
+    every AP is recomputed on it, class by class, as :func:`voc07_map` would on those rows
+    (11-point AP vectorised over the resamples; ``area`` through core.voc_ap row by row).
+    """
+    scores, labels = arrays[metric], arrays["labels"] > 0.5
+    keep, mode = arrays["difficult_only"] == 0, str(arrays["ap_mode"])
+    if mode != "11points":
+        return np.array([voc07_map(scores[r], labels[r], 1 - keep[r], mode) for r in index])
+    per_class = np.full((len(index), scores.shape[1]), np.nan)
+    for c in range(scores.shape[1]):
+        if np.isnan(scores[:, c]).all():  # no classifier for c: no AP, as in voc07_map
+            continue
+        # a difficult-only entry ranked last, as a negative, changes no 11-point precision maximum:
+        # it comes after every positive, where precision only falls
+        s = np.where(keep[index, c], scores[index, c], -np.inf)
+        pos = labels[index, c] & keep[index, c]
+        order = np.argsort(-s, axis=1, kind="stable")
+        tp = np.cumsum(np.take_along_axis(pos, order, axis=1), axis=1)
+        npos = tp[:, -1:]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recall = tp / npos
+        precision = tp / np.arange(1, index.shape[1] + 1)
+        ap = np.zeros(len(index))
+        for t in np.linspace(0, 1, 11):  # as core.voc_ap.average_precision, term by term
+            best = np.where(recall >= t - 1e-12, precision, -np.inf).max(axis=1)
+            ap += np.where(np.isfinite(best), best, 0.0) / 11
+        per_class[:, c] = np.where(npos[:, 0] > 0, ap, np.nan)
+    valid = (~np.isnan(per_class)).sum(axis=1)  # mean over the classes that have an AP
+    with np.errstate(invalid="ignore"):
+        return np.where(valid > 0, np.nansum(per_class, axis=1) / valid, np.nan)
