@@ -304,12 +304,12 @@ class ImageBootstrap:
             self._maps[(run_dir, metric)] = np.concatenate(parts)
         return self._maps[(run_dir, metric)]
 
-    def mean_difference(
+    def differences(
         self, runs: dict[int, tuple[str, float]], base: dict[int, tuple[str, float]], metric: str
     ) -> np.ndarray | None:
-        """mean over seeds of mAP(run) - mAP(baseline run) on each resample [resamples].
-        ``runs`` / ``base``: {seed: (run folder, recorded value)}, the same seeds. None when a run
-        has no scores or the runs did not score the same test images."""
+        """mAP(run) - mAP(baseline run) of each seed on each resample [seeds, resamples], seeds
+        in order. ``runs`` / ``base``: {seed: (run folder, recorded value)}, the same seeds. None
+        when a run has no scores or the runs did not score the same test images."""
         ids, diffs = None, []
         for seed in sorted(runs):
             pair = []
@@ -323,7 +323,7 @@ class ImageBootstrap:
                     return None
                 pair.append(self.maps(run_dir, metric, recorded))
             diffs.append(pair[0] - pair[1])
-        return np.mean(diffs, axis=0)
+        return np.stack(diffs)
 
 
 @dataclass(frozen=True)
@@ -333,7 +333,7 @@ class Combined:
     low: float
     high: float
     seed_var: float  # s_d^2 / n: the seeds' part of Var(mean difference)
-    image_var: float  # the test images' part (bootstrap variance)
+    image_var: float  # the test images' part the seeds share (bootstrap covariance across seeds)
 
     @property
     def significant(self) -> bool:
@@ -343,19 +343,26 @@ class Combined:
 def combined_interval(
     differences: np.ndarray, resampled: np.ndarray, level: float = 0.95
 ) -> Combined:
-    """mean(d) +- sqrt(t_{q, n-1}^2 a + z_q^2 b), q = (1 + level) / 2: a = s_d^2 / n from the n
-    per-seed differences on the test set, b = the bootstrap variance of their mean over resampled
-    test images; each part's half-width at its own quantile, added in quadrature.
+    """mean(d) +- sqrt(t_{q, n-1}^2 a + z_q^2 b), q = (1 + level) / 2, for the n per-seed
+    differences d on the test set and their bootstrap replicates ``resampled`` [n, B] (the same
+    resampled images for every seed, :meth:`ImageBootstrap.differences`).
+
+    Model d_s = mu + e_s + g + h_s: seed effect e, test-set effect g shared by every seed, seed x
+    image effect h. The seed interval's a = s_d^2 / n already holds e and h (the seeds' spread on a
+    fixed test set); what it misses is g, which no number of seeds averages away. b estimates
+    Var(g) as the mean bootstrap covariance between two seeds' differences (0 if negative); each
+    part's half-width is taken at its own quantile and added in quadrature.
 
     Never narrower than the seed interval (b = 0 gives it back), the normal bootstrap interval
     when the seeds agree (a = 0). Welch-Satterthwaite degrees of freedom for a + b would narrow it
-    below the seed interval, and at n = 3 cover only 92.6% when seed variance dominates
-    (simulated with s_seed = 2, s_image = s_seed x image = 0.3; this rule covers 94.7-99.5% in
-    every mix of the three tried; tests/eval/test_resolution.py).
+    below the seed interval and, at n = 3, cover less than 95% when the seed variance dominates
+    (tests/eval/test_resolution.py simulates both).
     """
     d = np.asarray(differences, np.float64)
     n, mean = len(d), float(d.mean())
-    a, b = float(d.var(ddof=1) / n), float(np.var(resampled, ddof=1))
+    cov = np.atleast_2d(np.cov(np.asarray(resampled, np.float64)))
+    shared = (cov.sum() - np.trace(cov)) / (n * (n - 1))
+    a, b = float(d.var(ddof=1) / n), max(float(shared), 0.0)
     t, z = _quantiles(level, n - 1)
     half = math.sqrt(t**2 * a + z**2 * b)
     return Combined(mean - half, mean + half, a, b)
@@ -401,7 +408,7 @@ def _combined(
                 for s, r, v in zip(frame["seed"], frame["run_dir"], frame[f"m.{key}"])}  # fmt: skip
 
     runs, base = by_seed(done), by_seed(base_done)
-    resampled = bootstrap.mean_difference(runs, base, key)
+    resampled = bootstrap.differences(runs, base, key)
     if resampled is None:
         return None
     d = np.array([(runs[s][1] - base[s][1]) * col.scale for s in sorted(runs)])
