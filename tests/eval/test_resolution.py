@@ -280,3 +280,20 @@ def test_satterthwaite_would_narrow_and_undercover_when_seeds_dominate():
         nu = (a + b) ** 2 / (a**2 / 2)
         covered.append(abs(row.mean()) <= stats.t.ppf(0.975, nu) * np.sqrt(a + b))
     assert np.mean(covered) < 0.94
+
+
+def test_runs_scored_on_other_test_images_get_no_image_interval(tmp_path):
+    labels = np.eye(4, dtype=np.float32)[[0, 1, 2, 3] * 5]
+    for seed in range(2):
+        for variant, first in (("random_init", "a"), ("ae", "b")):  # other image ids
+            ids = [f"{first}{i}" for i in range(20)]
+            scores = (ids, labels, 0 * labels, "11points", {"svm_best_mAP": labels})
+            record(tmp_path, "eval", "frozen", variant, seed, {"svm_best_mAP": 1.0}, scores)
+    runs = collect_runs(tmp_path)
+    boot = ImageBootstrap(50)
+    by = {v: {s: (str(tmp_path / "eval" / "frozen" / v / f"seed{s}"), 1.0) for s in range(2)}
+          for v in ("random_init", "ae")}  # fmt: skip
+    assert boot.differences(by["ae"], by["random_init"], "svm_best_mAP") is None
+    rows = [("Random", "random_init"), ("AE", "ae")]
+    _, long = build_table(runs, TABLE2_COLUMNS[1:2], rows, "random_init", boot)
+    assert "comb_low" not in long.columns  # paired by seed, not by image: seed interval only
