@@ -38,7 +38,8 @@ index into conv1..conv5, bottleneck), ``knn_<layer>_mAP``, ``knn_<layer>_loo_mAP
 ``knn_layer``, ``dim_<layer>``, ``n_train``, ``n_test``, ``extract_s``, ``svm_s``, ``knn_s``,
 ``time_s``; with ``lowshot.k``: ``lowshot_k<k>_mAP`` / ``lowshot_k<k>_std`` (mean / sample std of the
 test mAP over ``lowshot.samples`` samples, on the SVM's layer; a k that cannot be drawn is not
-recorded) and ``lowshot_s``.
+recorded) and ``lowshot_s``. Beside it, ``scores.npz`` (:mod:`core.image_scores`): the test scores
+behind every ``svm_*_mAP`` / ``knn_*_mAP`` (not low-shot), for the tables' test-image bootstrap.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ from sklearn.svm import LinearSVC
 from torch import nn
 from torch.utils.data import DataLoader
 
-from core import run_folder
-from core.atomic_io import atomic_write_json
+from core import image_scores, run_folder
+from core.atomic_io import atomic_save, atomic_write_json
 from core.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from core.cli import run_cli
 from core.config import ConfigError, parse_cli
@@ -587,10 +588,12 @@ def evaluate_layer(
     test: tuple[np.ndarray, np.ndarray, np.ndarray],
     classes: tuple[str, ...],
     cfg: Config,
+    test_scores: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """SVM and kNN numbers of one layer, and the SVM's chosen cost / CV APs per class.
 
-    train / test: (features [N, D], labels [N, C], difficult_only [N, C]).
+    train / test: (features [N, D], labels [N, C], difficult_only [N, C]). ``test_scores``, when
+    given, receives the test scores [M, C] behind ``svm_<layer>_mAP`` and ``knn_<layer>_mAP``.
     """
     (xtr, ytr, dtr), (xte, yte, dte) = train, test
     out: dict[str, float] = {f"dim_{layer}": float(xtr.shape[1])}
@@ -610,6 +613,8 @@ def evaluate_layer(
     test_knn = knn_scores(xtr, ytr * (1 - dtr), xte, k, temp)
     out[f"knn_{layer}_mAP"] = mean_ap(voc07_classification_ap(test_knn, yte, dte, cfg.ap_mode))
     out["knn_s"] = time.perf_counter() - t0
+    if test_scores is not None:
+        test_scores.update({f"svm_{layer}_mAP": scores, f"knn_{layer}_mAP": test_knn})
     chosen = {c: {"C": float(cost), "cv_ap": [float(a) for a in row]}
               for c, cost, row in zip(classes, costs, cv_ap)}  # fmt: skip
     return out, {"costs": list(cfg.svm.costs), "classes": chosen}
@@ -643,12 +648,13 @@ def main(cfg: Config) -> dict[str, float]:
             "pooling": {k: v for k, v in pooling.items() if k in cfg.layers}}  # fmt: skip
     run_folder.start(run_dir, cfg, meta, {"checkpoint": source})
     t0 = time.perf_counter()
-    data = {}
+    data, ids = {}, {}
     for split in (cfg.train_split, cfg.test_split):
         images = VOCClassification(root, split, size, False, classes)
         with torch.no_grad():  # not set_grad_enabled(False): main() is called in-process too
             feats = split_features(model, source["sha256"], images, root, split, cfg)
         data[split] = (feats, images.labels.numpy(), images.difficult_only.numpy())
+        ids[split] = list(images.ids)
     extract_s = time.perf_counter() - t0
     log.info("features of %s ready in %.1f s", cfg.checkpoint, extract_s)
 
@@ -656,8 +662,10 @@ def main(cfg: Config) -> dict[str, float]:
     protocol = {"svm": asdict(cfg.svm), "knn": asdict(cfg.knn), "ap_mode": cfg.ap_mode,
                 "sha256": source["sha256"], "data": str(root), "target_dim": cfg.target_dim,
                 "splits": [cfg.train_split, cfg.test_split]}  # fmt: skip
+    test_scores: dict[str, np.ndarray] = {}  # metric -> test scores (core.image_scores)
     for layer in cfg.layers:
         part_path = run_dir / "layers" / f"{layer}.json"
+        scores_path = run_dir / "layers" / f"{layer}.scores.npz"
         key = identity_key({**protocol, "layer": layer, "pooling": _as_list(pooling[layer])})
         part = json.loads(part_path.read_text()) if part_path.exists() else {}
         if part.get("key") != key:
@@ -665,9 +673,14 @@ def main(cfg: Config) -> dict[str, float]:
                 [data[cfg.train_split][0][layer], *data[cfg.train_split][1:]]
             )  # fmt: skip
             test = tuple([data[cfg.test_split][0][layer], *data[cfg.test_split][1:]])
-            numbers, svm = evaluate_layer(layer, train, test, classes, cfg)
+            scores: dict[str, np.ndarray] = {}
+            numbers, svm = evaluate_layer(layer, train, test, classes, cfg, scores)
             part = {"key": key, "result": numbers, "svm": svm}
+            atomic_save(scores_path, lambda fh, s=scores: np.savez(fh, **s))  # before its part
             atomic_write_json(part_path, part)
+        if scores_path.exists():  # a part finished before scores were recorded has none
+            with np.load(scores_path) as saved:
+                test_scores.update({k: saved[k] for k in saved.files})
         layer_result = dict(part["result"])
         result["svm_s"] += layer_result.pop("svm_s")
         result["knn_s"] += layer_result.pop("knn_s")
@@ -713,6 +726,11 @@ def main(cfg: Config) -> dict[str, float]:
         "n_test": float(len(data[cfg.test_split][1])),
     }
     result = {**headline, **result, "time_s": time.perf_counter() - t0}
+    aliases = {"svm_best_mAP": f"svm_{svm_best}_mAP", "knn_mAP": f"knn_{knn_best}_mAP"}
+    test_scores.update({a: test_scores[k] for a, k in aliases.items() if k in test_scores})
+    if test_scores:
+        _, labels, difficult = data[cfg.test_split]
+        image_scores.save(run_dir, ids[cfg.test_split], labels, difficult, cfg.ap_mode, test_scores)
     log.info("best SVM layer (cv) %s: test mAP %.4f; kNN layer (loo) %s: test mAP %.4f",
              svm_best, headline["svm_best_mAP"], knn_best, headline["knn_mAP"])  # fmt: skip
     meta = {

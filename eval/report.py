@@ -2,6 +2,9 @@
 
 Everything here is read from run folders (``run.json`` + ``result.json`` + ``metrics.jsonl``), so
 the committed tables are the output of the recorded runs; ``*_runs.csv`` traces each cell to them.
+The tables alone can be re-rendered from a ``runs.csv`` without the run folders (``python -m
+eval.report --profile builtin --runs-csv results/runs.csv``): every cell, interval and resolution
+line comes from the recorded metrics; only the test-image intervals need the folders' scores.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from core.atomic_io import atomic_save, atomic_write_text, read_jsonl
-from core.jobs import Profile, expand
+from core.cli import ArgumentParser, UserError, run_cli
+from core.jobs import Profile, expand, load_profile
 from core.machine import cpu_model
 from eval.tables import (
     FROZEN_LAYER_COLUMNS,
@@ -26,9 +30,12 @@ from eval.tables import (
     RETRIEVAL_COLUMNS,
     TABLE1_COLUMNS,
     TABLE2_COLUMNS,
+    ImageBootstrap,
     build_table,
     collect_runs,
     lowshot_columns,
+    resolution_markdown,
+    resolution_table,
     to_markdown,
     write_table,
 )
@@ -52,10 +59,19 @@ def table2_rows(profile: Profile) -> list[tuple[str, str]]:
 
 
 BASELINE = "random_init"  # the row every other Table 2 / frozen-layer row is compared with
+UPPER_BOUND = "supervised"  # the labelled upper bound: not one of the self-supervised rows
+BOOTSTRAP_RESAMPLES = 1000  # test-image resamples (variance of a mean: ~4.5% relative error)
+HALF_WIDTH_TARGET = 2.0  # points: the seeds a ±2-point interval would take (issue 22, item 4)
 
 
 def baseline_variant(profile: Profile) -> str | None:
     return BASELINE if BASELINE in profile.pretext["variants"] else None
+
+
+def self_supervised(rows: list[tuple[str, ...]], baseline: str | None) -> list[str]:
+    """The variants whose resolution a table states: every row but the baseline and the upper
+    bound (their differences to the baseline are pooled, eval.tables.resolution_table)."""
+    return [r[1] for r in rows if r[1] not in (baseline, UPPER_BOUND)]
 
 
 def frozen_rows(profile: Profile) -> list[tuple[str, str]]:
@@ -173,33 +189,41 @@ def make_wall_line() -> list[str]:
     return [f"- `make table` wall time (set-up, data generation and pipeline): {minutes:.1f} min"]
 
 
-def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path:
-    out = Path(profile.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # only this profile's run folders: another profile may share its runs root (PROFILE=ablation)
-    runs = collect_runs(profile.runs_root)
-    if not runs.empty:
-        runs = runs[runs["run_dir"].isin({str(Path(j.run_dir)) for j in expand(profile)})]
+def write_tables(
+    runs: pd.DataFrame, profile: Profile, out: Path, bootstrap: ImageBootstrap | None
+) -> list[tuple[str, pd.DataFrame, str]]:
+    """Every table of ``profile`` from ``runs`` into ``out``: (title, table, resolution lines).
+    ``bootstrap``: the seeds + test images intervals of Table 2 (per layer they would cost ~14 s
+    per run and layer at VOC07's 4952 test images)."""
     sections = []
     baseline = baseline_variant(profile)
-    t2, t2_long = build_table(runs, TABLE2_COLUMNS, table2_rows(profile), baseline)
-    write_table(t2, t2_long, out, "table2_transfer", "Table 2: transfer from pretext features")
-    sections.append(("Table 2: feature learning, transfer to PASCAL VOC", t2))
+
+    def compared(name, columns, rows, file_title, section_title, bootstrap=None):
+        table, long = build_table(runs, columns, rows, baseline, bootstrap)
+        res = None
+        if baseline is not None:
+            pooled = self_supervised(rows, baseline)
+            res = resolution_table(runs, columns, rows, baseline, pooled, HALF_WIDTH_TARGET)
+        write_table(table, long, out, name, file_title, res)
+        sections.append((section_title, table, "" if res is None else resolution_markdown(res)))
+
+    compared("table2_transfer", TABLE2_COLUMNS, table2_rows(profile),
+             "Table 2: transfer from pretext features",
+             "Table 2: feature learning, transfer to PASCAL VOC", bootstrap)  # fmt: skip
     if frozen_rows(profile):
-        tf, tf_long = build_table(runs, FROZEN_LAYER_COLUMNS, frozen_rows(profile), baseline)
-        write_table(
-            tf, tf_long, out, "frozen_layers", "Frozen features: VOC07 linear SVM per layer"
-        )
-        sections.append(("Frozen features: VOC07 linear SVM test mAP per layer", tf))
+        compared("frozen_layers", FROZEN_LAYER_COLUMNS, frozen_rows(profile),
+                 "Frozen features: VOC07 linear SVM per layer",
+                 "Frozen features: VOC07 linear SVM test mAP per layer")  # fmt: skip
         if lowshot := lowshot_columns(runs):
             title = "Frozen features: low-shot VOC07 SVM, k positives per class"
-            tl, tl_long = build_table(runs, lowshot, frozen_rows(profile), baseline)
-            write_table(tl, tl_long, out, "frozen_lowshot", title)
-            sections.append((f"{title} (layer chosen by cross-validation)", tl))
+            compared("frozen_lowshot", lowshot, frozen_rows(profile), title,
+                     f"{title} (layer chosen by cross-validation)")  # fmt: skip
     if table1_rows(profile):
         t1, t1_long = build_table(runs, TABLE1_COLUMNS, table1_rows(profile))
         write_table(t1, t1_long, out, "table1_inpainting", "Table 1: inpainting, central masks")
-        sections.insert(0, ("Table 1: semantic inpainting on held-out images (central masks)", t1))
+        sections.insert(
+            0, ("Table 1: semantic inpainting on held-out images (central masks)", t1, "")
+        )
     retrieval = [
         (title, "all", f"{name}/pool5/")
         for name, title in profile.eval.get("retrieval", {}).get("rows", {}).items()
@@ -214,18 +238,18 @@ def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path
                 f" (chance precision: {100 * chance['m.chance/precision'].dropna().iloc[0]:.1f}%)"
             )
         sections.append(
-            (f"Nearest-neighbour retrieval: a neighbour shares an object class{note}", t3)
+            (f"Nearest-neighbour retrieval: a neighbour shares an object class{note}", t3, "")
         )
-    figures = out / "figures"
-    training_curves(runs, figures / "training_curves.png")
-    frozen_svm_figure(runs, frozen_rows(profile), figures / "frozen_svm_layers.png")
-    for name, rel in profile.eval.get("figures", {}).items():
-        copy_figure(Path(rel), figures / name)
-    atomic_write_text(out / "runs.csv", runs.to_csv(index=False))
+    return sections
 
+
+def table_lines(profile: Profile, sections: list[tuple[str, pd.DataFrame, str]]) -> list[str]:
+    """The README's tables and how to read them (everything above its provenance)."""
     lines = [f"# Results: profile `{profile.name}`", ""]
-    for title, df in sections:
+    for title, df, resolution in sections:
         lines += [f"## {title}", "", to_markdown(df)]
+        if resolution:
+            lines += [resolution]
     lines += [
         "Cells: mean ± sample std over seeds (n = finished runs; `n=k/m` when some of the m recorded "
         "runs are missing or failed). Each cell's run folders are listed in the matching `*_runs.csv`.",
@@ -240,6 +264,41 @@ def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path
         "cell over the runs' "
         "sample means; the cost is chosen by cross-validation on the sample (C = 1 at k = 1).",
         "",
+        "Under each compared table, its resolution (`*_resolution.csv`): per column the pooled std "
+        "of the self-supervised rows' paired per-seed differences to random init, the smallest "
+        "true difference the table's seeds detect (95% two-sided paired t-test, 80% power, exact "
+        "noncentral t), the half-width of the 95% interval at those seeds, and the seeds a "
+        f"±{HALF_WIDTH_TARGET:g}-point interval would take. A Δ inside the minimum detectable "
+        "difference that is not starred is a null of this table, not evidence of no effect.",
+        "",
+        "`seeds+images [lo, hi]` (Table 2, only where every run of the two rows recorded per-image "
+        "test scores, `scores.npz`): a second 95% interval for the same Δ, for new test images as "
+        "well as new seeds: the seed interval widened by the test-set variance the seeds share "
+        f"({BOOTSTRAP_RESAMPLES} bootstrap resamples of the test images, the same for every method "
+        "and seed, each AP recomputed; `eval/tables.py::combined_interval`). It is never narrower "
+        "than the seed interval; the interval right after `Δ` is always the seed-only one.",
+        "",
+    ]
+    return lines
+
+
+def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path:
+    out = Path(profile.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # only this profile's run folders: another profile may share its runs root (PROFILE=ablation)
+    runs = collect_runs(profile.runs_root)
+    if not runs.empty:
+        runs = runs[runs["run_dir"].isin({str(Path(j.run_dir)) for j in expand(profile)})]
+    sections = write_tables(runs, profile, out, ImageBootstrap(BOOTSTRAP_RESAMPLES))
+    figures = out / "figures"
+    training_curves(runs, figures / "training_curves.png")
+    frozen_svm_figure(runs, frozen_rows(profile), figures / "frozen_svm_layers.png")
+    for name, rel in profile.eval.get("figures", {}).items():
+        copy_figure(Path(rel), figures / name)
+    atomic_write_text(out / "runs.csv", runs.to_csv(index=False))
+
+    lines = [
+        *table_lines(profile, sections),
         "## Provenance",
         "",
         f"- command: `{command}` (profile file `{profile.path}`)",
@@ -254,3 +313,45 @@ def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path
     ]
     atomic_write_text(out / "README.md", "\n".join(lines))
     return out
+
+
+PROVENANCE = "## Provenance"
+
+
+def rerender(profile: Profile, runs_csv: Path) -> Path:
+    """Re-render the tables of ``profile.results_dir`` from a ``runs.csv`` (what write_report
+    wrote from the run folders) without the folders: the same cells, intervals and resolution
+    lines; no test-image intervals (they need each folder's scores.npz) and no figures. The README's
+    provenance is kept, with a line saying what was re-rendered."""
+    try:
+        runs = pd.read_csv(runs_csv)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise UserError(f"{runs_csv}: cannot read a runs table ({err})") from err
+    missing = {"stage", "task", "variant", "seed", "run_dir", "status"} - set(runs.columns)
+    if missing:
+        raise UserError(f"{runs_csv}: not a runs.csv of eval.report, missing {sorted(missing)}")
+    out = Path(profile.results_dir)
+    sections = write_tables(runs, profile, out, bootstrap=None)
+    readme = out / "README.md"
+    old = readme.read_text() if readme.exists() else ""
+    provenance = old[old.index(PROVENANCE) :].rstrip("\n").split("\n") if PROVENANCE in old else [
+        PROVENANCE, ""]  # fmt: skip
+    note = (f"- tables re-rendered from `{runs_csv}` at commit {git_commit()} "
+            "(`python -m eval.report`; no run was re-run, the runs above are unchanged)")  # fmt: skip
+    atomic_write_text(readme, "\n".join([*table_lines(profile, sections), *provenance, note, ""]))
+    return out
+
+
+def cli(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=rerender.__doc__)
+    parser.add_argument("--profile", default="builtin", help="builtin | paper | a YAML path")
+    parser.add_argument("--runs-csv", required=True, type=Path, help="e.g. results/runs.csv")
+    args = parser.parse_args(argv)
+    from eval.pipeline import profile_path  # pipeline imports this module lazily too
+
+    out = rerender(load_profile(profile_path(args.profile)), args.runs_csv)
+    print(f"tables of {out} re-rendered from {args.runs_csv}")
+
+
+if __name__ == "__main__":
+    run_cli(cli)

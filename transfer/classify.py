@@ -11,7 +11,8 @@ Modes (``modes=[...]``, each adds its own keys to the result):
 
 Training on ``train_split`` (trainval), testing on ``test_split`` (test) with the VOC07 protocol
 (difficult-only entries ignored, 11-point AP by default). Result keys: ``mAP`` (the first mode's),
-``<mode>_mAP``, ``<mode>_AP_<class>``, ``time_s``.
+``<mode>_mAP``, ``<mode>_AP_<class>``, ``time_s``; beside it ``scores.npz``
+(:mod:`core.image_scores`): the test scores behind ``mAP`` and each ``<mode>_mAP``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from core import run_folder
+from core import image_scores, run_folder
 from core.atomic_io import append_jsonl
 from core.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from core.cli import run_cli
@@ -325,12 +326,16 @@ def linear_probe(
     test: Dataset,
     cfg: Config,
     classes: tuple[str, ...],
+    test_scores: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """Fit on ``train`` (eval views, no augmentation), report AP on ``test``."""
+    """Fit on ``train`` (eval views, no augmentation), report AP on ``test`` (its scores [M, C]
+    into ``test_scores[<name>_mAP]`` when given)."""
     tr, tr_lab, tr_diff = predict(feature_fn, train, 128, False, f"{name} features", cfg.progress)
     te, te_lab, te_diff = predict(feature_fn, test, 128, False, f"{name} features", cfg.progress)
     mean, std, weight, bias = fit_linear_probe(tr, tr_lab, tr_diff, cfg.linear)
     scores = ((torch.from_numpy(te).double() - mean) / std @ weight + bias).numpy()
+    if test_scores is not None:
+        test_scores[f"{name}_mAP"] = scores
     return ap_metrics(name, scores, te_lab, te_diff, classes, cfg.ap_mode)
 
 
@@ -389,6 +394,7 @@ def main(cfg: Config) -> dict[str, float]:
     log.info("%d train / %d test images, %d classes", len(train_aug), len(test), len(classes))
 
     result: dict[str, float] = {}
+    test_scores: dict[str, np.ndarray] = {}  # metric -> test scores (core.image_scores)
     for mode in cfg.modes:
         t_mode = time.perf_counter()
         if mode == "finetune":
@@ -398,15 +404,21 @@ def main(cfg: Config) -> dict[str, float]:
                 net, test, 128, cfg.test_flip, "finetune test", cfg.progress
             )
             result.update(ap_metrics("finetune", scores, labels, diff, classes, cfg.ap_mode))
+            test_scores["finetune_mAP"] = scores
         elif mode == "linear_pool5":
-            result.update(linear_probe(mode, Pool5(model.encoder), train_eval, test, cfg, classes))
+            probe = Pool5(model.encoder)
+            result.update(linear_probe(mode, probe, train_eval, test, cfg, classes, test_scores))
         else:
-            result.update(linear_probe(mode, BottleneckFC(model), train_eval, test, cfg, classes))
+            probe = BottleneckFC(model)
+            result.update(linear_probe(mode, probe, train_eval, test, cfg, classes, test_scores))
         result[f"{mode}_time_s"] = time.perf_counter() - t_mode
         log.info("%s: mAP %.4f", mode, result[f"{mode}_mAP"])
         append_jsonl(run_dir / "metrics.jsonl", {"mode": mode, "mAP": result[f"{mode}_mAP"]})
     result = {"mAP": result[f"{cfg.modes[0]}_mAP"], **result}
     result["time_s"] = time.perf_counter() - t0
+    test_scores["mAP"] = test_scores[f"{cfg.modes[0]}_mAP"]
+    labels, diff = test.base.labels.numpy(), test.base.difficult_only.numpy()
+    image_scores.save(run_dir, test.base.ids, labels, diff, cfg.ap_mode, test_scores)
     return run_folder.finish(run_dir, result, {**meta, "elapsed_s": result["time_s"]})
 
 

@@ -3,12 +3,15 @@ init, and the SVM-per-layer figure."""
 
 import json
 import re
+import shutil
 import time
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
+from core.cli import run_cli
 from core.jobs import Profile
 from eval.report import write_report
 
@@ -99,3 +102,112 @@ def test_training_curves_skip_runs_without_a_reconstruction_loss(tmp_path):
                      "run_dir": str(run_dir)})  # fmt: skip
     training_curves(pd.DataFrame(rows), tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def resolution_profile(tmp_path):
+    return Profile(
+        name="t", runs_root=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"),
+        data="/nowhere", seeds=[0, 1, 2],
+        pretext={"config": "pretext/configs/builtin.yaml",
+                 "variants": {"random_init": {"title": "Random initialization"},
+                              "autoencoder": {"title": "Autoencoder"},
+                              "context_encoder": {"title": "Context encoder"},
+                              "supervised": {"title": "Supervised"}}},
+        eval={"frozen": {"module": "eval.frozen",
+                         "variants": ["random_init", "autoencoder", "context_encoder",
+                                      "supervised"]}},
+    )  # fmt: skip
+
+
+def test_report_states_the_resolution_under_each_compared_table(tmp_path, monkeypatch):
+    """Paired differences to random init: autoencoder (1, 2, 3), context encoder (2, 4, 6) points
+    (variances 1 and 4: pooled std sqrt(2.5) = 1.581, 4 dof); the supervised row (+20) is not
+    pooled. MDE at n = 3: 3.2640 x 1.581 = 5.16; half-width 4.3027 x 1.581 / sqrt(3) = 3.93;
+    ±2 points: 5 seeds (n = 4: 3.1824 x 1.581 / 2 = 2.52; n = 5: 2.7764 x 1.581 / sqrt(5) = 1.96)."""
+    from eval.report import cli, rerender
+
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    diffs = {"random_init": (0, 0, 0), "autoencoder": (1, 2, 3), "context_encoder": (2, 4, 6),
+             "supervised": (20, 21, 20)}  # fmt: skip
+    for seed in range(3):
+        for variant, d in diffs.items():
+            base = 0.30 + 0.01 * seed
+            layers = {f"svm_{layer}_mAP": base + d[seed] / 100 for layer in LAYERS}
+            record(runs, "eval", "frozen", variant, seed,
+                   {**layers, "svm_best_mAP": base + d[seed] / 100, "knn_mAP": base})  # fmt: skip
+            record(runs, "pretext", "pretext", variant, seed, {"train_time_s": 60.0})
+    profile = resolution_profile(tmp_path)
+    out = write_report(profile, 1.0, "make table")
+
+    svm = "Frozen SVM, best layer (VOC07 mAP %)"
+    for name in ("table2_transfer", "frozen_layers"):
+        md = (out / f"{name}.md").read_text()
+        table, resolution = md.split("\n\n| Resolution against Random initialization |")
+        assert "| Context encoder |" in table and "Δ" in table
+        assert "| pooled std of Δ over seeds (dof) | " in resolution and "1.58 (4)" in resolution
+        assert "| minimum detectable Δ, 95% two-sided, 80% power (n) |" in resolution
+        assert "5.2 (n=3)" in resolution and "±3.9 (n=3)" in resolution
+        assert "| seeds for a half-width ≤ 2 |" in resolution
+        assert "of: Autoencoder, Context encoder." in resolution  # supervised not pooled
+    res = pd.read_csv(out / "table2_transfer_resolution.csv").set_index("column")
+    assert res.loc[svm, "seeds_for_target"] == 5 and res.loc[svm, "n"] == 3
+    assert res.loc[svm, "mde"] == pytest.approx(3.2640 * np.sqrt(2.5), rel=1e-4)
+    assert "Pretraining time (min)" not in res.index  # not compared: no resolution
+    readme = (out / "README.md").read_text()
+    table2 = readme.split("## Table 2")[1].split("\n## ")[0]
+    assert "| Resolution against Random initialization |" in table2 and "5.2 (n=3)" in table2
+    assert "minimum detectable" in readme and "seed-only" in readme
+
+    # the tables again from runs.csv alone, without the run folders: the same files
+    before = {p.name: p.read_text() for p in out.glob("*.md") if p.name != "README.md"}
+    shutil.rmtree(runs)
+    rerender(profile, out / "runs.csv")
+    assert {p.name: p.read_text() for p in out.glob("*.md") if p.name != "README.md"} == before
+    readme_again = (out / "README.md").read_text()
+    assert readme_again.split("## Provenance")[0] == readme.split("## Provenance")[0]
+    assert "- git commit:" in readme_again and "re-rendered from" in readme_again
+
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(cli, ["--profile", str(write_profile(tmp_path, profile)), "--runs-csv",
+                      str(tmp_path / "bad.csv")])  # fmt: skip
+    assert exit_info.value.code == 2
+
+
+def write_profile(tmp_path, profile):
+    import yaml
+
+    path = tmp_path / "profile.yaml"
+    fields = ("name", "runs_root", "results_dir", "data", "seeds", "pretext", "eval")
+    path.write_text(yaml.safe_dump({k: getattr(profile, k) for k in fields}))
+    return path
+
+
+def test_report_shows_the_seeds_and_images_interval_from_recorded_scores(tmp_path, monkeypatch):
+    from core import image_scores
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    labels = (rng.random((40, 8)) < 0.3).astype(np.float32)
+    ids = [f"{i:06d}" for i in range(40)]
+    for seed in range(3):
+        for variant, signal in (("random_init", 0.5), ("autoencoder", 1.0),
+                                ("context_encoder", 1.0), ("supervised", 3.0)):  # fmt: skip
+            scores = labels * signal + rng.normal(size=labels.shape)
+            value = image_scores.voc07_map(scores, labels, 0 * labels, "11points")
+            run_dir = tmp_path / "runs" / "eval" / "frozen" / variant / f"seed{seed}"
+            record(tmp_path / "runs", "eval", "frozen", variant, seed,
+                   {"svm_best_mAP": value, "knn_mAP": value})  # fmt: skip
+            image_scores.save(run_dir, ids, labels, 0 * labels, "11points",
+                              {"svm_best_mAP": scores})  # fmt: skip
+    out = write_report(resolution_profile(tmp_path), 1.0, "make table")
+    t2 = pd.read_csv(out / "table2_transfer.csv").set_index("Method")
+    cell = t2.loc["Supervised", "Frozen SVM, best layer (VOC07 mAP %)"]
+    assert re.fullmatch(
+        r".*; Δ \+[\d.]+ \[.*\]\*?; seeds\+images \[[+-][\d.]+, \+[\d.]+\]\*?", cell
+    )
+    assert "seeds+images" not in t2.loc["Supervised", "Frozen kNN (VOC07 mAP %)"]  # no scores
+    long = pd.read_csv(out / "table2_transfer_runs.csv")
+    row = long[(long["row"] == "Supervised") & long["column"].str.startswith("Frozen SVM")]
+    assert row["image_var"].iloc[0] > 0 and row["comb_low"].iloc[0] <= row["ci_low"].iloc[0]
