@@ -47,6 +47,7 @@ from core.data import (
 from core.inpainting import evaluate_inpainting
 from core.masks import MaskGenerator, builtin_shapes, central_square
 from core.models import ARCHS, Discriminator, build_model
+from core.preflight import Input
 from pretext import distributed
 from pretext.losses import (
     discriminator_loss,
@@ -213,8 +214,46 @@ def build_images(cfg: DataConfig, split: str, train: bool, image_size: int):
     if cfg.format == "voc":
         ensure_builtin(root)
         return VOCImages(root, split, image_size, train=train, skip_bad=cfg.skip_bad)
-    folder = root / split if (root / split).is_dir() else root
-    return ImageFolderImages(folder, image_size, train=train, skip_bad=cfg.skip_bad)
+    return ImageFolderImages(
+        split_folder(cfg, split), image_size, train=train, skip_bad=cfg.skip_bad
+    )
+
+
+def split_folder(cfg: DataConfig, split: str) -> Path:
+    """data.format=folder: ``<root>/<split>`` when it is a folder, else ``<root>`` itself."""
+    root = Path(cfg.root)
+    return root / split if (root / split).is_dir() else root
+
+
+def mask_shapes_root(cfg: Config) -> str:
+    """The VOC root whose SegmentationObject silhouettes the random-region masks use, "" for none
+    (another mask kind, random init, or the built-in blobs); raises for a source that is asked
+    for but missing (also the pre-flight's check, :func:`input_checks`)."""
+    if (
+        cfg.mask.kind != "random_region"
+        or cfg.method == "random_init"
+        or cfg.mask.shapes == "builtin"
+    ):
+        return ""
+    root = cfg.mask.shapes_root
+    if not root:
+        if cfg.data.format == "voc" and (Path(cfg.data.root) / "SegmentationObject").is_dir():
+            return cfg.data.root
+        if cfg.mask.shapes == "voc":
+            raise ConfigError(
+                f"mask.shapes=voc: data.root={cfg.data.root} (data.format={cfg.data.format}) has "
+                "no SegmentationObject/ PNGs; set mask.shapes_root=<VOC2012 root> "
+                "(e.g. /datasets/VOCdevkit/VOC2012)"
+            )
+        return ""
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"{root}: mask.shapes_root is not a folder")
+    if not (Path(root) / "SegmentationObject").is_dir():
+        raise FileNotFoundError(
+            f"{root}: mask.shapes_root has no SegmentationObject/ folder (give a VOC root, e.g. "
+            "VOCdevkit/VOC2012)"
+        )
+    return root
 
 
 def region_shapes(cfg: Config) -> tuple[list[np.ndarray], str]:
@@ -222,28 +261,38 @@ def region_shapes(cfg: Config) -> tuple[list[np.ndarray], str]:
     ``builtin blobs (N)`` or ``none`` for other mask kinds)."""
     if cfg.mask.kind != "random_region" or cfg.method == "random_init":  # no masks drawn
         return [], "none"
-    root = cfg.mask.shapes_root
-    if cfg.mask.shapes != "builtin" and not root:
-        data_has_shapes = (
-            cfg.data.format == "voc" and (Path(cfg.data.root) / "SegmentationObject").is_dir()
-        )
-        if data_has_shapes:
-            root = cfg.data.root
-        elif cfg.mask.shapes == "voc":
-            raise ConfigError(
-                f"mask.shapes=voc: data.root={cfg.data.root} (data.format={cfg.data.format}) has "
-                "no SegmentationObject/ PNGs; set mask.shapes_root=<VOC2012 root> "
-                "(e.g. /datasets/VOCdevkit/VOC2012)"
-            )
-    if cfg.mask.shapes != "builtin" and root:
+    root = mask_shapes_root(cfg)
+    if root:
         from core.voc import object_shapes
 
-        if not Path(root).is_dir():
-            raise FileNotFoundError(f"{root}: mask.shapes_root is not a folder")
         shapes = object_shapes(root)
         return shapes, f"voc:{root} ({len(shapes)} shapes)"
     shapes = builtin_shapes()
     return shapes, f"builtin blobs ({len(shapes)})"
+
+
+def check_data(data: DataConfig) -> None:
+    """What :func:`build_images` / ``labelled_images`` open, checked without reading an image:
+    ``ImageSets/Main/<split>.txt`` of a VOC root, or the image folder of a split (train, val)."""
+    from core.datasets import image_folder
+    from core.voc import read_split
+
+    for split in (data.split, data.val_split):
+        if data.format == "voc":
+            read_split(data.root, split)
+        else:
+            image_folder(split_folder(data, split))
+
+
+def input_checks(cfg: Config) -> list[Input]:
+    """The inputs of a run, each with the check main makes of it (core.preflight runs them before
+    a pipeline starts): the data root and the random-region shapes' source."""
+    cfg = resolve(cfg)
+    shapes_source = cfg.mask.shapes_root or cfg.data.root
+    return [
+        Input("data.root", cfg.data.root, lambda: check_data(cfg.data)),
+        Input("mask.shapes_root", shapes_source, lambda: mask_shapes_root(cfg)),
+    ]
 
 
 def open_run_folder(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
