@@ -153,8 +153,7 @@ def report(problems: list[Problem], source: str, n_jobs: int, outcome: str) -> s
     entries: dict[str, dict[str, dict[str, list[str]]]] = {c: {} for c in CAUSES}
     for p in problems:
         if p.cause in ("missing", "unusable"):
-            reason = _reason(p)
-            reason = f"{p.key}: {reason}" if p.key and not reason.startswith(p.key) else reason
+            reason = f"{p.key}: {_reason(p)}" if p.key else _reason(p)
             entries[p.cause].setdefault(p.path, {}).setdefault(reason, []).append(p.job)
         else:
             entries[p.cause].setdefault(p.message, {}).setdefault("", []).append(p.job)
