@@ -24,6 +24,7 @@ import contextlib
 import importlib
 import io
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -96,6 +97,17 @@ class StageJob:
         return f"StageJob({self.module!r}, {self.argv!r})"
 
 
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger):
+    """``logger``'s warnings left out while inside."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _squeue(cluster: str | None = None) -> dict[str, str]:
     """Job id ("12" or "12_3") -> state of this user's jobs still in the queue; ClusterError when
     squeue cannot answer (sacct did not know these jobs either)."""
@@ -118,9 +130,11 @@ def scheduler_states(
     jobs = {
         d: submitit.SlurmJob(folder=r["folder"], job_id=r["job_id"]) for d, r in records.items()
     }
-    if jobs:
-        submitit.SlurmJob.watcher.update()  # now, not after submitit's adaptive delay
-    states = {d: job.state.split()[0] for d, job in jobs.items()}  # "CANCELLED by 0"
+    # a failing sacct (no accounting) is no error: squeue answers for what it does not know
+    with _quiet(logging.getLogger("submitit")):
+        if jobs:
+            submitit.SlurmJob.watcher.update()  # now, not after submitit's adaptive delay
+        states = {d: job.state.split()[0] for d, job in jobs.items()}  # "CANCELLED by 0"
     if "UNKNOWN" in states.values():
         queued = _squeue(cluster)
         for d, state in states.items():
