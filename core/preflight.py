@@ -21,6 +21,8 @@ import importlib
 import importlib.util
 import io
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,15 +67,24 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+def _found_by_a_job(name: str) -> bool:
+    """Whether ``python -m name``, started with this environment as the executors start a job,
+    finds the module (its PYTHONPATH may hold folders this process does not search)."""
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec(sys.argv[1]) is None)"
+    return subprocess.run([sys.executable, "-c", probe, name], capture_output=True).returncode == 0
+
+
 def stage_module(name: str) -> ModuleType | str | None:
     """The stage module ``name``, imported; None for a module without a top-level
     ``parse_config`` (a plain script: it does its work when imported, so it is only run, never
-    imported here); a message when there is no such module."""
+    imported here) or one that only a job's own process finds; a message when there is none."""
     try:
         spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.origin:
+        if _found_by_a_job(name):
+            return None
         return f"module {name!r} not found (python -m {name} would fail)"
     if spec.origin.endswith(".py"):
         tree = ast.parse(Path(spec.origin).read_text(), filename=spec.origin)

@@ -152,6 +152,12 @@ def test_a_plain_script_is_run_not_imported_and_a_missing_module_is_a_problem(
     assert preflight.stage_module("no_such_stage") == (
         "module 'no_such_stage' not found (python -m no_such_stage would fail)"
     )
+    # found only on the PYTHONPATH a job is started with: run, not checked here
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "job_only_stage.py").write_text("def parse_config(argv): ...\n")
+    monkeypatch.setenv("PYTHONPATH", str(elsewhere))
+    assert preflight.stage_module("job_only_stage") is None
 
 
 def test_report_groups_by_cause_and_lists_each_path_once():
