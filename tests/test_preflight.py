@@ -29,7 +29,9 @@ def tree(*roots: Path) -> dict[str, tuple[int, int]]:
     out = {}
     for root in roots:
         for folder, dirs, files in os.walk(root):
-            dirs[:] = [d for d in dirs if d not in ("__pycache__", ".pytest_cache", ".git")]
+            dirs[:] = [
+                d for d in dirs if d not in ("__pycache__", ".pytest_cache", ".git", ".venv")
+            ]
             for name in [*dirs, *files]:
                 st = os.lstat(os.path.join(folder, name))
                 out[os.path.join(folder, name)] = (st.st_size, st.st_mtime_ns)
