@@ -18,7 +18,8 @@ from core import minivoc
 from core.data import MaskedImages, StepBatchSampler, make_loader
 from core.datasets import VOCImages
 from core.masks import MaskGenerator
-from pretext.train import Config, region_shapes
+from pretext.methods.context_encoder import region_shapes
+from pretext.train import Config
 
 
 def measure_pipeline(

@@ -31,6 +31,8 @@ FULL = [
     ("step_small64", "bench.step", ["--arch", "small64", "--batch", "64", "--iters", "5", "--pipeline-batches", "8"]),
     ("retrieval_10k", "bench.retrieval", ["--n", "10000", "--dim", "1024", "--queries", "1000"]),
     ("retrieval_100k", "bench.retrieval", ["--n", "100000", "--dim", "1024", "--queries", "1000"]),
+    ("data_path_alexnet227", "bench.data_path", ["--arch", "alexnet227", "--batch", "32", "--batches", "8", "--steps", "2"]),
+    ("data_path_small64", "bench.data_path", ["--arch", "small64", "--batch", "32", "--batches", "8", "--steps", "3"]),
 ]  # fmt: skip
 # `python -m bench.run --device cuda` (a GPU machine): the trainer's GPU defaults (bf16 autocast,
 # channels_last) against the eager fp32 baseline, plus torch.compile on the 128-px network, each with
@@ -56,6 +58,11 @@ def run_one(module: str, args: list[str], out: Path, in_process: bool) -> dict:
     cmd = [sys.executable, "-m", module, *args, "--out", str(out)]
     subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
+
+
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
 
 
 def _load() -> list[float]:
@@ -94,15 +101,15 @@ def gpu_markdown(gpu: dict | None) -> list[str]:
         return [
             "No GPU run is recorded (`bench_gpu.json`): the GPU paths (bf16 autocast, channels_last, "
             "torch.compile, hole filling and loss weights computed on the device from uint8 images and "
-            "bool masks sent with pinned memory by several workers) are in the code (`Step.settings`, "
-            "`Step.__call__`, `make_loader`). `python -m bench.run --device cuda` measures them on a GPU "
+            "bool masks sent with pinned memory by several workers) are in the code (`step_settings`, "
+            "`InpaintingStep.__call__`, `make_loader`). `python -m bench.run --device cuda` measures them on a GPU "
             "machine.",
         ]
     env = gpu["environment"]
     lines = [
         f"{env['gpu']}, torch {env['torch']}, host CPU {env['cpu']} ({env['cores']} cores); wall time "
         f"{gpu['wall_s']:.0f} s. Baseline: the eager fp32 NCHW step of section 1. Ours: "
-        "`pretext.train.Step` with the trainer's GPU defaults (settings column). Median of 20 "
+        "`pretext.methods.context_encoder.InpaintingStep` with the trainer's GPU defaults (settings column). Median of 20 "
         "alternating timed steps after one warm-up step (which includes compilation when it is on).",
         "",
         "| network | batch | ours: settings | baseline img/s | ours img/s | speed-up | ours TFLOP/s | "
@@ -128,6 +135,49 @@ def gpu_markdown(gpu: dict | None) -> list[str]:
             f"**{s['speedup']:.2f}x** | {s['ours_gflops'] / 1000:.1f} | {s['ours_first_step_s']:.1f} | "
             f"{_f(mem[0], 0)} / {_f(mem[1], 0)} | {pipe} |"
         )
+    return lines
+
+
+def data_path_markdown(res: dict) -> list[str]:
+    """Section 4, from the data_path_* runs (``python -m bench.run --only data_path_alexnet227
+    data_path_small64`` re-measures just these, with their own environment line)."""
+    runs = {k: r for k, r in res["runs"].items() if k.startswith("data_path_")}
+    if not runs:
+        return []
+    lines = [
+        "",
+        "## 4. Data path: per-image loader vs image store + batched crops and masks, same process",
+        "",
+        "| input | mask | batch | workers | loader img/s | store + batched img/s | speed-up | "
+        "peak RSS MiB (loader / batched, main + workers) | end to end with the step img/s (loader / batched) | "
+        "store build s (images, MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs.values():
+        e2e = r.get("end_to_end")
+        e2e_s = (f"{_f(e2e['loader_images_per_s'])} / {_f(e2e['batched_images_per_s'])}"
+                 if e2e else "—")  # fmt: skip
+        st = r["store"]
+        lines.append(
+            f"| {r['size']} px ({r['arch']}) | {r['mask']} | {r['batch']} | {r['workers']} | "
+            f"{_f(r['loader']['images_per_s'])} | {_f(r['batched']['images_per_s'])} | "
+            f"**{r['speedup']:.2f}x** | {r['loader_peak_rss_mb']:.0f} / {r['batched_peak_rss_mb']:.0f} | "
+            f"{e2e_s} | {st['build_s']:.1f} ({st['images']}, {st['mib']:.0f}) |"
+        )
+    for r in runs.values():
+        e = r.get("environment")
+        if e:
+            lines += ["", f"{r['arch']}: measured {e['date']}, commit {e['commit']}, {e['cpu']} "
+                      f"({e['cores']} cores), load average before/after {e['load_before']} / "
+                      f"{e['load_after']}."]  # fmt: skip
+    lines += [
+        "",
+        "Loader: today's `MaskedImages(VOCImages)` DataLoader (JPEG decode, PIL crop + flip, numpy "
+        "mask per image). Store + batched: `core.batched_source` over a `core.image_store` store of "
+        "the same split (short side = input size), crops (`grid_sample`) and masks (ragged gathers "
+        "over a silhouette bank) made per batch, in the same number of loader processes of one "
+        "torch thread each. Images/s: median of 3 alternating rounds of 8 batches after the first.",
+    ]
     return lines
 
 
@@ -162,7 +212,7 @@ def markdown(res: dict, gpu: dict | None = None) -> str:
     lines += [
         "",
         "Baseline: `bench/baseline.py`, the same networks and losses written plainly (eager fp32, NCHW, "
-        "out-of-place activations, per-parameter Adam). Ours: `pretext.train.Step` with the trainer's "
+        "out-of-place activations, per-parameter Adam). Ours: `pretext.methods.context_encoder.InpaintingStep` with the trainer's "
         "CPU defaults (settings in bench.json). FLOPs: `torch.utils.flop_counter.FlopCounterMode` over one "
         "step (convolutions and matmuls, forward and backward). Peak RSS: the process high-water mark "
         "(VmHWM, reset through /proc/self/clear_refs) during one step, both models resident.",
@@ -202,6 +252,7 @@ def markdown(res: dict, gpu: dict | None = None) -> str:
         sc = res["retrieval_scaling"]
         lines += ["", f"Growth with n (exponent b in time ~ n^b, n = {res['runs']['retrieval_10k']['n']} -> {res['runs']['retrieval_100k']['n']}): " + ", ".join(
             f"{k} {v:.2f}" for k, v in sc.items()) + "."]  # fmt: skip
+    lines += data_path_markdown(res)
     lines += [
         "",
         "## GPU",
@@ -222,6 +273,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data-root", default="data/minivoc", help="mini-VOC folder (generated if missing)"
     )
     parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help="run only these entries of the CPU plan and merge them into the existing bench.json",
+    )
+    parser.add_argument(
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
@@ -237,6 +294,13 @@ def _read_json(path: Path) -> dict | None:
 def main(args: argparse.Namespace) -> dict:
     gpu = args.device == "cuda"
     plan = GPU if gpu else TINY if args.tiny else FULL
+    if args.only:
+        unknown = set(args.only) - {name for name, _, _ in plan}
+        if unknown:
+            raise SystemExit(
+                f"error: --only: unknown {sorted(unknown)}; choose from {[n for n, _, _ in plan]}"
+            )
+        plan = [entry for entry in plan if entry[0] in args.only]
     start, load_before = time.perf_counter(), _load()
     runs: dict = {}
     failed: dict = {}
@@ -244,14 +308,24 @@ def main(args: argparse.Namespace) -> dict:
         for name, module, margs in plan:
             if module == "bench.step":
                 margs = [*margs, "--data-root", args.data_root, "--device", args.device]
+            if module == "bench.data_path":
+                margs = [*margs, "--data-root", args.data_root]
+            load_one = _load()
             print(f"[bench] {name}", flush=True)
             try:
                 runs[name] = run_one(module, margs, Path(tmp) / f"{name}.json", args.tiny)
+                if module == "bench.data_path":  # its own provenance: --only re-runs it alone
+                    runs[name]["environment"] = {"date": time.strftime("%Y-%m-%d"), "commit": _commit(),
+                        "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)),
+                        "load_before": load_one, "load_after": _load()}  # fmt: skip
             except (subprocess.CalledProcessError, OSError) as err:  # keep the other figures
                 print(f"[bench] {name} failed: {err}", file=sys.stderr, flush=True)
                 failed[name] = str(err)
     res = {"environment": environment(), "load_before": load_before, "load_after": _load(),
            "wall_s": time.perf_counter() - start, "runs": runs, "failed": failed}  # fmt: skip
+    previous = _read_json(args.out_dir / ("bench_gpu.json" if gpu else "bench.json"))
+    if args.only and previous is not None:  # keep every other figure and its environment
+        res = {**previous, "runs": {**previous["runs"], **runs}}
     if "retrieval_10k" in runs and "retrieval_100k" in runs:
         res["retrieval_scaling"] = scaling(runs["retrieval_10k"], runs["retrieval_100k"])
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,9 @@ from core.atomic_io import atomic_write_json
 from core.config import load_config
 from core.masks import MaskGenerator, builtin_shapes
 from core.models import Discriminator, build_model
-from pretext.train import Config, Step, parse_config
+from pretext.methods.base import step_settings
+from pretext.methods.context_encoder import InpaintingStep
+from pretext.train import Config, parse_config
 
 # The paper's configs (pretext/configs/) for the two paper networks; small64 is the built-in profile.
 CONFIGS = {
@@ -57,12 +59,12 @@ def make_batch(cfg: Config, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.
     return images, torch.from_numpy(hole)[:, None]
 
 
-def build_ours(cfg: Config, device: torch.device, mean: list[float]) -> Step:
+def build_ours(cfg: Config, device: torch.device, mean: list[float]) -> InpaintingStep:
     """The trainer's step, set up as :func:`pretext.train.main` sets it up (single process)."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.arch, cfg.model.dropout, cfg.model.output)
     disc = Discriminator.for_input(model.output_size) if cfg.loss.adversarial else None
-    memory_format, autocast_dtype, compile_model = Step.settings(cfg, device)
+    memory_format, autocast_dtype, compile_model = step_settings(cfg, device)
     betas = cfg.optim.betas
     opt_g = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=betas)
     opt_d = (
@@ -75,10 +77,12 @@ def build_ours(cfg: Config, device: torch.device, mean: list[float]) -> Step:
         disc.to(device, memory_format=memory_format)
     train_model = torch.compile(model) if compile_model else model
     mean_t = torch.tensor(mean, device=device)
-    return Step(train_model, disc, opt_g, opt_d, cfg, mean_t, device, autocast_dtype, memory_format)
+    return InpaintingStep(
+        train_model, disc, opt_g, opt_d, cfg, mean_t, device, autocast_dtype, memory_format
+    )
 
 
-def build_baseline(cfg: Config, ours: Step, mean: list[float]) -> baseline.BaselineStep:
+def build_baseline(cfg: Config, ours: InpaintingStep, mean: list[float]) -> baseline.BaselineStep:
     """The plain eager fp32 NCHW step with ``ours``'s current weights."""
     model = baseline.BASELINES[cfg.model.arch](
         **({} if cfg.model.arch == "inpaint128" else {"dropout": cfg.model.dropout})
@@ -162,7 +166,7 @@ def measure_step(arch: str, batch: int, iters: int, device: str = "cpu", overrid
 
 
 def _settings(cfg: Config, device: torch.device) -> dict:
-    memory_format, autocast_dtype, compile_model = Step.settings(cfg, device)
+    memory_format, autocast_dtype, compile_model = step_settings(cfg, device)
     return {"channels_last": memory_format == torch.channels_last,
             "autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
             "compile": compile_model, "threads": torch.get_num_threads()}  # fmt: skip

@@ -2,20 +2,33 @@
 
 One ``.pt`` file (a dict) per checkpoint, written atomically:
 
-- ``format``: :data:`FORMAT`; ``method``: context_encoder | autoencoder | random_init | supervised
+- ``format``: :data:`FORMAT`; ``method``: one of :data:`METHODS` (``pretext.methods.METHODS``, and
+  ``imported`` for ``core.export import``)
 - ``arch``, ``output``, ``dropout``: enough to rebuild the network with :func:`build_model`
 - ``model``: full state dict; ``discriminator`` (or None); ``optimizers``; ``step``; ``rng``
   (a DDP run also saves ``rng_ranks``, the torch RNG state of every rank)
 - ``data_mean``: per-channel fill value in [-1, 1] (masked pixels get the dataset mean, §3.3)
 - ``config``: the resolved training config as a dict; ``elapsed_s``: training time so far
-- ``method=supervised`` only: ``head`` (the classifier's state dict, ``pretext.supervised``) and
-  ``class_names``; its ``model`` is the whole network with the trained encoder (the bottleneck and
-  decoder untrained), so loaders that read ``model`` need nothing else
+- methods with a head (supervised, rotation, relative_location): ``head`` (its state dict,
+  ``pretext/methods/<method>.py``), and for supervised ``class_names``; their ``model`` is the whole
+  network with the trained encoder (the bottleneck and decoder untrained), so loaders that read
+  ``model`` need nothing else
+- ``method=imported`` (``core.export import``): an encoder trained elsewhere; ``source``
+  {path, sha256, layout}; its bottleneck and decoder are untrained, as for ``supervised``
+
+A checkpoint is data, never code: it is read with torch's restricted unpickler
+(``weights_only=True``), which builds tensors, numbers, strings, None and dicts / lists / tuples of
+them and refuses any other Python object, so a crafted file cannot run code when a stage opens it.
+No allow-list is needed: every value the suite saves is of those types (the RNG states are torch
+uint8 tensors), and :func:`save_checkpoint` refuses to write anything else.
 """
 
 from __future__ import annotations
 
 import hashlib
+import pickle
+import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +39,18 @@ from core.cli import UserError
 from core.models import ARCHS, ContextEncoder, build_model
 
 FORMAT = "context-encoder-suite/checkpoint-v1"
-METHODS = ("context_encoder", "autoencoder", "random_init", "supervised")
+METHODS = (
+    "context_encoder",
+    "autoencoder",
+    "random_init",
+    "kmeans_init",
+    "supervised",
+    "rotation",
+    "relative_location",
+    "imported",
+)
+# what torch's restricted unpickler builds (torch/_weights_only_unpickler.py); nothing else is saved
+PLAIN_VALUES = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device)
 
 
 class CheckpointError(UserError):
@@ -36,6 +60,7 @@ class CheckpointError(UserError):
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` (plus the format tag) atomically: a kill leaves the previous file intact."""
     state = {"format": FORMAT, **state}
+    require_plain_data(state, "checkpoint")
 
     def write(fh) -> None:
         try:
@@ -50,6 +75,55 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
             raise
 
     atomic_save(path, write)
+
+
+def require_plain_data(value: Any, where: str) -> None:
+    """Raise TypeError if ``value`` holds anything but tensors, plain values and dicts / lists /
+    tuples / sets of them: the loader (``weights_only``) would refuse the file (store such state as
+    tensors or plain values instead). Types are matched exactly: a NumPy float is not a float."""
+    kind = type(value)
+    if isinstance(value, torch.Tensor) or kind in PLAIN_VALUES:
+        return
+    if kind in (dict, OrderedDict):
+        for key, item in value.items():
+            if type(key) not in PLAIN_VALUES:
+                raise TypeError(f"{where}: key {key!r} of type {type(key).__name__} is not plain")
+            require_plain_data(item, f"{where}[{key!r}]")
+    elif kind in (list, tuple, set, frozenset, torch.Size):
+        for i, item in enumerate(value):
+            require_plain_data(item, f"{where}[{i}]")
+    else:
+        raise TypeError(
+            f"{where}: a {kind.__module__}.{kind.__qualname__} is not a tensor or a plain value; "
+            "the checkpoint loader (torch weights_only) would refuse it"
+        )
+
+
+def read_tensor_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` with the restricted unpickler: tensors and plain values only, never code.
+
+    Raises :class:`CheckpointError` (one line naming ``path``) for a file that would import or call
+    any other Python object (nothing of it is run) and for a damaged or foreign file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        found = re.search(r"GLOBAL (\S+)", text)
+        if found:
+            raise CheckpointError(
+                f"{path}: refused: unpickling it would call {found.group(1)}; a checkpoint may hold "
+                "only tensors, numbers, strings and dicts / lists of them (it is read as data, "
+                "never run as code)"
+            ) from None
+        marker = "WeightsUnpickler error:"
+        detail = text.rsplit(marker, 1)[-1].strip().split("\n")[0] if marker in text else "?"
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint (not a torch file, or damaged: {detail})"
+        ) from None
+    except Exception as err:  # torch raises many types for a damaged file
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint ({type(err).__name__}: {err})"
+        ) from err
 
 
 def remove_stale_temp_files(path: str | Path) -> list[Path]:
@@ -71,16 +145,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         path = candidate
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # torch raises many types for a damaged file
-        raise CheckpointError(
-            f"{path}: cannot read checkpoint ({type(err).__name__}: {err})"
-        ) from err
+    state = read_tensor_file(path, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
-            f"{path}: not a context-encoder-suite checkpoint (format {found!r}, expected {FORMAT!r})"
+            f"{path}: not a context-encoder-suite checkpoint (format {found!r}, expected {FORMAT!r});"
+            " a plain state dict becomes one with: python -m core.export import"
         )
     if state.get("arch") not in ARCHS:
         raise CheckpointError(f"{path}: unknown arch {state.get('arch')!r}; known: {sorted(ARCHS)}")

@@ -29,6 +29,8 @@ class AlexNetSpec:
 
     ``conv1`` is (kernel, stride, padding); conv2 uses ``conv2_kernel`` with "same" padding and
     conv3..conv5 are 3x3 "same"; the three poolings are 3x3 stride 2 with ``pool_padding``.
+    ``input_norm``: (mean, std) per channel of [0, 1] pixels that the weights expect (torchvision's
+    ImageNet normalisation); the encoder maps its [-1, 1] input to that first. None: [-1, 1] as is.
     """
 
     input_size: int = 227
@@ -37,6 +39,7 @@ class AlexNetSpec:
     conv2_kernel: int = 5
     pool_padding: int = 0
     pool_free: bool = False
+    input_norm: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
 
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -117,6 +120,12 @@ class AlexNetEncoder(nn.Module):
         self.conv5_size = size
         self.out_size = _conv_out(size, 3, 2, spec.pool_padding)
         self.out_channels = c5
+        if spec.input_norm is not None:
+            # x in [-1, 1] -> ((x + 1) / 2 - mean) / std = x * 0.5 / std + (0.5 - mean) / std;
+            # not saved in the state dict (a constant of the arch), so the keys stay conv1..conv5
+            mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in spec.input_norm)
+            self.register_buffer("input_scale", 0.5 / std, persistent=False)
+            self.register_buffer("input_shift", (0.5 - mean) / std, persistent=False)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -128,10 +137,16 @@ class AlexNetEncoder(nn.Module):
             return nn.Sequential(nn.Conv2d(channels, channels, 3, 2, pad), nn.ReLU(inplace=True))
         return nn.MaxPool2d(3, 2, pad)
 
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, 3, S, S] in [-1, 1] -> the input the weights expect (``spec.input_norm``)."""
+        if self.spec.input_norm is None:
+            return x
+        return x * self.input_scale + self.input_shift
+
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x: [N, 3, S, S] -> {'conv1'..'conv5': [N, Ci, hi, wi], 'pool5': [N, C5, n, n]}."""
         feats = {}
-        x = F.relu(self.conv1(x), inplace=True)
+        x = F.relu(self.conv1(self.normalize_input(x)), inplace=True)
         feats["conv1"] = x
         x = F.relu(self.conv2(self.pool1(x)), inplace=True)
         feats["conv2"] = x
@@ -146,7 +161,7 @@ class AlexNetEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, 3, S, S] -> pool5 [N, C5, n, n]."""
-        x = F.relu(self.conv1(x), inplace=True)
+        x = F.relu(self.conv1(self.normalize_input(x)), inplace=True)
         x = F.relu(self.conv2(self.pool1(x)), inplace=True)
         x = F.relu(self.conv3(self.pool2(x)), inplace=True)
         x = F.relu(self.conv4(x), inplace=True)
@@ -399,6 +414,28 @@ def small64_poolfree(dropout: float = 0.0, output: str = "full") -> ContextEncod
     return _alexnet_context_encoder(spec, dec, dropout, output)
 
 
+# torchvision/models/alexnet.py (the "one weird trick" AlexNet, Krizhevsky 2014): features =
+# conv 11/4/2 (64) -> pool -> conv 5/1/2 (192) -> pool -> 3x3 convs 384, 256, 256 -> pool, 3x3 s2
+# max-pools without padding; 224 input -> pool5 6x6x256; ImageNet-normalised input (transforms).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TORCHVISION_ALEXNET = AlexNetSpec(
+    input_size=224,
+    channels=(64, 192, 384, 256, 256),
+    conv1=(11, 4, 2),
+    conv2_kernel=5,
+    pool_padding=0,
+    input_norm=(IMAGENET_MEAN, IMAGENET_STD),
+)
+
+
+def alexnet224_torchvision(dropout: float = 0.5, output: str = "full") -> ContextEncoder:
+    """torchvision's AlexNet layout as the encoder (``features.0/3/6/8/10`` = conv1..conv5; a
+    torchvision state dict imports with ``core.export import``), with :func:`alexnet227`'s
+    channel-wise FC and decoder (6x6 -> 192 -> resized to 224)."""
+    return _alexnet_context_encoder(TORCHVISION_ALEXNET, (128, 64, 64, 32, 3), dropout, output)
+
+
 def inpaint128(dropout: float = 0.0, output: str = "center") -> ContextEncoder:
     """The paper's 128-px inpainting network (§4): DCGAN-style encoder to 4x4x512, a 4000-d
     bottleneck, 5 up-convolutions to the 64x64 centre (``output='center'``) or 4 more x2 for 'full'."""
@@ -415,6 +452,7 @@ ARCHS: dict[str, Callable[..., ContextEncoder]] = {
     "small64_poolfree": small64_poolfree,
     "alexnet227": alexnet227,
     "alexnet227_poolfree": alexnet227_poolfree,
+    "alexnet224_torchvision": alexnet224_torchvision,
     "inpaint128": inpaint128,
 }
 

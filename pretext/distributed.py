@@ -132,32 +132,47 @@ class _GatherBatch(torch.autograd.Function):
         return grad[ctx.lo : ctx.lo + ctx.n]
 
 
-class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
-    """BatchNorm2d whose training-mode statistics are those of the global batch, on any device
-    (torch's SyncBatchNorm runs on GPUs only). Each rank gathers the global batch, normalises it
-    with the plain batch-norm kernel and keeps its own slice: the statistics, the running averages
-    and the output are the ones one process computes on the whole batch. Eval mode and one
-    process: plain BatchNorm2d. Same parameters, buffers and state-dict keys as BatchNorm2d."""
+class _GlobalBatchStatistics:
+    """Training-mode statistics of the global batch, on any device (torch's SyncBatchNorm runs on
+    GPUs only). Each rank gathers the global batch, normalises it with the plain batch-norm kernel
+    and keeps its own slice: the statistics, the running averages and the output are the ones one
+    process computes on the whole batch. Eval mode and one process: plain batch norm. Same
+    parameters, buffers and state-dict keys as the torch class it is mixed into."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or world_size() == 1:
-            return super().forward(x)
+        if not self.training or world_size() == 1:  # type: ignore[attr-defined]
+            return super().forward(x)  # type: ignore[misc]
         n = x.shape[0]
-        full = super().forward(_GatherBatch.apply(x))
+        full = super().forward(_GatherBatch.apply(x))  # type: ignore[misc]
         lo = dist.get_rank() * n
         return full[lo : lo + n]
 
 
+class GlobalBatchNorm2d(_GlobalBatchStatistics, torch.nn.BatchNorm2d):
+    """BatchNorm2d over the global batch (:class:`_GlobalBatchStatistics`)."""
+
+
+class GlobalBatchNorm1d(_GlobalBatchStatistics, torch.nn.BatchNorm1d):
+    """BatchNorm1d over the global batch (the fc heads of the classification pretext methods)."""
+
+
+GLOBAL_BATCHNORM = {
+    torch.nn.BatchNorm2d: GlobalBatchNorm2d,
+    torch.nn.BatchNorm1d: GlobalBatchNorm1d,
+}
+
+
 def sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """BatchNorm over the global batch when world_size > 1: torch's SyncBatchNorm on GPU,
-    :class:`GlobalBatchNorm2d` on CPU (in place: the parameters stay the optimizer's)."""
+    :class:`GlobalBatchNorm2d` / :class:`GlobalBatchNorm1d` on CPU (in place: the parameters stay
+    the optimizer's)."""
     if world_size() == 1:
         return module
     if device.type == "cuda":
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for m in module.modules():
-        if type(m) is torch.nn.BatchNorm2d:
-            m.__class__ = GlobalBatchNorm2d
+        if type(m) in GLOBAL_BATCHNORM:
+            m.__class__ = GLOBAL_BATCHNORM[type(m)]
     return module
 
 

@@ -131,8 +131,10 @@ def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(
     ref = read_jsonl(one / "metrics.jsonl")
     got = read_jsonl(ddp_run / "metrics.jsonl")
     assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, STEPS + 1))
+    # float32 sums in another order (two ranks' shares vs one batch): up to 1.9e-5 relative by
+    # step 8 on the Intel Xeon type (AVX-512 kernels), under 1e-5 on the AMD EPYC type
     for r, g in zip(ref, got):
-        assert g["loss_rec"] == pytest.approx(r["loss_rec"], rel=1e-5), r["step"]
+        assert g["loss_rec"] == pytest.approx(r["loss_rec"], rel=5e-5), r["step"]
     assert json.loads((ddp_run / "result.json").read_text())["steps"] == STEPS
 
 

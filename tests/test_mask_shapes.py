@@ -10,7 +10,8 @@ import pytest
 
 from core import voc
 from core.config import ConfigError
-from pretext.train import main, parse_config, region_shapes
+from pretext.methods.context_encoder import region_shapes
+from pretext.train import main, parse_config
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 from core import data as pretext_data
 from core.atomic_io import read_jsonl
 from core.checkpoint import load_checkpoint, load_encoder, model_from_checkpoint
-from pretext.supervised import ImageFolderClasses, LabelError, classification_loss
+from pretext.methods.supervised import ImageFolderClasses, LabelError, classification_loss
 from pretext.train import main, parse_config
 
 ROOT = Path(__file__).parents[1]

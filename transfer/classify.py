@@ -37,12 +37,12 @@ from core.checkpoint import CheckpointError, load_checkpoint, model_from_checkpo
 from core.cli import run_cli
 from core.config import parse_cli
 from core.data import to_unit_range
+from core.data_dependent_init import rescale_layers
 from core.datasets import VOCClassification
 from core.models import AlexNetEncoder
 from core.preflight import Input
 from core.voc_ap import mean_ap, voc07_classification_ap
 from core.voc_splits import dataset_classes, require_split, voc_root
-from transfer.data_dependent_init import rescale_layers
 
 log = logging.getLogger("transfer.classify")
 

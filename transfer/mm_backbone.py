@@ -86,8 +86,10 @@ class PretextAlexNet(BaseModule):
 
     def init_weights(self) -> None:
         # The weights come from the checkpoint (or the encoder's own init) in __init__; the
-        # runner's init_weights must not overwrite them.
-        pass
+        # runner's init_weights must not overwrite them, unless an init_cfg asks to (mmengine's
+        # Pretrained with prefix="backbone.": a `python -m core.export --format mm` file).
+        if self.init_cfg is not None:
+            super().init_weights()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feats = self.encoder.forward_features(x)

@@ -71,7 +71,7 @@ def test_run_folders_written_while_tables_are_read(tmp_path):
 
 
 def test_a_torn_last_line_is_skipped_and_repaired_on_resume(tmp_path):
-    from pretext.train import _truncate_metrics
+    from pretext.engine import truncate_metrics as _truncate_metrics
 
     path = tmp_path / "m.jsonl"
     for i in range(3):

@@ -92,7 +92,7 @@ def test_checkpoint_of_another_architecture(tiny_voc, tmp_path):
             classify.main(cfg)
         assert str(ckpt) in str(err.value)
     # weights that do not fit the arch the file claims
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     state["arch"] = "small64"
     torch.save(state, tmp_path / "lying.pt")
     with pytest.raises(CheckpointError, match="lying.pt: weights do not match arch 'small64'"):

@@ -22,7 +22,7 @@ def _checkpoint_step(path) -> int:
     import torch
 
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
+        return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
     except (FileNotFoundError, EOFError, RuntimeError):
         return -1
 

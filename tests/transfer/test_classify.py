@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from core.checkpoint import CheckpointError, load_checkpoint
+from core.data_dependent_init import rescale_layers
 from core.run_folder import TransferError
 from transfer import classify
-from transfer.data_dependent_init import rescale_layers
 
 
 def test_rescaled_new_layers_have_zero_mean_unit_variance():

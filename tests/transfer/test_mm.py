@@ -100,7 +100,9 @@ def test_segment_missing_split_is_a_clear_error(voc_root, ckpt, tmp_path):
         segment.main(segment.parse_config(args))
 
 
-@pytest.mark.parametrize("arch", ["small64", "alexnet227", "alexnet227_poolfree"])
+@pytest.mark.parametrize(
+    "arch", ["small64", "alexnet227", "alexnet227_poolfree", "alexnet224_torchvision"]
+)
 def test_detect_config_uses_the_conv5_geometry(arch, tmp_path):
     """Anchors and RoIAlign use the stride from the layer arithmetic (alexnet227: 16, not
     round(227 / 13) = 17), and anchor i is centred where conv5 cell i looks."""
@@ -113,7 +115,8 @@ def test_detect_config_uses_the_conv5_geometry(arch, tmp_path):
     channels, geo = mm_run.encoder_geometry(arch)
     mm = MMEngineConfig.fromfile(detect.CONFIG)
     detect.configure(mm, detect.Config(), tmp_path / "VOC2007", ("tree",), channels, geo)
-    stride = {"small64": 8, "alexnet227": 16, "alexnet227_poolfree": 16}[arch]
+    stride = {"small64": 8, "alexnet227": 16, "alexnet227_poolfree": 16,
+              "alexnet224_torchvision": 16}[arch]  # fmt: skip
     assert mm.model.rpn_head.anchor_generator.strides == [stride]
     assert mm.model.roi_head.bbox_roi_extractor.featmap_strides == [stride]
     assert mm.model.data_preprocessor.pad_size_divisor == stride

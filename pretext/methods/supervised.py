@@ -6,6 +6,9 @@ set disjoint from the transfer data; the checkpoint holds the whole context-enco
 bottleneck and decoder untrained, as for ``random_init``) so every transfer and eval stage loads it
 unchanged, plus the head (``head``) and ``class_names``.
 
+Batch transform: (uint8 image, label target), the labelled set's train view. Head: :class:`Classifier`'s
+fc6-fc7-fc8 on pool5. Loss: (binary) cross-entropy. Evaluation: val and train mAP / top-1.
+
 Labels:
 
 - a VOC-format root: multi-label targets from the XML objects, binary cross-entropy per class; an
@@ -20,18 +23,25 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core import voc
+from core.atomic_io import read_jsonl
 from core.cli import UserError
-from core.data import to_unit_range
+from core.data import SeededViews, ensure_builtin, to_unit_range
 from core.datasets import ImageFolderImages, VOCClassification
+from core.models import ContextEncoder
+from core.preflight import Input
 from pretext import distributed
+from pretext.methods.base import Method, Placement, check_data, split_folder
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +58,13 @@ class VOCTargets(VOCClassification):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         image, labels, difficult_only = super().__getitem__(index)
         return image, labels.masked_fill(difficult_only > 0, -1.0)
+
+
+def no_class_subfolders(root: Path) -> LabelError:
+    return LabelError(
+        f"{root}: no class subfolders (method=supervised with data.format=folder "
+        "reads <root>/<class>/<image>, e.g. ImageNet train/<wnid>/*.JPEG)"
+    )
 
 
 class ImageFolderClasses(ImageFolderImages):
@@ -71,10 +88,7 @@ class ImageFolderClasses(ImageFolderImages):
         rel = [Path(f).relative_to(self.root) for f in self.files]
         flat = [r for r in rel if len(r.parts) == 1]
         if len(flat) == len(rel):
-            raise LabelError(
-                f"{self.root}: no class subfolders (method=supervised with data.format=folder "
-                "reads <root>/<class>/<image>, e.g. ImageNet train/<wnid>/*.JPEG)"
-            )
+            raise no_class_subfolders(self.root)
         if flat:
             raise LabelError(
                 f"{self.root}: {flat[0]} is not in a class subfolder ({len(flat)} such images); "
@@ -94,6 +108,21 @@ class ImageFolderClasses(ImageFolderImages):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         i, image = self.load(index)
         return self.view(image), self.labels[i]
+
+
+def check_labelled_data(d: Any) -> None:
+    """What :func:`labelled_images` opens for the train and val splits, checked without listing
+    the images: the splits (:func:`check_data`), then a VOC root's class list or a class
+    subfolder in each split folder; ``d``: the ``data`` section."""
+    check_data(d, (d.split, d.val_split))
+    if d.format == "voc":
+        voc.class_names(d.root)
+        return
+    for split in (d.split, d.val_split):
+        folder = split_folder(d, split)
+        with os.scandir(folder) as entries:
+            if not any(e.is_dir() and not e.name.startswith(".") for e in entries):
+                raise no_class_subfolders(folder)
 
 
 def labelled_images(
@@ -178,7 +207,7 @@ def batch_accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SupervisedStep:
-    """One optimisation step of the classifier (the supervised counterpart of train.Step)."""
+    """One optimisation step of the classifier (the supervised counterpart of InpaintingStep)."""
 
     model: nn.Module
     opt: torch.optim.Optimizer
@@ -197,7 +226,7 @@ class SupervisedStep:
         enabled = self.autocast_dtype is not None
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled):
             logits = self.model(x)
-        # DDP: this rank's share of the global-batch loss (see train.Step), backward world x share
+        # DDP: this rank's share of the global-batch loss (see InpaintingStep), backward world x share
         world = distributed.world_size()
         count = distributed.all_reduce_sum(loss_term_count(target)) if world > 1 else None
         loss = classification_loss(logits.float(), target, count)
@@ -250,3 +279,80 @@ def evaluate(
         log.warning("%s mAP undefined: no class has a positive among %d images", prefix, len(picks))
         return {}
     return {f"{prefix}_mAP": value}
+
+
+@dataclass
+class HeadConfig:
+    """method=supervised: the classifier trained on pool5 with the encoder, AlexNet's fc6-fc7-fc8
+    (``mlp``: Linear-ReLU-Dropout twice, then Linear) or one Linear (``linear``)."""
+
+    kind: Literal["mlp", "linear"] = "mlp"
+    hidden: int = 4096  # fc6 / fc7 width (AlexNet's)
+    dropout: float = 0.5
+
+
+class SupervisedMethod(Method):
+    """The encoder + :class:`Classifier` trained with the pretraining set's labels."""
+
+    def __init__(self, cfg: Any, model: ContextEncoder):
+        super().__init__(cfg, model)
+        d = cfg.data
+        names = self.train_images.class_names
+        self.val_images = labelled_images(
+            d.format, d.root, d.val_split, self.input_size, False, d.skip_bad, names
+        )
+        h = cfg.head
+        self.classifier = Classifier(model.encoder, len(names), h.kind, h.hidden, h.dropout)
+        self.head = self.classifier.head
+
+    @classmethod
+    def input_checks(cls, cfg: Any) -> list[Input]:
+        """The labelled train and val splits."""
+        return [Input("data.root", cfg.data.root, lambda: check_labelled_data(cfg.data))]
+
+    def open_train_images(self) -> VOCTargets | ImageFolderClasses:
+        d = self.cfg.data
+        ensure_builtin(d.root)
+        return labelled_images(d.format, d.root, d.split, self.input_size, True, d.skip_bad)
+
+    @property
+    def net(self) -> nn.Module:
+        return self.classifier
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"head": self.head.state_dict(), "class_names": list(self.train_images.class_names)}
+
+    def items(self) -> SeededViews:
+        return SeededViews(self.train_images)
+
+    def make_step(
+        self,
+        net: nn.Module,
+        opt_g: torch.optim.Optimizer,
+        opt_d: torch.optim.Optimizer | None,
+        mean: torch.Tensor,
+        placement: Placement,
+    ) -> SupervisedStep:
+        p = placement
+        return SupervisedStep(net, opt_g, p.device, p.autocast_dtype, p.memory_format)
+
+    def evaluate(
+        self, run_dir: Path, device: torch.device, mean: list[float], progress: dict[str, float]
+    ) -> dict[str, Any]:
+        """val (and train, eval views) mAP or top-1 on up to ``eval_images`` images; no inpainting
+        evaluation (the decoder is untrained)."""
+        cfg, d = self.cfg, self.cfg.data
+        train_eval = labelled_images(
+            d.format, d.root, d.split, self.input_size, False, d.skip_bad,
+            self.train_images.class_names,
+        )  # fmt: skip
+        result = {
+            **evaluate(self.classifier, self.val_images, device, cfg.eval_images, "val"),
+            **evaluate(self.classifier, train_eval, device, cfg.eval_images, "train"),
+            **progress,
+            "num_classes": float(len(self.train_images.class_names)),
+        }
+        last = read_jsonl(run_dir / "metrics.jsonl")
+        if last:
+            result["final_loss"] = last[-1]["loss"]
+        return result

@@ -1,8 +1,9 @@
-"""Data-dependent initialisation of new layers (Krähenbühl et al., ICLR 2016, "within-layer").
+"""Data-dependent initialisation of layers (Krähenbühl et al., ICLR 2016, §3.1 "within-layer").
 
-Used by the paper (§5.2) for the layers added on top of the pretrained encoder: after a random
-Gaussian init, each new layer is rescaled, in order, so that on a batch of real data every output
-unit has zero mean and unit variance (then later layers see the rescaled earlier ones).
+Each layer is rescaled, in order, so that on a batch of real data every output unit has zero mean
+and unit variance (then later layers see the rescaled earlier ones). Used by the transfer stage for
+the layers added on top of the pretrained encoder (the paper's §5.2, after a random Gaussian init)
+and by :mod:`core.kmeans_init` after each layer's k-means filters.
 """
 
 from __future__ import annotations

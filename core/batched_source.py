@@ -1,0 +1,145 @@
+"""The pretext batches from an image store, augmented in batches on the device.
+
+``make_batched_source(cfg, ...)`` is the drop-in for the trainer's DataLoader of the context
+encoder (``data.store=PATH data.augment=batched``): an iterable of (images uint8 [N, 3, S, S],
+hole bool [N, 1, S, S]) on ``device``, one per step from ``start_step`` to ``total_steps``, the
+batches of :class:`core.data.StepBatchSampler` (same epochs, same DDP slices). Sample ``slot`` of
+step ``t`` is drawn from ``numpy.random.default_rng(sample_seed(seed, t, slot))``: its crop, flip
+and hole are a function of (seed, step, slot), so a resumed run sees the batches an uninterrupted
+run would. On a GPU the host part of a batch (parameters, copying the stored bytes into one
+padded array) is prepared ``prefetch`` steps ahead in a thread and the pixels are made on the
+device (:mod:`core.batch_augment`). On the CPU, whole batches are made by ``workers`` loader
+processes with one torch thread each, as today's loader does: many small batched ops in one
+process with several OpenMP threads stall whenever the cores are shared (measured: 15x slower
+at 64 px on a loaded 2-core machine than one thread).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from core.batch_augment import BatchedMasks, draw_crop, pad_batch, resized_crops
+from core.data import StepBatchSampler
+from core.image_store import ImageStore, StoreError
+
+
+class BatchedSource:
+    """Iterable of (images uint8 [N, 3, S, S], hole bool [N, 1, S, S]) on the masks' device."""
+
+    def __init__(
+        self,
+        store: ImageStore,
+        size: int,
+        masks: BatchedMasks,
+        sampler: StepBatchSampler,
+        prefetch: int = 2,
+        workers: int = 0,
+    ):
+        self.store, self.size, self.masks, self.sampler = store, size, masks, sampler
+        self.device, self.prefetch, self.workers = masks.device, prefetch, workers
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def host_part(self, keys: Sequence[tuple[int, int]]) -> dict[str, Any]:
+        """Everything drawn and copied on the host for the samples ``keys`` (index, sample seed)."""
+        rngs = [np.random.default_rng(seed) for _, seed in keys]
+        crops = [draw_crop(rng, *self.store.shapes[i][:2]) for (i, _), rng in zip(keys, rngs)]
+        padded = torch.from_numpy(pad_batch([self.store.image(i) for i, _ in keys]))
+        if self.device.type == "cuda":
+            padded = padded.pin_memory()
+        return {"rngs": rngs, "boxes": np.array([c[:4] for c in crops]),
+                "flips": np.array([c[4] for c in crops]), "padded": padded}  # fmt: skip
+
+    def device_part(self, host: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        padded = host["padded"].to(self.device, non_blocking=True)
+        images = resized_crops(padded, host["boxes"], host["flips"], self.size)
+        return images, self.masks.draw(host["rngs"])  # mask draws follow each crop's
+
+    def batch(self, keys: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.device_part(self.host_part(keys))
+
+    def __getitem__(self, keys: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch(keys)  # a map-style dataset of whole batches, for loader workers
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.device.type == "cpu" and self.workers > 0:
+            loader = DataLoader(self, sampler=self.sampler, batch_size=None,
+                                num_workers=self.workers, prefetch_factor=self.prefetch or 2)  # fmt: skip
+            self.loader_iter = iter(loader)  # its worker processes, for whoever monitors them
+            yield from self.loader_iter
+            return
+        if self.prefetch <= 0:
+            for keys in self.sampler:
+                yield self.batch(keys)
+            return
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for keys in self.sampler:
+                    if stop.is_set():
+                        return
+                    ready.put(self.host_part(keys))
+                ready.put(None)
+            except BaseException as err:  # re-raised in the consumer
+                ready.put(err)
+
+        thread = threading.Thread(target=produce, daemon=True, name="batched-source")
+        thread.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield self.device_part(item)
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    ready.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.05)
+
+
+def make_batched_source(
+    cfg: Any,
+    size: int,
+    device: str | torch.device,
+    start_step: int,
+    total_steps: int,
+    shapes: Sequence[np.ndarray] = (),
+    rank: int = 0,
+    world_size: int = 1,
+    store: str | Path | None = None,
+    verify_sources: bool = True,
+    prefetch: int = 2,
+    workers: int | None = None,
+) -> BatchedSource:
+    """The batched source of a pretext config ``cfg`` (reads cfg.data.{store, root, format,
+    split}, cfg.mask.{kind, overlap, max_coverage}, cfg.optim.batch_size, cfg.seed; ``store``
+    overrides cfg.data.store). ``shapes``: the random-region silhouettes (pretext's
+    region_shapes). ``workers`` (default cfg.data.num_workers) is used on the CPU only. A store built
+    from other data, split or short side than ``size`` is refused."""
+    path = store if store is not None else getattr(cfg.data, "store", "")
+    if not path:
+        raise StoreError(
+            "data.store: the batched path needs an image store (python -m core.image_store build)"
+        )
+    images = ImageStore(path)
+    images.check(cfg.data.root, cfg.data.format, cfg.data.split, size, verify_sources)
+    m = cfg.mask
+    masks = BatchedMasks(m.kind, size, m.overlap, m.max_coverage, shapes, device)
+    sampler = StepBatchSampler(
+        len(images), cfg.optim.batch_size, cfg.seed, start_step, total_steps, rank, world_size
+    )
+    workers = cfg.data.num_workers if workers is None else workers
+    return BatchedSource(images, size, masks, sampler, prefetch, workers)

@@ -1,0 +1,209 @@
+"""The pretext training loop and checkpoint state, shared by every method (MAE's
+``engine_pretrain.py`` beside ``main_pretrain.py``): what a checkpoint holds (:class:`Training`),
+the learning-rate schedule, and the loop over the step-seeded batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from core.atomic_io import append_jsonl, atomic_write_text, read_jsonl
+from core.checkpoint import load_checkpoint, save_checkpoint
+from core.config import to_dict
+from core.data import StepBatchSampler, make_loader
+from core.models import ContextEncoder
+from pretext import distributed
+from pretext.distributed import DistEnv
+from pretext.methods.base import Method, TrainStep
+
+
+@dataclass
+class Run:
+    """Where a run lives: its resolved config, process group, device and folder."""
+
+    cfg: Any
+    env: DistEnv
+    device: torch.device
+    run_dir: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
+
+
+@dataclass
+class Training:
+    """What a checkpoint holds: the network, the method (its head / discriminator), the
+    optimisers, the data mean, and how far training got."""
+
+    model: ContextEncoder
+    method: Method
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer | None
+    mean: list[float]
+    step: int = 0
+    elapsed: float = 0.0
+    rng: dict[str, Any] | None = (
+        None  # resumed: this rank's saved RNG state, set as the loop starts
+    )
+
+
+def lr_at(step: int, cfg: Any) -> float:
+    """Linear warm-up then cosine decay to 1% (or constant); ``cfg``: the ``optim`` section.
+
+    Kept hand-written rather than torch.optim.lr_scheduler: a pure function of the step, so a
+    resumed run needs no scheduler state. SequentialLR(LinearLR, CosineAnnealingLR) gives the same
+    schedule to 6e-15 (relative) but computes it recursively (bit-equal on 57 of 1500 steps), needs
+    its state in every checkpoint (and a fallback for the checkpoints written without it) and a
+    second scheduler for the discriminator: longer, for nothing the step function lacks."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if not cfg.cosine:
+        return cfg.lr
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_state(t: Training, cfg: Any, rngs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The checkpoint dict (format: ``core/checkpoint.py``); ``rngs``: every rank's RNG state."""
+    disc = t.method.disc
+    return {
+        "method": cfg.method,
+        "arch": cfg.model.arch,
+        "output": cfg.model.output,
+        "dropout": cfg.model.dropout,
+        "model": t.model.state_dict(),
+        "discriminator": disc.state_dict() if disc is not None else None,
+        "optimizers": {
+            "gen": t.opt_g.state_dict(),
+            "disc": t.opt_d.state_dict() if t.opt_d is not None else None,
+        },
+        "step": t.step,
+        "rng": rngs[0],
+        **({"rng_ranks": rngs} if len(rngs) > 1 else {}),
+        "data_mean": t.mean,
+        "config": to_dict(cfg),
+        "elapsed_s": t.elapsed,
+        **t.method.extra_state(),
+    }
+
+
+def load_state(t: Training, state: dict[str, Any], env: DistEnv) -> None:
+    """Restore ``t`` (weights, optimisers, this rank's RNG, progress) from a checkpoint dict."""
+    t.model.load_state_dict(state["model"])
+    t.method.load_extra_state(state)
+    if t.opt_d is not None:
+        t.opt_d.load_state_dict(state["optimizers"]["disc"])
+    t.opt_g.load_state_dict(state["optimizers"]["gen"])
+    rngs = state.get("rng_ranks") or [state["rng"]]  # rng_ranks: saved by a DDP run
+    t.rng = rngs[env.rank] if len(rngs) == env.world_size else state["rng"]
+    set_rng_state(t.rng)
+    t.step, t.elapsed, t.mean = state["step"], state["elapsed_s"], state["data_mean"]
+
+
+def save(t: Training, run: Run) -> None:
+    """Checkpoint with every rank's RNG state (a collective: every rank calls it), written by rank 0."""
+    rngs = distributed.all_gather_object(rng_state())
+    if run.env.is_main:
+        save_checkpoint(run.ckpt_path, checkpoint_state(t, run.cfg, rngs))
+
+
+def set_learning_rates(t: Training, cfg: Any) -> None:
+    lr = lr_at(t.step, cfg.optim)
+    for group in t.opt_g.param_groups:
+        group["lr"] = lr
+    if t.opt_d is not None:
+        for group in t.opt_d.param_groups:
+            group["lr"] = lr * t.method.disc_lr_scale
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from, so no step appears twice."""
+    records = read_jsonl(path)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    if len(kept) != len(records) or (path.exists() and not path.read_text().endswith("\n")):
+        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+
+def train_steps(t: Training, train_step: TrainStep, run: Run, total: int) -> None:
+    """Steps ``t.step .. total - 1`` on the method's batches; logs (rank 0) every ``log_every``
+    steps and checkpoints every ``checkpoint_every`` and at the end. A non-finite loss stops the
+    run without saving (FloatingPointError naming the step and the last good checkpoint)."""
+    cfg, env = run.cfg, run.env
+    method = t.method
+    sampler = StepBatchSampler(
+        len(method.train_images), cfg.optim.batch_size, cfg.seed, t.step, total, env.rank,
+        env.world_size,
+    )  # fmt: skip
+    loader = make_loader(
+        method.items(), sampler, cfg.data.num_workers, pin_memory=run.device.type == "cuda"
+    )
+    t.model.train()
+    method.net.train()
+    bar = tqdm(
+        total=total,
+        initial=t.step,
+        desc=f"pretext {run.run_dir.name}",
+        disable=not env.is_main,
+        mininterval=2,
+        file=sys.stderr,
+    )
+    t_last, n_last = time.perf_counter(), 0
+    batches = iter(loader)  # draws the loader's base seed from the global torch RNG
+    if t.rng is not None:  # resumed: undo that draw (an uninterrupted run made it at step 0 only),
+        set_rng_state(t.rng)  # so dropout continues the saved stream
+        t.rng = None
+    for batch in batches:
+        set_learning_rates(t, cfg)
+        t0 = time.perf_counter()
+        if t.step == cfg.fail_at_step:
+            train_step.poison = True
+        losses = train_step(*batch)
+        if not math.isfinite(losses["loss"]):
+            raise FloatingPointError(
+                f"{run.run_dir}: non-finite loss {losses['loss']} at step {t.step}; stopped without "
+                f"saving. The last good checkpoint is {run.ckpt_path} "
+                f"(step {load_checkpoint(run.ckpt_path)['step']})"
+            )
+        t.elapsed += time.perf_counter() - t0
+        t.step += 1
+        n_last += len(batch[0]) * env.world_size
+        bar.update(1)
+        if env.is_main and (t.step % cfg.log_every == 0 or t.step == total):
+            now = time.perf_counter()
+            record = {
+                "step": t.step,
+                "lr": lr_at(t.step - 1, cfg.optim),
+                **losses,
+                "images_per_s": n_last / max(now - t_last, 1e-9),
+                "train_time_s": t.elapsed,
+            }
+            append_jsonl(run.run_dir / "metrics.jsonl", record)
+            bar.set_postfix(loss=f"{losses['loss']:.4f}")
+            t_last, n_last = now, 0
+        if t.step % cfg.checkpoint_every == 0 or t.step == total:
+            save(t, run)
+    bar.close()
