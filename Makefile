@@ -1,9 +1,11 @@
 # Two commands on a fresh machine: `make table` (the whole pipeline, ending in results/) and `make test`.
 # On SLURM: `make table EXECUTOR=slurm [CLUSTER=slurm/clusters/site.yaml]` submits, run again for progress / tables.
+# `make table DRY_RUN=1`: the job graph (state, resources, GPU-hours) and the pre-flight's findings; runs nothing.
 PY := .venv/bin/python
 PROFILE ?= builtin
 EXECUTOR ?= local
 CLUSTER ?=
+DRY_RUN ?=
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup test test-fast lint format table bench data clean-runs
@@ -30,7 +32,7 @@ data: setup
 
 table: export CE_TABLE_START := $(shell date +%s)
 table: setup
-	$(PY) -m eval.pipeline --profile $(PROFILE) --executor $(EXECUTOR) $(if $(CLUSTER),--cluster $(CLUSTER))
+	$(PY) -m eval.pipeline --profile $(PROFILE) --executor $(EXECUTOR) $(if $(CLUSTER),--cluster $(CLUSTER)) $(if $(DRY_RUN),--dry-run)
 
 bench: setup
 	$(PY) -m bench.run

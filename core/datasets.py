@@ -156,6 +156,14 @@ class VOCImages(ImageFiles):
         self.ids = [ids[k] for k in self.keep]
 
 
+def image_folder(root: str | Path) -> Path:
+    """``root`` as the folder of an image-folder dataset; FileNotFoundError when it is none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: image folder not found")
+    return root
+
+
 class ImageFolderImages(ImageFiles):
     """Every image under ``root``, recursively, sorted by path (ImageNet ``train/<wnid>/*.JPEG``,
     Paris StreetView's flat folders). ``extensions`` match case-insensitively; dot-files are ignored.
@@ -171,9 +179,7 @@ class ImageFolderImages(ImageFiles):
         convert: bool = False,
         min_size: int | None = None,
     ):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"{self.root}: image folder not found")
+        self.root = image_folder(root)
         ext = tuple(e.lower() for e in extensions)
         files = sorted(
             p

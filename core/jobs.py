@@ -48,6 +48,7 @@ TASK_KEYS = {"module", "args", "variants", "data", "per", "rows", "resources"}
 CLUSTER_KEYS = {"resources", "stages"}
 RESOURCE_KEYS = {"timeout_min", "cpus_per_task", "mem_gb", "gpus_per_node", "tasks_per_node",
                  "nodes", "stderr_to_stdout"}  # fmt: skip  # + any slurm_* (submitit checks those)
+SUBMITIT_DEFAULT_TIMEOUT_MIN = 5  # the time limit submitit asks SLURM for without timeout_min
 
 
 @dataclass(frozen=True)

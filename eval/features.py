@@ -216,27 +216,41 @@ def split_images(data: str | Path, split: str, image_size: int):
 
     root = Path(data)
     ensure_builtin(root)  # the built-in mini-VOC is generated on first use
-    if is_voc_root(root) and (root / "ImageSets" / "Main" / f"{split}.txt").is_file():
+    kind, target = split_source(root, split)
+    if kind == "voc":
         return voc_images(root, split, image_size)
+    if kind == "folder":
+        return ImageFolderImages(target, image_size, train=False)
+    lines = [ln.strip() for ln in target.read_text().splitlines() if ln.strip()]  # a split file
+    if not lines:
+        raise FileNotFoundError(f"{target}: split file lists no images")
+    jpegs = root / "JPEGImages"
+    files = [
+        Path(ln) if Path(ln).is_absolute()
+        else jpegs / f"{ln}.jpg" if not Path(ln).suffix and jpegs.is_dir()
+        else root / ln
+        for ln in lines
+    ]  # fmt: skip
+    images = ImageFiles(files, image_size, train=False)
+    images.ids = lines
+    return images
+
+
+def split_source(data: str | Path, split: str) -> tuple[str, Path]:
+    """Where :func:`split_images` finds ``split`` of ``data``, without reading it: ("voc", root),
+    ("folder", folder) or ("file", split file); FileNotFoundError naming what is missing."""
+    root = Path(data)
+    if is_voc_root(root) and (root / "ImageSets" / "Main" / f"{split}.txt").is_file():
+        return "voc", root
     target = (
         root if split in ("", ".") else Path(split) if Path(split).is_absolute() else root / split
     )
     if target.is_dir():
-        return ImageFolderImages(target, image_size, train=False)
+        return "folder", target
     if target.is_file():
-        lines = [ln.strip() for ln in target.read_text().splitlines() if ln.strip()]
-        if not lines:
-            raise FileNotFoundError(f"{target}: split file lists no images")
-        jpegs = root / "JPEGImages"
-        files = [
-            Path(ln) if Path(ln).is_absolute()
-            else jpegs / f"{ln}.jpg" if not Path(ln).suffix and jpegs.is_dir()
-            else root / ln
-            for ln in lines
-        ]  # fmt: skip
-        images = ImageFiles(files, image_size, train=False)
-        images.ids = lines
-        return images
+        return "file", target
+    if not root.is_dir() and not Path(split).is_absolute():
+        raise FileNotFoundError(f"{root}: data folder not found")
     raise FileNotFoundError(
         f"{target}: split {split!r} of {root} not found: expected a folder of images, a split file "
         f"(one image path per line) or a VOC root with ImageSets/Main/{split}.txt"

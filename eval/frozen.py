@@ -74,6 +74,7 @@ from core.config import ConfigError, parse_cli
 from core.data import to_unit_range
 from core.datasets import VOCClassification
 from core.models import AlexNetEncoder, ContextEncoder, DCGANEncoder
+from core.preflight import Input
 from core.voc_ap import mean_ap, voc07_classification_ap
 from core.voc_splits import dataset_classes, require_split, voc_root
 from eval.features import (
@@ -627,6 +628,23 @@ def best_layer(result: dict[str, float], layers: tuple[str, ...], key: str) -> s
     return layers[int(np.argmax(values))]
 
 
+def check_data(cfg: Config) -> tuple[Path, tuple[str, ...]]:
+    """(VOC root, its classes): the root, its class list and its train / test split files."""
+    root = voc_root(cfg.data)
+    classes = dataset_classes(root, ())
+    for split in (cfg.train_split, cfg.test_split):
+        require_split(root, split)
+    return root, classes
+
+
+def input_checks(cfg: Config) -> list[Input]:
+    """The run's inputs with the checks main makes of them (core.preflight)."""
+    return [
+        Input("checkpoint", cfg.checkpoint, lambda: run_folder.source_meta(cfg.checkpoint)),
+        Input("data", cfg.data, lambda: check_data(cfg)),
+    ]
+
+
 def main(cfg: Config) -> dict[str, float]:
     """Run (or return the recorded result of) the frozen-feature evaluation in ``cfg.run_dir``."""
     cfg = check_config(cfg)
@@ -637,10 +655,7 @@ def main(cfg: Config) -> dict[str, float]:
         return done
     state = load_checkpoint(cfg.checkpoint)
     model = model_from_checkpoint(state, cfg.checkpoint).eval()
-    root = voc_root(cfg.data)
-    classes = dataset_classes(root, ())
-    for split in (cfg.train_split, cfg.test_split):
-        require_split(root, split)
+    root, classes = check_data(cfg)
     size = model.input_size
     pooling = pooling_for(model, cfg.target_dim)
     meta = {"task": "frozen", "source": source, "seed": cfg.seed, "data": str(root),

@@ -61,6 +61,7 @@ from core.data import dataset_mean, fill_holes, to_unit_range
 from core.inpainting import predict_full, region_scores, save_grid
 from core.masks import central_mask, central_square
 from core.models import ContextEncoder
+from core.preflight import Input
 from eval.features import (
     DEFAULT_CACHE_DIR,
     encode_images,
@@ -69,6 +70,7 @@ from eval.features import (
     load_model,
     pick_device,
     split_images,
+    split_source,
 )
 from eval.retrieval import build_index, search
 
@@ -211,6 +213,22 @@ def resolve(cfg: Config) -> Config:
 
 def parse_config(argv: list[str] | None = None) -> Config:
     return resolve(parse_cli(Config, argv, __doc__, "ce_l2=runs/ce_central"))
+
+
+def input_checks(cfg: Config) -> list[Input]:
+    """The run's inputs with the checks main makes of them (core.preflight): the checkpoints of
+    the methods run, the held-out split and, where a method reads it, the training split."""
+    cfg = resolve(cfg)
+    keys = [m for m in ("ce_l2", "ce_l2_adv") if m in cfg.methods]
+    keys += ["nn_features"] if "nn_ce" in cfg.methods else []
+    checks = [Input(k, getattr(cfg, k), lambda k=k: load_model(getattr(cfg, k))) for k in keys]
+    splits = ["split"]
+    if "ce_l2" not in cfg.methods or {"nn_hog", "nn_ce"} & set(cfg.methods):  # the mean, donors
+        splits.append("train_split")
+    for key in splits:
+        split = getattr(cfg, key)
+        checks.append(Input("data", cfg.data, lambda split=split: split_source(cfg.data, split)))
+    return checks
 
 
 def stack(images: Any, n: int | None = None) -> torch.Tensor:

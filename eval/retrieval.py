@@ -42,6 +42,7 @@ import torch
 from core import run_folder, voc
 from core.config import ConfigError, parse_cli
 from core.inpainting import save_grid
+from core.preflight import Input
 from eval.features import (
     DEFAULT_CACHE_DIR,
     LAYERS,
@@ -50,6 +51,7 @@ from eval.features import (
     is_voc_root,
     l2_normalize,
     split_images,
+    split_source,
 )
 
 log = logging.getLogger(__name__)
@@ -242,6 +244,19 @@ def check_config(cfg: Config) -> Config:
 
 def parse_config(argv: list[str] | None = None) -> Config:
     return check_config(parse_cli(Config, argv, __doc__, "checkpoints.ce=runs/ce"))
+
+
+def input_checks(cfg: Config) -> list[Input]:
+    """The run's inputs with the checks main makes of them (core.preflight): each checkpoint,
+    the query and database splits of ``data``."""
+    checks = [
+        Input(f"checkpoints.{name}", path, lambda path=path: run_folder.source_meta(path))
+        for name, path in cfg.checkpoints.items()
+    ]
+    for key in ("query_split", "database_split"):
+        split = getattr(cfg, key)
+        checks.append(Input("data", cfg.data, lambda split=split: split_source(cfg.data, split)))
+    return checks
 
 
 def retrieval_benchmark(cfg: Config) -> dict[str, float]:

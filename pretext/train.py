@@ -31,6 +31,7 @@ from core.cli import run_cli
 from core.config import ConfigError, parse_cli
 from core.data import dataset_mean, ensure_builtin
 from core.models import ARCHS, build_model
+from core.preflight import Input
 from pretext import distributed
 from pretext.engine import (
     Run,
@@ -169,6 +170,12 @@ def resolve(cfg: Config) -> Config:
 
 def parse_config(argv: list[str] | None = None) -> Config:
     return resolve(parse_cli(Config, argv, __doc__, "mask.kind=central optim.steps=100"))
+
+
+def input_checks(cfg: Config) -> list[Input]:
+    """The run's inputs, each with the check the run makes of it (core.preflight runs them before
+    a pipeline starts): the method's (``Method.input_checks``)."""
+    return METHODS[cfg.method].input_checks(cfg)
 
 
 # ---- the phases of main ------------------------------------------------------------------------

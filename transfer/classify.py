@@ -41,6 +41,7 @@ from core.data import to_unit_range
 from core.data_dependent_init import rescale_layers
 from core.datasets import VOCClassification
 from core.models import AlexNetEncoder
+from core.preflight import Input
 from core.voc_ap import mean_ap, voc07_classification_ap
 from core.voc_splits import dataset_classes, require_split, voc_root
 
@@ -364,6 +365,24 @@ class BottleneckFC(nn.Module):
 # ---- main --------------------------------------------------------------------------------------
 
 
+def check_data(cfg: Config) -> tuple[Path, tuple[str, ...]]:
+    """(VOC root, its classes): the root, its class list (``cfg.classes`` when given) and the
+    train / test split files, checked before anything is read."""
+    root = voc_root(cfg.data)
+    classes = dataset_classes(root, cfg.classes)
+    for split in (cfg.train_split, cfg.test_split):
+        require_split(root, split)
+    return root, classes
+
+
+def input_checks(cfg: Config) -> list[Input]:
+    """The run's inputs with the checks main makes of them (core.preflight)."""
+    return [
+        Input("checkpoint", cfg.checkpoint, lambda: load_pretext(cfg.checkpoint, cfg.arch)),
+        Input("data", cfg.data, lambda: check_data(cfg)),
+    ]
+
+
 def main(cfg: Config) -> dict[str, float]:
     """Run (or return the recorded result of) the classification transfer in ``cfg.run_dir``."""
     if not cfg.modes:
@@ -375,10 +394,7 @@ def main(cfg: Config) -> dict[str, float]:
     done = run_folder.open_run(run_dir, cfg, FREE_KEYS, {"checkpoint": source})
     if done is not None:
         return done
-    root = voc_root(cfg.data)
-    classes = dataset_classes(root, cfg.classes)
-    for split in (cfg.train_split, cfg.test_split):
-        require_split(root, split)
+    root, classes = check_data(cfg)
     size = cfg.image_size or model.input_size
     meta = {"task": "classify", "source": source, "seed": cfg.seed, "data": str(root),
             "classes": list(classes), "image_size": size}  # fmt: skip

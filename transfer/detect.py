@@ -19,6 +19,7 @@ from typing import Any, Literal
 from core.cli import run_cli
 from core.config import parse_cli
 from core.models import Geometry
+from core.preflight import Input
 from transfer import mm_run
 
 log = logging.getLogger("transfer.detect")
@@ -84,6 +85,11 @@ def to_result(metrics: dict[str, float]) -> dict[str, float]:
         {k.removeprefix("pascal_voc/"): v for k, v in metrics.items() if k.startswith(prefix)}
     )
     return out
+
+
+def input_checks(cfg: Config) -> list[Input]:
+    """The run's inputs with the checks main makes of them (core.preflight)."""
+    return mm_run.input_checks(cfg, "Main")
 
 
 def main(cfg: Config) -> dict[str, float]:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from core import run_folder
 from core.atomic_io import append_jsonl, atomic_write_text, read_jsonl
 from core.models import ARCHS, Geometry, detection_geometry
+from core.preflight import Input
 from core.voc_splits import dataset_classes, require_split, voc_root
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,28 @@ def truncate_metrics(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 
+def check_data(cfg: MMConfig, seg_task: str) -> tuple[Path, tuple[str, ...]]:
+    """(VOC root, its classes): the root, its class list (``cfg.classes`` when given) and the
+    ``ImageSets/<seg_task>`` train / test split files, checked before anything is read."""
+    root = voc_root(cfg.data)
+    classes = dataset_classes(root, cfg.classes)
+    for split in (cfg.train_split, cfg.test_split):
+        require_split(root, split, seg_task)
+    return root, classes
+
+
+def input_checks(cfg: MMConfig, seg_task: str) -> list[Input]:
+    """The run's inputs with the checks :func:`run` makes of them (core.preflight)."""
+
+    def checkpoint() -> None:
+        encoder_geometry(run_folder.source_meta(cfg.checkpoint, cfg.arch or None)["arch"])
+
+    return [
+        Input("checkpoint", cfg.checkpoint, checkpoint),
+        Input("data", cfg.data, lambda: check_data(cfg, seg_task)),
+    ]
+
+
 def run(
     task: str,
     cfg: MMConfig,
@@ -131,10 +154,7 @@ def run(
     if done is not None:
         return done
     channels, geometry = encoder_geometry(source["arch"])
-    root = voc_root(cfg.data)
-    classes = dataset_classes(root, cfg.classes)
-    for split in (cfg.train_split, cfg.test_split):
-        require_split(root, split, seg_task)
+    root, classes = check_data(cfg, seg_task)
     meta = {"task": task, "source": source, "seed": cfg.seed, "data": str(root),
             "classes": list(classes), "mm_config": cfg.mm_config,
             "conv5_geometry": dataclasses.asdict(geometry)}  # fmt: skip

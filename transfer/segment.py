@@ -22,6 +22,7 @@ from core.cli import run_cli
 from core.config import parse_cli
 from core.minivoc import voc_palette
 from core.models import Geometry
+from core.preflight import Input
 from core.run_folder import TransferError
 from core.voc import VOC_CLASSES
 from transfer import mm_run
@@ -104,6 +105,11 @@ def to_result(metrics: dict[str, float]) -> dict[str, float]:
     mmseg reports percentages; the suite records fractions."""
     keys = ("mIoU", "mAcc", "aAcc", *(k for k in metrics if k.startswith("IoU_")))
     return {k: metrics[k] / 100.0 for k in keys}
+
+
+def input_checks(cfg: Config) -> list[Input]:
+    """The run's inputs with the checks main makes of them (core.preflight)."""
+    return mm_run.input_checks(cfg, "Segmentation")
 
 
 def main(cfg: Config) -> dict[str, float]:

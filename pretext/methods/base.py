@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from core.config import ConfigError
 from core.data import SeededViews, ensure_builtin
 from core.models import ContextEncoder
+from core.preflight import Input
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,34 @@ def build_images(cfg: Any, split: str, train: bool, image_size: int):
     if cfg.format == "voc":
         ensure_builtin(root)
         return VOCImages(root, split, image_size, train=train, skip_bad=cfg.skip_bad)
-    folder = root / split if (root / split).is_dir() else root
-    return ImageFolderImages(folder, image_size, train=train, skip_bad=cfg.skip_bad)
+    return ImageFolderImages(
+        split_folder(cfg, split), image_size, train=train, skip_bad=cfg.skip_bad
+    )
+
+
+def split_folder(cfg: Any, split: str) -> Path:
+    """data.format=folder: ``<root>/<split>`` when it is a folder, else ``<root>`` itself."""
+    root = Path(cfg.root)
+    return root / split if (root / split).is_dir() else root
+
+
+def check_data(cfg: Any, splits: tuple[str, ...]) -> None:
+    """What :func:`build_images` opens for ``splits``, checked without reading an image: a VOC
+    root's ``ImageSets/Main/<split>.txt``, or a split's image folder; ``cfg``: the ``data`` section."""
+    from core.datasets import image_folder
+    from core.voc import read_split
+
+    for split in splits:
+        if cfg.format == "voc":
+            read_split(cfg.root, split)
+        else:
+            image_folder(split_folder(cfg, split))
+
+
+def data_inputs(cfg: Any) -> list[Input]:
+    """The data root with its train and val splits (every method's evaluation reads val)."""
+    d = cfg.data
+    return [Input("data.root", d.root, lambda: check_data(d, (d.split, d.val_split)))]
 
 
 def without_masks(cfg: Any) -> Any:
@@ -126,6 +153,12 @@ class Method:
         """The method's derived settings and cross-field checks (default: no masks, no adversary)."""
         check_no_adversary(cfg)
         return without_masks(cfg)
+
+    @classmethod
+    def input_checks(cls, cfg: Any) -> list[Input]:
+        """The inputs a run of ``cfg`` (resolved) opens, each with the check the run makes of it
+        (``core.preflight`` runs them before a pipeline starts); default: :func:`data_inputs`."""
+        return data_inputs(cfg)
 
     # ---- set-up ---------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from core.data import MaskedImages, fill_holes, to_unit_range
 from core.inpainting import evaluate_inpainting
 from core.masks import MaskGenerator, builtin_shapes, central_square
 from core.models import ContextEncoder, Discriminator
+from core.preflight import Input
 from pretext import distributed
 from pretext.losses import (
     discriminator_loss,
@@ -39,10 +40,38 @@ from pretext.methods.base import (
     Placement,
     build_images,
     check_no_adversary,
+    data_inputs,
     without_masks,
 )
 
 log = logging.getLogger("pretext.train.context_encoder")
+
+
+def mask_shapes_root(cfg: Any) -> str:
+    """The VOC root whose SegmentationObject silhouettes the random-region masks use, "" for none
+    (another mask kind or the built-in blobs); raises for a source asked for but missing (also
+    the pre-flight's check, :meth:`ContextEncoderMethod.input_checks`)."""
+    if cfg.mask.kind != "random_region" or cfg.mask.shapes == "builtin":
+        return ""
+    root = cfg.mask.shapes_root
+    if not root:
+        if cfg.data.format == "voc" and (Path(cfg.data.root) / "SegmentationObject").is_dir():
+            return cfg.data.root
+        if cfg.mask.shapes == "voc":
+            raise ConfigError(
+                f"mask.shapes=voc: data.root={cfg.data.root} (data.format={cfg.data.format}) has "
+                "no SegmentationObject/ PNGs; set mask.shapes_root=<VOC2012 root> "
+                "(e.g. /datasets/VOCdevkit/VOC2012)"
+            )
+        return ""
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"{root}: mask.shapes_root is not a folder")
+    if not (Path(root) / "SegmentationObject").is_dir():
+        raise FileNotFoundError(
+            f"{root}: mask.shapes_root has no SegmentationObject/ folder (give a VOC root, e.g. "
+            "VOCdevkit/VOC2012)"
+        )
+    return root
 
 
 def region_shapes(cfg: Any) -> tuple[list[np.ndarray], str]:
@@ -50,24 +79,10 @@ def region_shapes(cfg: Any) -> tuple[list[np.ndarray], str]:
     ``builtin blobs (N)`` or ``none`` for other mask kinds)."""
     if cfg.mask.kind != "random_region":
         return [], "none"
-    root = cfg.mask.shapes_root
-    if cfg.mask.shapes != "builtin" and not root:
-        data_has_shapes = (
-            cfg.data.format == "voc" and (Path(cfg.data.root) / "SegmentationObject").is_dir()
-        )
-        if data_has_shapes:
-            root = cfg.data.root
-        elif cfg.mask.shapes == "voc":
-            raise ConfigError(
-                f"mask.shapes=voc: data.root={cfg.data.root} (data.format={cfg.data.format}) has "
-                "no SegmentationObject/ PNGs; set mask.shapes_root=<VOC2012 root> "
-                "(e.g. /datasets/VOCdevkit/VOC2012)"
-            )
-    if cfg.mask.shapes != "builtin" and root:
+    root = mask_shapes_root(cfg)
+    if root:
         from core.voc import object_shapes
 
-        if not Path(root).is_dir():
-            raise FileNotFoundError(f"{root}: mask.shapes_root is not a folder")
         shapes = object_shapes(root)
         return shapes, f"voc:{root} ({len(shapes)} shapes)"
     shapes = builtin_shapes()
@@ -169,6 +184,14 @@ class ContextEncoderMethod(Method):
                 "mask.kind=none trains an autoencoder: set method=autoencoder instead"
             )
         return cfg
+
+    @classmethod
+    def input_checks(cls, cfg: Any) -> list[Input]:
+        """The data splits and the random-region shapes' source."""
+        if cfg.mask.kind != "random_region":
+            return data_inputs(cfg)
+        source = cfg.mask.shapes_root or cfg.data.root
+        return [*data_inputs(cfg), Input("mask.shapes_root", source, lambda: mask_shapes_root(cfg))]
 
     def mask_shapes(self) -> tuple[list[np.ndarray], str]:
         shapes, source = region_shapes(self.cfg)

@@ -14,7 +14,8 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
-from pretext.methods.base import check_no_adversary
+from core.preflight import Input
+from pretext.methods.base import check_no_adversary, data_inputs
 from pretext.methods.context_encoder import ContextEncoderMethod
 
 
@@ -27,6 +28,10 @@ class RandomInit(ContextEncoderMethod):
     def resolve_config(cls, cfg: Any) -> Any:
         check_no_adversary(cfg)
         return cfg
+
+    @classmethod
+    def input_checks(cls, cfg: Any) -> list[Input]:
+        return data_inputs(cfg)  # no mask shapes: none are drawn
 
     def mask_shapes(self) -> tuple[list[np.ndarray], str]:
         return [], "none"  # no masks are drawn

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,13 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core import voc
 from core.atomic_io import read_jsonl
 from core.cli import UserError
 from core.data import SeededViews, ensure_builtin, to_unit_range
 from core.datasets import ImageFolderImages, VOCClassification
 from core.models import ContextEncoder
+from core.preflight import Input
 from pretext import distributed
-from pretext.methods.base import Method, Placement
+from pretext.methods.base import Method, Placement, check_data, split_folder
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,13 @@ class VOCTargets(VOCClassification):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         image, labels, difficult_only = super().__getitem__(index)
         return image, labels.masked_fill(difficult_only > 0, -1.0)
+
+
+def no_class_subfolders(root: Path) -> LabelError:
+    return LabelError(
+        f"{root}: no class subfolders (method=supervised with data.format=folder "
+        "reads <root>/<class>/<image>, e.g. ImageNet train/<wnid>/*.JPEG)"
+    )
 
 
 class ImageFolderClasses(ImageFolderImages):
@@ -78,10 +88,7 @@ class ImageFolderClasses(ImageFolderImages):
         rel = [Path(f).relative_to(self.root) for f in self.files]
         flat = [r for r in rel if len(r.parts) == 1]
         if len(flat) == len(rel):
-            raise LabelError(
-                f"{self.root}: no class subfolders (method=supervised with data.format=folder "
-                "reads <root>/<class>/<image>, e.g. ImageNet train/<wnid>/*.JPEG)"
-            )
+            raise no_class_subfolders(self.root)
         if flat:
             raise LabelError(
                 f"{self.root}: {flat[0]} is not in a class subfolder ({len(flat)} such images); "
@@ -101,6 +108,21 @@ class ImageFolderClasses(ImageFolderImages):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         i, image = self.load(index)
         return self.view(image), self.labels[i]
+
+
+def check_labelled_data(d: Any) -> None:
+    """What :func:`labelled_images` opens for the train and val splits, checked without listing
+    the images: the splits (:func:`check_data`), then a VOC root's class list or a class
+    subfolder in each split folder; ``d``: the ``data`` section."""
+    check_data(d, (d.split, d.val_split))
+    if d.format == "voc":
+        voc.class_names(d.root)
+        return
+    for split in (d.split, d.val_split):
+        folder = split_folder(d, split)
+        with os.scandir(folder) as entries:
+            if not any(e.is_dir() and not e.name.startswith(".") for e in entries):
+                raise no_class_subfolders(folder)
 
 
 def labelled_images(
@@ -282,6 +304,11 @@ class SupervisedMethod(Method):
         h = cfg.head
         self.classifier = Classifier(model.encoder, len(names), h.kind, h.hidden, h.dropout)
         self.head = self.classifier.head
+
+    @classmethod
+    def input_checks(cls, cfg: Any) -> list[Input]:
+        """The labelled train and val splits."""
+        return [Input("data.root", cfg.data.root, lambda: check_labelled_data(cfg.data))]
 
     def open_train_images(self) -> VOCTargets | ImageFolderClasses:
         d = self.cfg.data
