@@ -277,7 +277,7 @@ def test_paper_profile_stops_in_preflight_with_every_missing_root_once(capsys, m
 def test_make_table_runs_the_pipeline_with_the_dry_run_flag():
     """`make table DRY_RUN=1` passes --dry-run (and the profile / executor / cluster)."""
     run = subprocess.run(
-        ["make", "-n", "-o", "setup", "table", "PROFILE=paper", "DRY_RUN=1", "EXECUTOR=slurm",
+        ["make", "--no-print-directory", "-n", "-o", "setup", "table", "PROFILE=paper", "DRY_RUN=1", "EXECUTOR=slurm",
          "CLUSTER=slurm/clusters/example.yaml"],
         cwd=REPO, capture_output=True, text=True, check=True,
     )  # fmt: skip
@@ -285,7 +285,7 @@ def test_make_table_runs_the_pipeline_with_the_dry_run_flag():
         ".venv/bin/python -m eval.pipeline --profile paper --executor slurm "
         "--cluster slurm/clusters/example.yaml --dry-run"
     )
-    plain = subprocess.run(["make", "-n", "-o", "setup", "table"], cwd=REPO,
+    plain = subprocess.run(["make", "--no-print-directory", "-n", "-o", "setup", "table"], cwd=REPO,
                            capture_output=True, text=True, check=True)  # fmt: skip
     assert "--dry-run" not in plain.stdout
 
