@@ -35,8 +35,8 @@ from torch import nn
 from core.config import ConfigError
 from core.data import SeededViews
 from core.models import ContextEncoder
-from pretext.methods.base import EncoderHead, Method, Placement, build_images, eval_picks
-from pretext.methods.rotation import ClassificationStep, accuracy, final_loss
+from pretext.methods.base import EncoderHead, build_images, eval_picks
+from pretext.methods.classification import ClassificationMethod, accuracy, final_loss
 
 # (dy, dx) of the neighbour relative to the centre patch, in label order (reading order).
 NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
@@ -166,7 +166,7 @@ class PairHead(nn.Module):
         return self.fc9(self.fc8(self.fc7(pairs)))
 
 
-class RelativeLocationMethod(Method):
+class RelativeLocationMethod(ClassificationMethod):
     """Context prediction over the suite's encoder (siamese, at the patch's size)."""
 
     def __init__(self, cfg: Any, model: ContextEncoder):
@@ -195,22 +195,8 @@ class RelativeLocationMethod(Method):
         d = self.cfg.data
         return build_images(d, d.split, train=True, image_size=image_size(self.cfg.relloc))
 
-    @property
-    def net(self) -> nn.Module:
-        return self.encoder_head
-
     def items(self) -> PatchPairs:
         return PatchPairs(self.train_images, self.cfg.relloc)
-
-    def make_step(
-        self,
-        net: nn.Module,
-        opt_g: torch.optim.Optimizer,
-        opt_d: torch.optim.Optimizer | None,
-        mean: torch.Tensor,
-        placement: Placement,
-    ) -> ClassificationStep:
-        return ClassificationStep(net, opt_g, placement)
 
     def evaluate(
         self, run_dir: Path, device: torch.device, mean: list[float], progress: dict[str, float]
