@@ -254,3 +254,9 @@ def test_kmeans_init_sets_the_encoder_from_data_and_records_it(tiny_train_args, 
     assert {k: v for k, v in rerun.items() if k.startswith("init_") and k != "init_time_s"} == {
         k: v for k, v in result.items() if k.startswith("init_") and k != "init_time_s"
     }
+
+
+@pytest.mark.parametrize("bad", ["kmeans.images=0", "kmeans.init.max_patches=0"])
+def test_kmeans_init_refuses_an_empty_sample(tiny_train_args, bad):
+    with pytest.raises(ConfigError, match="must be at least 1"):
+        parse_config([*tiny_train_args, "method=kmeans_init", bad])

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from core.atomic_io import atomic_write_json
+from core.config import ConfigError
 from core.data import to_unit_range
 from core.kmeans_init import KMeansInitConfig, kmeans_init_, summary_metrics
 from pretext.methods.base import build_images
@@ -35,7 +36,19 @@ class KMeansConfig:
 class KMeansInit(RandomInit):
     """The network after the k-means data-dependent init of its encoder (``kmeans:`` settings)."""
 
-    report: dict[str, Any] | None = None
+    def __init__(self, cfg: Any, model: Any):
+        super().__init__(cfg, model)
+        self.report: dict[str, Any] | None = None  # the full report, where the init ran
+        self.summary: dict[str, float] = {}  # its numbers, also kept in the checkpoint
+
+    @classmethod
+    def resolve_config(cls, cfg: Any) -> Any:
+        if cfg.kmeans.images < 1 or cfg.kmeans.init.max_patches < 1:
+            raise ConfigError(
+                f"kmeans: images={cfg.kmeans.images}, init.max_patches="
+                f"{cfg.kmeans.init.max_patches}: both must be at least 1"
+            )
+        return super().resolve_config(cfg)
 
     def init_encoder(self, encoder: nn.Module, images: Dataset) -> None:
         """k-means init from ``kmeans.images`` eval views of the training split, a seeded draw
@@ -48,13 +61,14 @@ class KMeansInit(RandomInit):
         device = next(encoder.parameters()).device
         x = to_unit_range(torch.stack([views[int(i)] for i in picks]).to(device))
         self.report = kmeans_init_(encoder, x, seed=cfg.seed, cfg=cfg.kmeans.init)
+        self.summary = summary_metrics(self.report)
 
     def extra_state(self) -> dict[str, Any]:
         # the init's summary, so a run resumed after its step-0 checkpoint still records it
-        return {"init": summary_metrics(self.report)} if self.report is not None else {}
+        return {"init": self.summary} if self.summary else {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self._summary = state.get("init", {})
+        self.summary = state.get("init", {})
 
     def evaluate(
         self, run_dir: Path, device: torch.device, mean: list[float], progress: dict[str, float]
@@ -62,7 +76,4 @@ class KMeansInit(RandomInit):
         result = super().evaluate(run_dir, device, mean, progress)
         if self.report is not None:
             atomic_write_json(run_dir / "init.json", self.report)
-            summary = summary_metrics(self.report)
-        else:
-            summary = getattr(self, "_summary", {})
-        return {**result, **summary}
+        return {**result, **self.summary}
