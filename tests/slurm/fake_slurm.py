@@ -8,6 +8,9 @@ import os
 import shlex
 from pathlib import Path
 
+import submitit
+from submitit.slurm.slurm import SlurmInfoWatcher
+
 # The real commands' words: the issue's config-less host, and a stopped slurmctld.
 NO_CONFIG = (
     "{cmd}: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host\n"
@@ -43,8 +46,10 @@ def install(
     ``sbatch --test-only``: (exit code, stderr); real submissions: the first ``submissions_ok``
     answer ``Submitted batch job <100 + n>`` (their scripts kept as ``script.<n>``), the next
     ones print ``refusal`` and exit 1; ``squeue``: (exit code, stdout, stderr); sacct: no
-    accounting (exit 1)."""
+    accounting (exit 1). submitit's job-state cache is process-wide and keeps finished jobs: a
+    fresh one, so the fake job ids (101, ...) never read states of real jobs an earlier test ran."""
     bin_dir.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(submitit.SlurmJob, "watcher", SlurmInfoWatcher(delay_s=600))
 
     def write(name: str, body: str) -> None:
         path = bin_dir / name
