@@ -10,8 +10,7 @@ run would. On a GPU the host part of a batch (parameters, copying the stored byt
 padded array) is prepared ``prefetch`` steps ahead in a thread and the pixels are made on the
 device (:mod:`core.batch_augment`). On the CPU, whole batches are made by ``workers`` loader
 processes with one torch thread each, as today's loader does: many small batched ops in one
-process with several OpenMP threads stall whenever the cores are shared (measured: 15x slower
-at 64 px on a loaded 2-core machine than one thread).
+process with several OpenMP threads stall whenever the cores are shared (docs/decisions.md).
 """
 
 from __future__ import annotations

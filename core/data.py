@@ -85,9 +85,8 @@ class SeededViews(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
         with torch.random.fork_rng(devices=[]):
-            # the CPU generator only: torch.manual_seed also queues a seed for every CUDA device,
-            # recording a Python stack each time while CUDA is not initialised (0.28 ms a sample,
-            # ~7 % of the built-in pretext data time); the augmentations draw from the CPU one
+            # the CPU generator only, which the augmentations draw from: torch.manual_seed would
+            # also queue a seed per CUDA device, slowly (docs/decisions.md, "Pretext samples seeded")
             torch.default_generator.manual_seed(seed)
             return self.images[index]
 

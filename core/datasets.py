@@ -36,10 +36,8 @@ CROP_SCALE = (0.4, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
-# The train view is torchvision's (transforms.v2 on the PIL image: RandomResizedCrop's parameters are
-# drawn from torch's global RNG, the crop resized by PIL, bilinear; then a flip on torch.rand(1) <
-# 0.5) -- draw for draw and pixel for pixel the hand-written view it replaced (300/300 seeds and
-# shapes compared), so (seed, step, slot) still decides every crop of the pretext data pipeline.
+# torchvision's transforms.v2 on the PIL image; its draws come from torch's global RNG, so (seed,
+# step, slot) decides every crop of the pretext data pipeline (docs/decisions.md, "The train view").
 @functools.cache
 def _train_transform(size: int) -> v2.Compose:
     crop = v2.RandomResizedCrop(size, CROP_SCALE, CROP_RATIO, v2.InterpolationMode.BILINEAR)
@@ -51,9 +49,8 @@ def train_view(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(_train_transform(size)(Image.fromarray(image)))
 
 
-# The eval view stays hand-written: torchvision's Resize + CenterCrop truncate the long side and
-# round the centre offset, which moves the crop by 1 px on 60 % of image shapes; eval/query.py maps
-# a box into this exact geometry and the feature caches hold views of it.
+# Hand-written, not Resize + CenterCrop (which round the crop elsewhere): eval/query.py maps boxes
+# into this geometry (docs/decisions.md, "The eval view stays hand-written").
 def eval_view(image: np.ndarray, size: int) -> np.ndarray:
     """uint8 [H, W, 3] -> short side resized to ``size``, centre crop, uint8 [size, size, 3]."""
     h, w = image.shape[:2]

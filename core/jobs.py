@@ -9,7 +9,7 @@ run folders.
 Run folders (one scheme, :func:`run_dir_for`): ``<runs_root>/<stage>/<task>/<variant>/seed<k>``,
 ``<runs_root>/pretext/<variant>/seed<k>`` for the pretext stage.
 
-Profile keys beyond the variants / tasks (README, "Profiles"):
+Profile keys beyond the variants / tasks (slurm/README.md, "What a profile adds for a cluster"):
 
 - ``pretext.variants.<v>.grid: {mask.kind: [central, random_block], ...}`` expands ``<v>`` into one
   variant per combination, named ``<v>,mask.kind=central,...``; the grid values are added to the

@@ -61,7 +61,7 @@ def table2_rows(profile: Profile) -> list[tuple[str, str]]:
 BASELINE = "random_init"  # the row every other Table 2 / frozen-layer row is compared with
 UPPER_BOUND = "supervised"  # the labelled upper bound: not one of the self-supervised rows
 BOOTSTRAP_RESAMPLES = 1000  # test-image resamples (variance of a mean: ~4.5% relative error)
-HALF_WIDTH_TARGET = 2.0  # points: the seeds a ±2-point interval would take (issue 22, item 4)
+HALF_WIDTH_TARGET = 2.0  # points: the seeds a ±2-point interval would take
 
 
 def baseline_variant(profile: Profile) -> str | None:

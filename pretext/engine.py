@@ -61,11 +61,8 @@ class Training:
 def lr_at(step: int, cfg: Any) -> float:
     """Linear warm-up then cosine decay to 1% (or constant); ``cfg``: the ``optim`` section.
 
-    Kept hand-written rather than torch.optim.lr_scheduler: a pure function of the step, so a
-    resumed run needs no scheduler state. SequentialLR(LinearLR, CosineAnnealingLR) gives the same
-    schedule to 6e-15 (relative) but computes it recursively (bit-equal on 57 of 1500 steps), needs
-    its state in every checkpoint (and a fallback for the checkpoints written without it) and a
-    second scheduler for the discriminator: longer, for nothing the step function lacks."""
+    A pure function of the step, so a resumed run needs no scheduler state (docs/decisions.md,
+    "Learning-rate schedules")."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if not cfg.cosine:

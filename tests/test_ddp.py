@@ -18,7 +18,7 @@ from pretext.train import main, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
-# Tolerance of the 2-process weights against one process's (README, "DDP"): each weight tensor
+# Tolerance of the 2-process weights against one process's (docs/pretraining.md, "DDP"): each weight tensor
 # within RTOL of its largest magnitude, the eval-mode output on a fixed batch within OUTPUT_ATOL.
 # The ranks sum gradients in another order than one process does (4 + 4 samples, then the mean
 # over ranks), and Adam turns rounding differences of small gradients into differences of its

@@ -258,7 +258,8 @@ def simulated(s_seed, s_image, s_inter, trials=4000, n=3, resamples=200, seed=0)
 
 
 # (seed, shared image, seed x image) std: five mixes, and the two measured on the built-in table
-# (tests' numbers in README, "Resolution"): fine-tuned classification, context encoder frozen SVM
+# (docs/measurements.md, "Seeds and test images"): fine-tuned classification, context encoder
+# frozen SVM
 MIXES = [(2.0, 0.3, 0.3), (1.0, 0.8, 0.8), (0.2, 1.5, 0.5), (0.0, 0.0, 1.0), (0.0, 1.0, 0.0),
          (0.3, 0.35, 0.9), (2.1, 0.63, 1.43)]  # fmt: skip
 

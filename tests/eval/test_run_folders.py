@@ -1,4 +1,4 @@
-"""One run-folder contract for every stage (core.run_folder, issue 12 item 4): a finished folder
+"""One run-folder contract for every stage (core.run_folder; docs/reliability.md): a finished folder
 returns its recorded result, a changed config is refused (exit 2, one ``error:`` line naming the
 folder and the key) unless force=true, which recomputes; every checkpoint read is recorded with its
 sha256."""
