@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from core import voc
+from core.cli import UserError
 from core.images import (
     BadImageError,
     BadImagesError,
@@ -121,7 +122,7 @@ class ImageFiles(Dataset):
             raise (
                 BadImagesError(where, self.skipped, len(files))
                 if self.skipped
-                else ValueError(f"no usable images among {len(files)} files")
+                else UserError(f"{where}: no image files to read")
             )
 
     def intake(self, role: str) -> dict[str, float]:
