@@ -154,7 +154,7 @@ def cases(c: dict[str, Path]) -> dict[str, tuple[str, list[str], str | None]]:
     ret += ["query_split=test", "database_split=train", "grid_queries=2", "grid_k=2"]
     query = ["--checkpoint", str(c["ce"]), "--k", "2"]
     frozen = [f"checkpoint={c['ce']}", "svm.costs=[1.0]", "knn.k=3", "lowshot.k=[]"]
-    frozen += ["layers=[pool5]"]
+    frozen += ["layers=[conv5]"]
     det = [f"checkpoint={c['ce']}", "max_iters=3", "warmup_iters=1"]
     pre = ["data.num_workers=0", "optim.steps=2", "optim.warmup_steps=1", "eval_images=4"]
     pre += ["threads=1", "mask.kind=central", "optim.batch_size=4"]
