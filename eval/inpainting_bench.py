@@ -32,12 +32,18 @@ averaged per image, so that is the main column: ``<method>/l1|l2|psnr`` = the ho
 (Paris StreetView, ImageNet-style class folders): ``split`` / ``train_split`` are subfolders (or
 absolute folders) or split files, see :func:`eval.features.split_images`.
 
+Checkpoints: ``ce_l2``, ``ce_l2_adv`` and ``nn_features`` must have a trained decoder (a context
+encoder or an autoencoder; ``core.checkpoint.trained_parts``): a supervised, rotation or random-init
+checkpoint is refused with one error line. Images go through the intake rule of ``images.*``
+(core.images, docs/images.md), checked before the run folder is written.
+
 Run folder: ``config.yaml``; ``result.json`` with flat keys ``<method>/l1``, ``<method>/l2``,
 ``<method>/psnr``, ``<method>/{l1,l2,psnr,psnr_pooled}_{hole,center}``, ``<method>/time_s`` for
 each method run, and ``n_images``, ``overlap``,
-``image_size``, ``time_s``; ``inpainting_grid.png`` (rows: images; columns: masked input (hole
-white) | each method in :data:`METHODS` order | ground truth) with ``inpainting_grid.json`` naming
-its columns and image ids.
+``image_size``, ``time_s``, ``images/{split,train_split}/...`` (the intake's counts);
+``inpainting_grid.png`` (rows: images; columns, labelled in the image: masked input (hole white) |
+each method in :data:`METHODS` order | ground truth) with ``inpainting_grid.json`` naming its
+columns and image ids.
 """
 
 from __future__ import annotations

@@ -21,8 +21,10 @@ Quality (:func:`retrieval_benchmark`): every image of ``query_split`` (held out)
   so only the recall of the approximate indexes is measured.
 - recall@k of an approximate index: |approx top-k ∩ exact top-k| / k, averaged over queries.
 
-Run folder: ``config.yaml``, ``result.json`` (flat keys, see :func:`retrieval_benchmark`),
-``retrieval_grid_<name>.png`` (rows: queries; columns: query | top-k neighbours).
+Run folder: ``config.yaml``, ``result.json`` (flat keys, see :func:`retrieval_benchmark`; the
+intake's counts ``images/{query_split,database_split}/...``, docs/images.md),
+``retrieval_grid_<name>.png`` (rows: queries; columns, labelled in the image: query | top-k
+neighbours).
 """
 
 from __future__ import annotations
