@@ -139,3 +139,14 @@ def test_strict_and_converted_features_are_the_same_on_rgb_data(tiny_voc, tiny_c
     assert a.converted == {} and len(a) == len(b)
     assert all(torch.equal(a[i], b[i]) for i in range(len(a)))
     assert np.asarray(a[0]).dtype == np.uint8
+
+
+def test_a_pretext_folder_saved_with_data_skip_bad_compares_as_images_skip_bad():
+    saved = {"data": {"root": "r", "skip_bad": True}}
+    renamed = train.RENAMED_KEYS
+    same = {"data": {"root": "r"}, "images": {"skip_bad": True, "strict": False}}
+    defaults = {"images": {"skip_bad": False, "strict": False}}
+    assert run_folder.config_changes(saved, same, (), defaults, renamed=renamed) == []
+    other = {"data": {"root": "r"}, "images": {"skip_bad": False, "strict": False}}
+    changes = run_folder.config_changes(saved, other, (), defaults, renamed=renamed)
+    assert changes == ["images.skip_bad: True -> False"]
