@@ -663,13 +663,17 @@ def main(cfg: Config) -> dict[str, float]:
     meta = {"task": "frozen", "source": source, "seed": cfg.seed, "data": str(root),
             "classes": list(classes), "image_size": size, "layers": list(cfg.layers),
             "pooling": {k: v for k, v in pooling.items() if k in cfg.layers}}  # fmt: skip
-    run_folder.start(run_dir, cfg, meta, {"checkpoint": source})
     t0 = time.perf_counter()
-    data, ids, intake = {}, {}, {}
+    rule, intake = cfg.images, {}
+    splits = {}  # the intake's pre-scan of both splits, before anything is written
     for role, split in (("train", cfg.train_split), ("test", cfg.test_split)):
-        rule = cfg.images
-        images = VOCClassification(root, split, size, False, classes, rule.skip_bad, rule.strict)
-        intake.update(images.intake(role))
+        splits[split] = VOCClassification(
+            root, split, size, False, classes, rule.skip_bad, rule.strict
+        )
+        intake.update(splits[split].intake(role))
+    run_folder.start(run_dir, cfg, meta, {"checkpoint": source})
+    data, ids = {}, {}
+    for split, images in splits.items():
         with torch.no_grad():  # not set_grad_enabled(False): main() is called in-process too
             feats = split_features(model, source["sha256"], images, root, split, cfg)
         data[split] = (feats, images.labels.numpy(), images.difficult_only.numpy())

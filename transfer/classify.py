@@ -400,16 +400,17 @@ def main(cfg: Config) -> dict[str, float]:
     size = cfg.image_size or model.input_size
     meta = {"task": "classify", "source": source, "seed": cfg.seed, "data": str(root),
             "classes": list(classes), "image_size": size}  # fmt: skip
-    run_folder.start(run_dir, cfg, meta, {"checkpoint": source})
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a restarted run logs afresh
     t0 = time.perf_counter()
-
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    # the images, read through the intake rule before anything is written
     rule = (cfg.images.skip_bad, cfg.images.strict)
     train_aug = DecodedViews(VOCClassification(root, cfg.train_split, size, True, classes, *rule))
     train_eval = DecodedViews(VOCClassification(root, cfg.train_split, size, False, classes, *rule))
     test = DecodedViews(VOCClassification(root, cfg.test_split, size, False, classes, *rule))
+    run_folder.start(run_dir, cfg, meta, {"checkpoint": source})
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a restarted run logs afresh
+
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
     log.info("%d train / %d test images, %d classes", len(train_aug), len(test), len(classes))
 
     result: dict[str, float] = {}
