@@ -15,6 +15,9 @@ One ``.pt`` file (a dict) per checkpoint, written atomically:
   ``model`` need nothing else
 - ``method=imported`` (``core.export import``): an encoder trained elsewhere; ``source``
   {path, sha256, layout}; its bottleneck and decoder are untrained, as for ``supervised``
+- ``trained``: the parts of :data:`PARTS` whose weights the method set (by training, or for
+  kmeans_init by its data-dependent init); a checkpoint saved before it was recorded is read as
+  its method's :data:`METHOD_TRAINED` (:func:`trained_parts`)
 
 A checkpoint is data, never code: it is read with torch's restricted unpickler
 (``weights_only=True``), which builds tensors, numbers, strings, None and dicts / lists / tuples of
@@ -49,6 +52,21 @@ METHODS = (
     "relative_location",
     "imported",
 )
+PARTS = ("encoder", "bottleneck", "decoder", "head")
+# What each method sets (pretext/methods/<method>.py: ``Method.trained_parts``), for checkpoints
+# saved before ``trained`` was recorded: the context encoder and the autoencoder train the whole
+# network; the head methods (and an imported encoder) only the encoder (+ their head); random
+# init nothing; k-means init its encoder from data.
+METHOD_TRAINED: dict[str, tuple[str, ...]] = {
+    "context_encoder": ("encoder", "bottleneck", "decoder"),
+    "autoencoder": ("encoder", "bottleneck", "decoder"),
+    "random_init": (),
+    "kmeans_init": ("encoder",),
+    "supervised": ("encoder", "head"),
+    "rotation": ("encoder", "head"),
+    "relative_location": ("encoder", "head"),
+    "imported": ("encoder",),
+}
 # what torch's restricted unpickler builds (torch/_weights_only_unpickler.py); nothing else is saved
 PLAIN_VALUES = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device)
 
@@ -212,3 +230,21 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def trained_parts(state: dict[str, Any]) -> tuple[str, ...]:
+    """The parts of :data:`PARTS` a checkpoint's method set: its ``trained`` record, else (older
+    checkpoints) its method's :data:`METHOD_TRAINED`."""
+    if "trained" in state:
+        return tuple(state["trained"])
+    return METHOD_TRAINED.get(state.get("method", ""), ())
+
+
+def require_trained(state: dict[str, Any], part: str, path: str | Path, use: str) -> None:
+    """CheckpointError unless ``part`` of the checkpoint was trained (``use``: what needs it)."""
+    parts = trained_parts(state)
+    if part not in parts:
+        raise CheckpointError(
+            f"{path}: a {state.get('method')} checkpoint, whose {part} was not trained (trained: "
+            f"{', '.join(parts) or 'nothing'}); {use} needs a context encoder's checkpoint"
+        )

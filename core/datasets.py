@@ -4,14 +4,16 @@ Views: ``train=True`` takes a random resized crop (area 40-100 %, aspect 3/4-4/3
 horizontal flip, drawn from torch's global RNG, so a seeded DataLoader (its generator seeds each
 worker) or ``torch.manual_seed`` around ``ds[i]`` reproduces them; ``train=False`` resizes the short
 side to S and takes the centre S x S crop. Images are decoded by ``core.images.load_rgb``
-(see its policy; ``convert=True`` converts grayscale / RGBA / CMYK / 16-bit instead of refusing).
+under the intake rule of ``core.images`` (other modes converted to RGB and counted, or refused
+with ``strict=True``; EXIF orientation applied).
 
 An image whose short side is below ``min_size`` (default S // 2: more than 2x upsampling) is bad.
-Bad files raise ``BadImageError``; with ``skip_bad=True`` they are left out and listed in
-``dataset.skipped`` as (file, reason). A cheap header scan at construction finds most of them;
-a file that only fails when decoded is replaced by the next good index (deterministic, so the RNG
-stream is unchanged) and appended to ``skipped`` in the process that met it (a DataLoader worker's
-list is not seen by the main process; the warning in the log is).
+The pre-scan at construction (``core.images.scan_files``) finds the bad files at once and raises
+one ``BadImagesError`` listing them; with ``skip_bad=True`` they are left out and listed in
+``dataset.skipped`` as (file, reason). A file that only fails when decoded (corrupt data inside)
+is replaced by the next good index (deterministic, so the RNG stream is unchanged) and appended to
+``skipped`` in the process that met it (a DataLoader worker's list is not seen by the main process;
+the warning in the log is). ``dataset.intake(role)``: the counts a stage records in result.json.
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from core import voc
-from core.images import IMAGE_EXTENSIONS, BadImageError, load_rgb, probe_image
+from core.cli import UserError
+from core.images import (
+    BadImageError,
+    BadImagesError,
+    list_images,
+    load_rgb,
+    named,
+    scan_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,34 +84,57 @@ class ImageFiles(Dataset):
         image_size: int,
         train: bool,
         skip_bad: bool = False,
-        convert: bool = False,
+        strict: bool = False,
         min_size: int | None = None,
         scan: bool = True,
+        where: str | Path = "",
     ):
         self.image_size, self.train = image_size, train
-        self.skip_bad, self.convert = skip_bad, convert
+        self.skip_bad, self.strict = skip_bad, strict
         self.min_size = image_size // 2 if min_size is None else min_size
-        self.skipped: list[tuple[str, str]] = []
-        self.keep: list[int] = []  # positions in ``files`` that passed the scan
         self.failed: set[int] = set()  # indices whose decode failed (in this process)
-        for k, path in enumerate(files):
-            if scan:
-                try:
-                    probe_image(path, self.min_size, convert)
-                except (BadImageError, FileNotFoundError) as e:
-                    if not skip_bad:
-                        raise
-                    self.skipped.append((str(path), _reason(e)))
-                    continue
-            self.keep.append(k)
+        self.n_listed = len(files)
+        self.not_images: list[str] = getattr(self, "not_images", [])  # set by folder listings
+        where = where or (Path(files[0]).parent if files else "")
+        found = scan_files(files, self.min_size, strict) if scan else None
+        self.keep = found.keep if found else list(range(len(files)))  # positions that passed
+        self.skipped: list[tuple[str, str]] = list(found.bad) if found else []
+        self.converted = dict(found.converted) if found else {}
+        if self.skipped and not skip_bad:
+            raise BadImagesError(where, self.skipped, len(files))
         self.files = [str(files[k]) for k in self.keep]
         if self.skipped:
             log.warning(
-                "skipped %d of %d images as bad, e.g. %s: %s",
-                len(self.skipped), len(files), *self.skipped[0],
+                "%s: skipped %d of %d images as bad (images.skip_bad): %s",
+                where, len(self.skipped), len(files),
+                "; ".join(f"{Path(f).name}: {why}" for f, why in self.skipped[:5])
+                + (f"; and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""),
+            )  # fmt: skip
+        if self.converted:
+            log.info(
+                "%s: converted %d of %d images to RGB (%s)", where, sum(self.converted.values()),
+                len(self.files), ", ".join(f"{m} {n}" for m, n in sorted(self.converted.items())),
             )  # fmt: skip
         if not self.files:
-            raise ValueError(f"no usable images among {len(files)} files")
+            raise (
+                BadImagesError(where, self.skipped, len(files))
+                if self.skipped
+                else UserError(f"{where}: no image files to read")
+            )
+
+    def intake(self, role: str) -> dict[str, float]:
+        """What the intake did, for result.json: ``images/<role>/{files,used,skipped_bad,
+        not_images,converted}`` and ``images/<role>/converted/<mode>`` per source mode."""
+        p = f"images/{role}/"
+        out = {
+            p + "files": float(self.n_listed),
+            p + "used": float(len(self.files)),
+            p + "skipped_bad": float(len(self.skipped)),
+            p + "not_images": float(len(self.not_images)),
+            p + "converted": float(sum(self.converted.values())),
+        }
+        out.update({f"{p}converted/{m}": float(n) for m, n in sorted(self.converted.items())})
+        return out
 
     def __len__(self) -> int:
         return len(self.files)
@@ -120,7 +153,7 @@ class ImageFiles(Dataset):
             if i in self.failed:
                 continue
             try:
-                return i, load_rgb(self.files[i], self.min_size, self.convert)
+                return i, load_rgb(self.files[i], self.min_size, self.strict)
             except (BadImageError, FileNotFoundError) as e:
                 if not self.skip_bad:
                     raise
@@ -143,13 +176,14 @@ class VOCImages(ImageFiles):
         image_size: int,
         train: bool,
         skip_bad: bool = False,
-        convert: bool = False,
+        strict: bool = False,
         min_size: int | None = None,
     ):
         self.voc_root = Path(voc_root)
         ids = voc.read_split(self.voc_root, split)
         files = [self.voc_root / "JPEGImages" / f"{i}.jpg" for i in ids]
-        super().__init__(files, image_size, train, skip_bad, convert, min_size)
+        where = self.voc_root / "ImageSets" / "Main" / f"{split}.txt"
+        super().__init__(files, image_size, train, skip_bad, strict, min_size, where=where)
         self.ids = [ids[k] for k in self.keep]
 
 
@@ -163,7 +197,9 @@ def image_folder(root: str | Path) -> Path:
 
 class ImageFolderImages(ImageFiles):
     """Every image under ``root``, recursively, sorted by path (ImageNet ``train/<wnid>/*.JPEG``,
-    Paris StreetView's flat folders). ``extensions`` match case-insensitively; dot-files are ignored.
+    Paris StreetView's flat folders): the files with an extension Pillow opens
+    (``core.images.IMAGE_EXTENSIONS``, any case); the others are left out, counted and named in
+    the log (``not_images``).
     """
 
     def __init__(
@@ -172,20 +208,23 @@ class ImageFolderImages(ImageFiles):
         image_size: int,
         train: bool,
         skip_bad: bool = False,
-        extensions: Sequence[str] = IMAGE_EXTENSIONS,
-        convert: bool = False,
+        strict: bool = False,
         min_size: int | None = None,
     ):
         self.root = image_folder(root)
-        ext = tuple(e.lower() for e in extensions)
-        files = sorted(
-            p
-            for p in self.root.rglob("*")
-            if p.suffix.lower() in ext and not p.name.startswith(".") and p.is_file()
-        )
+        files, others = list_images(self.root)
+        self.not_images = [str(p) for p in others]
+        if others:
+            log.info(
+                "%s: left out %d files that are no image by their extension: %s",
+                self.root, len(others), named(others),
+            )  # fmt: skip
         if not files:
-            raise FileNotFoundError(f"{self.root}: no files with extensions {', '.join(ext)}")
-        super().__init__(files, image_size, train, skip_bad, convert, min_size)
+            raise FileNotFoundError(
+                f"{self.root}: no image files (extensions Pillow opens, e.g. .jpg .png .gif .pgm)"
+                + (f"; found only {named(others)}" if others else "")
+            )
+        super().__init__(files, image_size, train, skip_bad, strict, min_size, where=self.root)
         # ids: paths relative to root ("n01440764/x.JPEG" in class subfolders, "x.jpg" when flat)
         self.ids = [Path(f).relative_to(self.root).as_posix() for f in self.files]
 
@@ -203,7 +242,7 @@ class VOCClassification(VOCImages):
         train: bool,
         class_names: Sequence[str] | None = None,
         skip_bad: bool = False,
-        convert: bool = False,
+        strict: bool = False,
         min_size: int | None = None,
     ):
         found = voc.class_names(voc_root)
@@ -211,7 +250,7 @@ class VOCClassification(VOCImages):
             raise ValueError(
                 f"{voc_root}: class_names {tuple(class_names)} do not match the dataset's {found}"
             )
-        super().__init__(voc_root, split, image_size, train, skip_bad, convert, min_size)
+        super().__init__(voc_root, split, image_size, train, skip_bad, strict, min_size)
         self.class_names = found
         n = len(self.ids)
         self.labels = torch.zeros(n, len(found))

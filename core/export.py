@@ -289,6 +289,7 @@ def import_encoder(
         "method": "imported", "arch": arch, "output": "full", "dropout": 0.0,
         "model": model.state_dict(), "discriminator": None, "optimizers": {}, "step": 0,
         "rng": {}, "data_mean": mean, "config": {}, "elapsed_s": 0.0, "source": source,
+        "trained": ["encoder"],
     })  # fmt: skip
     return {"arch": arch, "layout": layout, "sha256": sha, "data_mean": mean,
             "data_mean_from": mean_from, "ignored": ignored}  # fmt: skip

@@ -4,7 +4,8 @@
     python -m core.image_store build /datasets/imagenet stores/in227 --format folder --short-side 227
 
 Later epochs read bytes instead of decoding JPEGs. An image is decoded by
-``core.images.load_rgb`` (the same policy, ``--convert`` and ``min_size`` rules as training: a
+``core.images.load_rgb`` (the same intake rule, ``--images.strict`` / ``--images.skip_bad`` and
+``min_size`` rules as training: a
 short side below ``short_side // 2`` is bad), then its short side is resized to ``short_side``
 (PIL bilinear, long side ``round(w * k)``: the resize of ``core.datasets.eval_view``, before its
 centre crop) and stored whole, uint8 [h, w, 3], so random resized crops can be taken from it.
@@ -49,7 +50,7 @@ from core.images import BadImageError, load_rgb
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: other modes converted to RGB by default, EXIF orientation applied
 RECORD = np.dtype([("source", "<i8"), ("offset", "<i8"), ("h", "<i4"), ("w", "<i4")])
 CHUNK_IMAGES = 256  # images per fsynced chunk: a kill loses at most this much work
 
@@ -65,7 +66,7 @@ class StoreSettings:
     format: str  # voc | folder
     split: str
     short_side: int
-    convert: bool = False
+    strict: bool = False  # core.images: refuse non-RGB instead of converting
     skip_bad: bool = False
 
     @property
@@ -74,18 +75,17 @@ class StoreSettings:
 
 
 def source_files(
-    root: str | Path, fmt: str, split: str, skip_bad: bool, convert: bool, min_size: int
+    root: str | Path, fmt: str, split: str, skip_bad: bool, strict: bool, min_size: int
 ):
     """(files, ids, skipped) of ``split`` as the pretext stage lists them (core.datasets)."""
     from core.datasets import ImageFolderImages, VOCImages
 
     root = Path(root)
     if fmt == "voc":
-        ds = VOCImages(root, split, min_size * 2, False, skip_bad, convert, min_size)
+        ds = VOCImages(root, split, min_size * 2, False, skip_bad, strict, min_size)
     elif fmt == "folder":
         folder = root / split if (root / split).is_dir() else root  # as pretext.train does
-        ds = ImageFolderImages(folder, min_size * 2, False, skip_bad, convert=convert,
-                               min_size=min_size)  # fmt: skip
+        ds = ImageFolderImages(folder, min_size * 2, False, skip_bad, strict, min_size)
     else:
         raise StoreError(f"{root}: unknown format {fmt!r}; choose voc or folder")
     return ds.files, ds.ids, ds.skipped
@@ -119,10 +119,10 @@ def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
 
 def _decode(job: tuple[int, str, int, int, bool]) -> tuple[int, np.ndarray | str]:
     """(source position, resized image or the reason it is bad); runs in the pool's workers."""
-    pos, path, short_side, min_size, convert = job
+    pos, path, short_side, min_size, strict = job
     try:
         return pos, np.ascontiguousarray(
-            resize_short_side(load_rgb(path, min_size, convert), short_side)
+            resize_short_side(load_rgb(path, min_size, strict), short_side)
         )
     except (BadImageError, FileNotFoundError) as e:
         return pos, e.problem if isinstance(e, BadImageError) else "file not found"
@@ -169,7 +169,7 @@ def build(
 
         ensure_builtin(data)
     files, ids, skipped = source_files(root, settings.format, settings.split, settings.skip_bad,
-                                       settings.convert, settings.min_size)  # fmt: skip
+                                       settings.strict, settings.min_size)  # fmt: skip
     sizes, mtimes = _stat(files)
     head = _meta_head(root, settings, sources_fingerprint(root, files, sizes, mtimes), len(files))
     if out.exists():
@@ -201,7 +201,7 @@ def build(
             len(records),
         )
     end = _end(records)
-    jobs = [(p, files[p], settings.short_side, settings.min_size, settings.convert)
+    jobs = [(p, files[p], settings.short_side, settings.min_size, settings.strict)
             for p in range(start, len(files))]  # fmt: skip
     with open(part / "images.u8", "ab") as data_fh, open(part / "records.bin", "ab") as rec_fh:
         written = len(records)
@@ -376,7 +376,7 @@ class ImageStore:
         if diff:
             raise StoreError(f"{self.path}: built from other data or settings ({'; '.join(diff)})")
         if verify_sources:
-            files, _, _ = source_files(root, fmt, split, s.skip_bad, s.convert, s.min_size)
+            files, _, _ = source_files(root, fmt, split, s.skip_bad, s.strict, s.min_size)
             sizes, mtimes = _stat(files)
             if (
                 sources_fingerprint(Path(root).resolve(), files, sizes, mtimes)
@@ -422,10 +422,14 @@ def parse_args(argv: list[str] | None = None):
     )
     b.add_argument("--split", default="train")
     b.add_argument("--format", choices=("voc", "folder"), default="voc")
-    b.add_argument("--convert", action="store_true", help="convert grayscale/CMYK/16-bit to RGB")
     b.add_argument(
-        "--skip-bad", action="store_true", help="leave bad images out (listed in meta.json)"
+        "--images.strict",
+        dest="strict",
+        action="store_true",
+        help="refuse non-RGB images instead of converting them (core.images)",
     )
+    b.add_argument("--images.skip_bad", "--skip-bad", dest="skip_bad", action="store_true",
+                   help="leave bad images out (listed in meta.json)")  # fmt: skip
     b.add_argument("--workers", type=int, default=0, help="decode processes (0: this one)")
     b.add_argument("--kill-after", type=int, default=-1, help=argparse.SUPPRESS)  # testing aids
     b.add_argument("--chunk-images", type=int, default=CHUNK_IMAGES, help=argparse.SUPPRESS)
@@ -436,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.short_side < 8:
         raise UserError(f"--short-side {args.short_side}: at least 8 px")
-    settings = StoreSettings(args.format, args.split, args.short_side, args.convert, args.skip_bad)
+    settings = StoreSettings(args.format, args.split, args.short_side, args.strict, args.skip_bad)
     build(args.data, args.out, settings, args.workers, args.kill_after, args.chunk_images)
 
 

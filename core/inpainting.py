@@ -8,11 +8,12 @@ masked input | output | ground truth, one row per image.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 
 from core.atomic_io import atomic_save
@@ -109,12 +110,54 @@ def evaluate_inpainting(
     return metrics
 
 
-def save_grid(path: str | Path, columns: tuple[torch.Tensor, ...], pad: int = 2) -> None:
-    """Write a PNG whose rows are images and whose columns are ``columns`` ([N, 3, S, S] in [0, 1])."""
+def label_row(labels: Sequence[str], width: int) -> np.ndarray:
+    """A white strip with ``labels`` written in black, one per ``width``-px column (a label too
+    long for its column is broken at '_' onto more lines, then cut) -> uint8 [H, n * width, 3]."""
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def fits(text: str) -> bool:
+        return draw.textlength(text, font=font) <= width - 2
+
+    wrapped = []
+    for text in labels:
+        lines, line = [], ""
+        for part in text.replace("_", "_\0").split("\0"):
+            if line and not fits(line + part):
+                lines.append(line)
+                line = ""
+            line += part
+        lines.append(line)
+        for j, ln in enumerate(lines):
+            while len(ln) > 1 and not fits(ln):
+                ln = ln[:-1]
+            lines[j] = ln
+        wrapped.append(lines)
+    height = 12 * max(len(w) for w in wrapped) + 2
+    strip = Image.new("RGB", (width * len(labels), height), "white")
+    pen = ImageDraw.Draw(strip)
+    for k, lines in enumerate(wrapped):
+        for j, line in enumerate(lines):
+            pen.text((k * width + 1, 12 * j), line, fill="black", font=font)
+    return np.asarray(strip)
+
+
+def save_grid(
+    path: str | Path,
+    columns: tuple[torch.Tensor, ...],
+    pad: int = 2,
+    labels: Sequence[str] | None = None,
+) -> None:
+    """Write a PNG whose rows are images and whose columns are ``columns`` ([N, 3, S, S] in [0, 1]),
+    under a row of column ``labels`` drawn in the image when given."""
+    if labels is not None and len(labels) != len(columns):
+        raise ValueError(f"{len(labels)} labels for {len(columns)} columns")
     rows = []
     for i in range(len(columns[0])):
         cells = [(c[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for c in columns]
         cells = [np.pad(c, ((pad, pad), (pad, pad), (0, 0)), constant_values=255) for c in cells]
         rows.append(np.concatenate(cells, axis=1))
+    if labels is not None:
+        rows.insert(0, label_row(labels, rows[0].shape[1] // len(columns)))
     grid = np.concatenate(rows, axis=0)
     atomic_save(path, lambda fh: Image.fromarray(grid).save(fh, format="PNG"))

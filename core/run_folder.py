@@ -14,7 +14,11 @@ recorded result without recomputing; a folder started with another config (keys 
 stage's ``free_keys``, e.g. threads / num_workers / device) or from other checkpoints (sha256) is
 refused with a :class:`RunFolderError` naming the folder and each changed key (``old -> new``),
 unless ``force=true``, which recomputes (pretext: resumes from its last checkpoint with the new
-config). ``result.json`` is never half-written.
+config). A folder that holds neither a result nor a checkpoint (a run that failed before producing
+anything) is restarted with the changed config, logged. ``result.json`` is never half-written, and
+a forced rerun keeps the previous result (and its figures, written through :func:`output_path`)
+until :func:`finish` replaces them: until then the new config, meta and figures wait in
+``<run_dir>/.pending/``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -55,6 +61,28 @@ class RunFolderError(ConfigError, TransferError):
 def is_finished(run_dir: str | Path) -> bool:
     """True when ``run_dir`` holds a finished run (its ``result.json`` exists)."""
     return (Path(run_dir) / "result.json").is_file()
+
+
+def holds_output(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a result or a checkpoint (``*.pt`` / ``*.pth`` anywhere in it)."""
+    run_dir = Path(run_dir)
+    if is_finished(run_dir):
+        return True
+    return any(p.is_file() for pattern in ("*.pt", "*.pth") for p in run_dir.rglob(pattern))
+
+
+def pending_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / ".pending"
+
+
+def output_path(run_dir: str | Path, name: str) -> Path:
+    """Where a stage writes its output file ``name`` (a figure, a JSON beside result.json): in
+    the folder, or in ``.pending/`` while a previous result is kept (moved in by :func:`finish`)."""
+    run_dir = Path(run_dir)
+    if not is_finished(run_dir):
+        return run_dir / name
+    pending_dir(run_dir).mkdir(exist_ok=True)
+    return pending_dir(run_dir) / name
 
 
 def read_result(run_dir: str | Path) -> dict[str, Any] | None:
@@ -114,14 +142,19 @@ def config_changes(
     free_keys: Collection[str] = (),
     defaults: Mapping[str, Any] | None = None,
     legacy: Mapping[str, Any] | None = None,
+    renamed: Mapping[str, str] | None = None,
 ) -> list[str]:
     """``["key: old -> new", ...]`` (dotted keys, sorted) between a saved and a current config.
 
     ``free_keys`` (dotted) may differ. A key absent from ``saved`` (added to the stage after the
     run started) is no change while ``current`` has its value in ``defaults`` -- unless ``legacy``
-    says what a run of that time did instead (``{"mask.overlap_loss": "on"}``).
+    says what a run of that time did instead (``{"mask.overlap_loss": "on"}``). ``renamed``:
+    {old key: new key} of keys that moved (a saved old key is compared as the new one).
     """
     saved, current = flatten(saved), flatten(current)
+    for old_key, new_key in (renamed or {}).items():
+        if old_key in saved:
+            saved.setdefault(new_key, saved.pop(old_key))
     defaults = flatten(defaults or {})
     sections = {k.split(".")[0] for k in saved}
     for key, value in (legacy or {}).items():
@@ -157,6 +190,7 @@ def check_unchanged(
     sources: Mapping[str, Mapping[str, Any]] | None = None,
     defaults: Any = None,
     legacy: Mapping[str, Any] | None = None,
+    renamed: Mapping[str, str] | None = None,
 ) -> None:
     """Raise :class:`RunFolderError` if ``run_dir`` was started with another config (keys outside
     ``free_keys``) or from checkpoints of another sha256 than ``sources``; nothing with force=true.
@@ -170,7 +204,9 @@ def check_unchanged(
     problems = []
     if config_path.exists():
         default = to_dict(defaults if defaults is not None else type(cfg)())
-        problems += config_changes(read_yaml(config_path), to_dict(cfg), free_keys, default, legacy)
+        problems += config_changes(
+            read_yaml(config_path), to_dict(cfg), free_keys, default, legacy, renamed
+        )
     old_sources = recorded_sources(read_meta(run_dir))
     for name, source in (sources or {}).items():
         old = old_sources.get(name, {}).get("sha256")
@@ -179,6 +215,12 @@ def check_unchanged(
                 f"checkpoint {name}: sha256 {old[:12]}.. -> {source['sha256'][:12]}.. "
                 f"({source['path']}, another checkpoint)"
             )
+    if problems and not holds_output(run_dir):
+        log.warning(
+            "%s: restarting with a changed config (%s): the folder holds no result or checkpoint",
+            run_dir, ", ".join(problems),
+        )  # fmt: skip
+        return
     if problems:
         raise RunFolderError(
             f"{run_dir}: the run folder was started with a different config "
@@ -193,10 +235,11 @@ def open_run(
     sources: Mapping[str, Mapping[str, Any]] | None = None,
     defaults: Any = None,
     legacy: Mapping[str, Any] | None = None,
+    renamed: Mapping[str, str] | None = None,
 ) -> dict[str, Any] | None:
     """:func:`check_unchanged`, then the recorded result of a finished folder (None when it is
     fresh or unfinished, or with force=true: the caller computes)."""
-    check_unchanged(run_dir, cfg, free_keys, sources, defaults, legacy)
+    check_unchanged(run_dir, cfg, free_keys, sources, defaults, legacy, renamed)
     if is_finished(run_dir) and not getattr(cfg, "force", False):
         log.info("%s is finished; returning its recorded result", run_dir)
         return read_result(run_dir)
@@ -212,14 +255,16 @@ def start(
     meta: dict[str, Any],
     sources: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
-    """Write the resolved config and the provenance (before any work); a previous result.json
-    (force=true) is removed, so the folder counts as unfinished until :func:`finish`."""
+    """Write the resolved config and the provenance (before any work). A previous result
+    (force=true) stays until :func:`finish` replaces it: the new config and meta wait in
+    ``.pending/`` meanwhile, so the folder's config.yaml always describes its result.json."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "result.json").unlink(missing_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    shutil.rmtree(pending_dir(run_dir), ignore_errors=True)  # what a failed forced rerun left
+    where = output_path(run_dir, "")
+    save_config(cfg, where / "config.yaml")
     meta.setdefault("sources", dict(sources or {}))
-    atomic_write_json(run_dir / "meta.json", {**meta, "status": "running"})
+    atomic_write_json(where / "meta.json", {**meta, "status": "running"})
     log.debug("run %s\n%s", run_dir, dump_yaml(cfg))
 
 
@@ -238,6 +283,12 @@ def finish(run_dir: str | Path, result: dict[str, Any], meta: dict[str, Any]) ->
     bad = [k for k, v in clean.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         log.warning("%s: non-finite metrics %s", run_dir, bad)
+    pending = pending_dir(run_dir)
+    if pending.is_dir():  # a forced rerun: its config and figures replace the previous ones
+        for path in sorted(pending.iterdir()):
+            if path.name != "meta.json":
+                os.replace(path, run_dir / path.name)
+        shutil.rmtree(pending, ignore_errors=True)
     atomic_write_json(run_dir / "meta.json", {**meta, "status": "done"})
     atomic_write_json(run_dir / "result.json", clean)
     return clean

@@ -102,15 +102,25 @@ def _flag(node: ET.Element, tag: str) -> bool:
     return child is not None and child.text is not None and child.text.strip() not in ("", "0")
 
 
-def parse_annotation(xml_path: str | Path, class_names: tuple[str, ...] | list[str]) -> Annotation:
-    """Reads one VOC XML; every object must be of a known class with a box inside the image."""
-    path = Path(xml_path)
+def _read_xml(path: Path) -> ET.Element:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: annotation file not found")
     try:
-        root = ET.parse(path).getroot()
+        return ET.parse(path).getroot()
     except ET.ParseError as e:
         raise VOCFormatError(f"{path}: malformed XML ({e})") from e
+
+
+def object_names(xml_path: str | Path) -> list[str]:
+    """The ``<object><name>`` of one VOC XML, in file order (VOCFormatError if malformed)."""
+    path = Path(xml_path)
+    return [_text(node, "name", path) for node in _read_xml(path).findall("object")]
+
+
+def parse_annotation(xml_path: str | Path, class_names: tuple[str, ...] | list[str]) -> Annotation:
+    """Reads one VOC XML; every object must be of a known class with a box inside the image."""
+    path = Path(xml_path)
+    root = _read_xml(path)
     size = root.find("size")
     if size is None:
         raise VOCFormatError(f"{path}: no <size> element")

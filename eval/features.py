@@ -39,7 +39,9 @@ from core.checkpoint import (
     model_from_checkpoint,
     resolve_checkpoint_path,
 )
+from core.cli import UserError
 from core.data import ensure_builtin, fill_holes, to_unit_range
+from core.images import ImagesConfig
 from core.models import ContextEncoder
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,10 @@ log = logging.getLogger(__name__)
 LAYERS = ("pool5", "bottleneck")
 CACHE_FORMAT = 1  # bump when the way features are computed changes
 DEFAULT_CACHE_DIR = "runs/cache/features"
+
+
+class SplitError(UserError):
+    """A split of a data folder that cannot be read (a binary file, a line naming no file)."""
 
 
 @dataclass
@@ -191,18 +197,19 @@ def load_model(checkpoint: str | Path) -> tuple[ContextEncoder, dict[str, Any]]:
     return model, meta
 
 
-def voc_images(voc_root: str | Path, split: str, image_size: int):
+def voc_images(voc_root: str | Path, split: str, image_size: int, rule: ImagesConfig | None = None):
     """Eval-view images of a VOC split (uint8 [3, S, S] items, ``.ids``, ``.files``)."""
     from core.datasets import VOCImages
 
-    return VOCImages(voc_root, split, image_size, train=False)
+    rule = rule or ImagesConfig()
+    return VOCImages(voc_root, split, image_size, False, rule.skip_bad, rule.strict)
 
 
 def is_voc_root(data: str | Path) -> bool:
     return (Path(data) / "JPEGImages").is_dir() and (Path(data) / "ImageSets" / "Main").is_dir()
 
 
-def split_images(data: str | Path, split: str, image_size: int):
+def split_images(data: str | Path, split: str, image_size: int, rule: ImagesConfig | None = None):
     """Eval-view images (uint8 [3, S, S] items, ``.ids``, ``.files``) of ``split`` of ``data``:
 
     - a VOC root and a split name: ``ImageSets/Main/<split>.txt`` (ids: VOC image ids);
@@ -210,29 +217,47 @@ def split_images(data: str | Path, split: str, image_size: int):
       of ``data``): every image under it, flat or in class subfolders (ImageNet ``val/<wnid>/``),
       sorted; ids are paths relative to that folder;
     - a split file ``<data>/<split>`` (or an absolute path): one image per line, a path relative
-      to ``data`` (or a VOC id when ``data`` has ``JPEGImages/``); ids are the lines.
+      to ``data`` (or a VOC id when ``data`` has ``JPEGImages/``); ids are the lines; a line
+      naming a missing file is an error naming the split file and the line.
+
+    ``rule``: the intake rule (``images`` section: strict, skip_bad; core.images).
     """
     from core.datasets import ImageFiles, ImageFolderImages
 
     root = Path(data)
     ensure_builtin(root)  # the built-in mini-VOC is generated on first use
+    rule = rule or ImagesConfig()
     kind, target = split_source(root, split)
     if kind == "voc":
-        return voc_images(root, split, image_size)
+        return voc_images(root, split, image_size, rule)
     if kind == "folder":
-        return ImageFolderImages(target, image_size, train=False)
-    lines = [ln.strip() for ln in target.read_text().splitlines() if ln.strip()]  # a split file
-    if not lines:
+        return ImageFolderImages(target, image_size, False, rule.skip_bad, rule.strict)
+    try:
+        text = target.read_text()
+    except UnicodeDecodeError:
+        raise SplitError(
+            f"{target}: not a text split file (split={split!r}: give a subfolder of {root}, "
+            "a split file with one image path per line, or '.' for all of it)"
+        ) from None
+    numbered = [(k, ln.strip()) for k, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+    if not numbered:
         raise FileNotFoundError(f"{target}: split file lists no images")
     jpegs = root / "JPEGImages"
     files = [
         Path(ln) if Path(ln).is_absolute()
         else jpegs / f"{ln}.jpg" if not Path(ln).suffix and jpegs.is_dir()
         else root / ln
-        for ln in lines
+        for _, ln in numbered
     ]  # fmt: skip
-    images = ImageFiles(files, image_size, train=False)
-    images.ids = lines
+    missing = [(k, f) for (k, _), f in zip(numbered, files) if not f.is_file()]
+    if missing:
+        (k, f), more = missing[0], len(missing) - 1
+        raise SplitError(
+            f"{target}: line {k} names {f}, which is not there"
+            + (f" ({more} more lines name missing files)" if more else "")
+        )
+    images = ImageFiles(files, image_size, False, rule.skip_bad, rule.strict, where=target)
+    images.ids = [numbered[k][1] for k in images.keep]
     return images
 
 
@@ -240,6 +265,8 @@ def split_source(data: str | Path, split: str) -> tuple[str, Path]:
     """Where :func:`split_images` finds ``split`` of ``data``, without reading it: ("voc", root),
     ("folder", folder) or ("file", split file); FileNotFoundError naming what is missing."""
     root = Path(data)
+    if root.is_file():
+        raise SplitError(f"{root}: data is a file; give a folder of images or a VOC root")
     if is_voc_root(root) and (root / "ImageSets" / "Main" / f"{split}.txt").is_file():
         return "voc", root
     target = (
@@ -284,14 +311,16 @@ def extract_features(
     cache_dir: str | Path = DEFAULT_CACHE_DIR,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    rule: ImagesConfig | None = None,
 ) -> FeatureSet:
     """Features of every image of ``split`` (raw; see :meth:`FeatureSet.normalized`), cached.
 
-    ``voc_root``: a VOC root or a folder of images; ``split`` as in :func:`split_images`."""
+    ``voc_root``: a VOC root or a folder of images; ``split`` as in :func:`split_images`;
+    ``rule``: the intake rule (a skipped file is absent from the ids and the files' fingerprint)."""
     if layer not in LAYERS:
         raise ValueError(f"unknown layer {layer!r}; choose one of {LAYERS}")
     model, meta = load_model(checkpoint)
-    images = split_images(voc_root, split, model.input_size)
+    images = split_images(voc_root, split, model.input_size, rule)
     identity = {
         "checkpoint_sha256": meta["sha256"],
         "data": dataset_identity(images, voc_root, split),
@@ -302,7 +331,7 @@ def extract_features(
     def compute() -> tuple[np.ndarray, list[str]]:
         if layer == "bottleneck":  # a function of pool5: reuse its cache instead of the images
             pool5 = extract_features(
-                checkpoint, voc_root, split, "pool5", hole, cache_dir, batch_size, device
+                checkpoint, voc_root, split, "pool5", hole, cache_dir, batch_size, device, rule
             )
             return bottleneck_from_pool5(model, pool5.features, batch_size), pool5.ids
         log.info("encoding %d images of %s/%s with %s", len(images), voc_root, split, checkpoint)

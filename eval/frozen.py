@@ -73,6 +73,7 @@ from core.cli import run_cli
 from core.config import ConfigError, parse_cli
 from core.data import to_unit_range
 from core.datasets import VOCClassification
+from core.images import ImagesConfig
 from core.models import AlexNetEncoder, ContextEncoder, DCGANEncoder
 from core.preflight import Input
 from core.voc_ap import mean_ap, voc07_classification_ap
@@ -137,6 +138,7 @@ class Config:
     device: str = "auto"
     batch_size: int = 64
     num_workers: int = 2  # joblib workers of the SVM sweep (classes in parallel)
+    images: ImagesConfig = field(default_factory=ImagesConfig)  # the intake rule (core.images)
     force: bool = False  # recompute a finished run folder / reuse one started differently
 
 
@@ -661,11 +663,17 @@ def main(cfg: Config) -> dict[str, float]:
     meta = {"task": "frozen", "source": source, "seed": cfg.seed, "data": str(root),
             "classes": list(classes), "image_size": size, "layers": list(cfg.layers),
             "pooling": {k: v for k, v in pooling.items() if k in cfg.layers}}  # fmt: skip
-    run_folder.start(run_dir, cfg, meta, {"checkpoint": source})
     t0 = time.perf_counter()
+    rule, intake = cfg.images, {}
+    splits = {}  # the intake's pre-scan of both splits, before anything is written
+    for role, split in (("train", cfg.train_split), ("test", cfg.test_split)):
+        splits[split] = VOCClassification(
+            root, split, size, False, classes, rule.skip_bad, rule.strict
+        )
+        intake.update(splits[split].intake(role))
+    run_folder.start(run_dir, cfg, meta, {"checkpoint": source})
     data, ids = {}, {}
-    for split in (cfg.train_split, cfg.test_split):
-        images = VOCClassification(root, split, size, False, classes)
+    for split, images in splits.items():
         with torch.no_grad():  # not set_grad_enabled(False): main() is called in-process too
             feats = split_features(model, source["sha256"], images, root, split, cfg)
         data[split] = (feats, images.labels.numpy(), images.difficult_only.numpy())
@@ -740,7 +748,7 @@ def main(cfg: Config) -> dict[str, float]:
         "n_train": float(len(data[cfg.train_split][1])),
         "n_test": float(len(data[cfg.test_split][1])),
     }
-    result = {**headline, **result, "time_s": time.perf_counter() - t0}
+    result = {**headline, **result, **intake, "time_s": time.perf_counter() - t0}
     aliases = {"svm_best_mAP": f"svm_{svm_best}_mAP", "knn_mAP": f"knn_{knn_best}_mAP"}
     test_scores.update({a: test_scores[k] for a, k in aliases.items() if k in test_scores})
     if test_scores:

@@ -32,12 +32,18 @@ averaged per image, so that is the main column: ``<method>/l1|l2|psnr`` = the ho
 (Paris StreetView, ImageNet-style class folders): ``split`` / ``train_split`` are subfolders (or
 absolute folders) or split files, see :func:`eval.features.split_images`.
 
+Checkpoints: ``ce_l2``, ``ce_l2_adv`` and ``nn_features`` must have a trained decoder (a context
+encoder or an autoencoder; ``core.checkpoint.trained_parts``): a supervised, rotation or random-init
+checkpoint is refused with one error line. Images go through the intake rule of ``images.*``
+(core.images, docs/images.md), checked before the run folder is written.
+
 Run folder: ``config.yaml``; ``result.json`` with flat keys ``<method>/l1``, ``<method>/l2``,
 ``<method>/psnr``, ``<method>/{l1,l2,psnr,psnr_pooled}_{hole,center}``, ``<method>/time_s`` for
 each method run, and ``n_images``, ``overlap``,
-``image_size``, ``time_s``; ``inpainting_grid.png`` (rows: images; columns: masked input (hole
-white) | each method in :data:`METHODS` order | ground truth) with ``inpainting_grid.json`` naming
-its columns and image ids.
+``image_size``, ``time_s``, ``images/{split,train_split}/...`` (the intake's counts);
+``inpainting_grid.png`` (rows: images; columns, labelled in the image: masked input (hole white) |
+each method in :data:`METHODS` order | ground truth) with ``inpainting_grid.json`` naming its
+columns and image ids.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +62,10 @@ from skimage.feature import hog
 
 from core import run_folder
 from core.atomic_io import atomic_write_json
+from core.checkpoint import load_checkpoint, require_trained
 from core.config import ConfigError, parse_cli
 from core.data import dataset_mean, fill_holes, to_unit_range
+from core.images import ImagesConfig
 from core.inpainting import predict_full, region_scores, save_grid
 from core.masks import central_mask, central_square
 from core.models import ContextEncoder
@@ -79,6 +87,7 @@ log = logging.getLogger(__name__)
 METHODS = ("mean_fill", "nn_hog", "nn_ce", "telea", "ce_l2", "ce_l2_adv")
 NEEDS = {"nn_ce": "nn_features", "ce_l2": "ce_l2", "ce_l2_adv": "ce_l2_adv"}  # method -> key
 DEFAULT_SIZE, DEFAULT_OVERLAP = 64, 4
+GRID = "inpainting_grid.png"
 
 
 # ---- the fillers: each returns filled images [N, 3, S, S] in [0, 1] ---------------------------
@@ -189,6 +198,7 @@ class Config:
     batch_size: int = 64
     cache_dir: str = DEFAULT_CACHE_DIR
     device: str = "auto"
+    images: ImagesConfig = field(default_factory=ImagesConfig)  # the intake rule (core.images)
     force: bool = False  # recompute a finished run folder / reuse one started differently
 
 
@@ -211,6 +221,14 @@ def resolve(cfg: Config) -> Config:
     return cfg
 
 
+def table1_model(cfg: Config, key: str) -> tuple[ContextEncoder, dict[str, Any]]:
+    """The checkpoint of ``key`` (ce_l2, ce_l2_adv, nn_features), refused unless its decoder was
+    trained (core.checkpoint.trained_parts): a supervised or rotation encoder's decoder is random."""
+    path = getattr(cfg, key)
+    require_trained(load_checkpoint(path), "decoder", path, f"{key} (Table 1)")
+    return load_model(path)
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
     return resolve(parse_cli(Config, argv, __doc__, "ce_l2=runs/ce_central"))
 
@@ -221,7 +239,7 @@ def input_checks(cfg: Config) -> list[Input]:
     cfg = resolve(cfg)
     keys = [m for m in ("ce_l2", "ce_l2_adv") if m in cfg.methods]
     keys += ["nn_features"] if "nn_ce" in cfg.methods else []
-    checks = [Input(k, getattr(cfg, k), lambda k=k: load_model(getattr(cfg, k))) for k in keys]
+    checks = [Input(k, getattr(cfg, k), lambda k=k: table1_model(cfg, k)) for k in keys]
     splits = ["split"]
     if "ce_l2" not in cfg.methods or {"nn_hog", "nn_ce"} & set(cfg.methods):  # the mean, donors
         splits.append("train_split")
@@ -243,9 +261,9 @@ def main(cfg: Config) -> dict[str, float]:
     run_dir = Path(cfg.run_dir)
     start = time.perf_counter()
     device = pick_device(cfg.device)
-    models = {m: load_model(getattr(cfg, m)) for m in ("ce_l2", "ce_l2_adv") if m in cfg.methods}
+    models = {m: table1_model(cfg, m) for m in ("ce_l2", "ce_l2_adv") if m in cfg.methods}
     if "nn_ce" in cfg.methods:
-        models["nn_features"] = load_model(cfg.nn_features)
+        models["nn_features"] = table1_model(cfg, "nn_features")
     sizes = {m.input_size for m, _ in models.values()}
     if len(sizes) > 1 or (cfg.image_size and sizes and cfg.image_size not in sizes):
         raise ConfigError(
@@ -264,23 +282,26 @@ def main(cfg: Config) -> dict[str, float]:
     done = run_folder.open_run(run_dir, cfg, FREE_KEYS, sources)
     if done is not None:
         return done
-    run_meta = {"task": "inpainting_bench", "data": str(cfg.data), "image_size": size}
-    run_folder.start(run_dir, cfg, run_meta, sources)
     hole = central_mask(size, cfg.overlap)
     lo, hi = central_square(size)
     center = torch.zeros(size, size, dtype=torch.bool)
     center[lo:hi, lo:hi] = True
     regions = {"hole": torch.from_numpy(hole), "center": center}
-    test_set = split_images(cfg.data, cfg.split, size)
+    test_set = split_images(cfg.data, cfg.split, size, cfg.images)
+    intake = test_set.intake("split")
     images = stack(test_set, cfg.max_images)
     ids = test_set.ids[: len(images)]
-    if "ce_l2" in models:  # the mean the context encoder was trained with (§3.3)
-        mean = models["ce_l2"][1]["data_mean"]
-    else:
-        mean = dataset_mean(split_images(cfg.data, cfg.train_split, size))
-    truth = images.float() / 255
     needs_db = {"nn_hog", "nn_ce"} & set(cfg.methods)
-    database = stack(split_images(cfg.data, cfg.train_split, size)) if needs_db else None
+    train_set = None
+    if "ce_l2" not in models or needs_db:  # the mean's source, NN-inpainting's donors
+        train_set = split_images(cfg.data, cfg.train_split, size, cfg.images)
+        intake.update(train_set.intake("train_split"))
+    # the mean the context encoder was trained with (§3.3), else the training split's
+    mean = models["ce_l2"][1]["data_mean"] if "ce_l2" in models else dataset_mean(train_set)
+    truth = images.float() / 255
+    database = stack(train_set) if needs_db else None
+    run_meta = {"task": "inpainting_bench", "data": str(cfg.data), "image_size": size}
+    run_folder.start(run_dir, cfg, run_meta, sources)
 
     filled: dict[str, torch.Tensor] = {}
     result: dict[str, float] = {}
@@ -299,7 +320,7 @@ def main(cfg: Config) -> dict[str, float]:
             )
             db = extract_features(
                 cfg.nn_features, cfg.data, cfg.train_split, "pool5", hole, cfg.cache_dir,
-                cfg.batch_size, device,
+                cfg.batch_size, device, cfg.images,
             )  # fmt: skip
             filled[method] = nn_inpaint(
                 images, l2_normalize(qf), database, l2_normalize(db.features), hole
@@ -321,6 +342,7 @@ def main(cfg: Config) -> dict[str, float]:
             "%s: %s", method, {k: round(v, 4) for k, v in result.items() if k.startswith(method)}
         )
     result.update(n_images=float(len(images)), overlap=float(cfg.overlap), image_size=float(size))
+    result.update(intake)
     result["time_s"] = time.perf_counter() - start
 
     rows = min(cfg.grid_rows, len(images))
@@ -328,10 +350,11 @@ def main(cfg: Config) -> dict[str, float]:
         masked = truth[:rows].clone()
         masked[:, :, torch.from_numpy(hole)] = 1.0  # the hole in white
         columns = [masked, *(filled[m][:rows] for m in cfg.methods), truth[:rows]]
-        save_grid(run_dir / "inpainting_grid.png", tuple(columns))
+        names = ["masked_input", *cfg.methods, "truth"]
+        save_grid(run_folder.output_path(run_dir, GRID), tuple(columns), labels=names)
         atomic_write_json(
-            run_dir / "inpainting_grid.json",
-            {"columns": ["masked_input", *cfg.methods, "truth"], "ids": ids[:rows]},
+            run_folder.output_path(run_dir, "inpainting_grid.json"),
+            {"columns": names, "ids": ids[:rows]},
         )
     return run_folder.finish(run_dir, result, run_meta)
 

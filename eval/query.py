@@ -12,7 +12,11 @@ resized to the model's input size S, centre crop). Database features come from t
 
 ``--box``: pixel coordinates in the query file (0-based, x1 and y1 exclusive). The box is removed
 (filled with the training mean) and only its context is encoded, in the query and, at the same
-place, in every database image: the paper's Fig. 8 ("context nearest neighbours").
+place, in every database image: the paper's Fig. 8 ("context nearest neighbours"). A box that
+misses the centre crop (the part of the image the model sees) is refused with one error line.
+
+``--images.strict`` / ``--images.skip_bad``: the intake rule of every stage (core.images,
+docs/images.md): refuse non-RGB images instead of converting them; leave bad files out (counted).
 
 Distances: squared L2 between L2-normalised features (``--no-normalize``: raw features), or inner
 products with ``--metric ip`` (larger is closer).
@@ -23,16 +27,16 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from core.cli import ArgumentParser
+from core.cli import ArgumentParser, UserError
 from core.data import fill_holes, to_unit_range
 from core.datasets import eval_view
-from core.images import load_rgb
+from core.images import ImagesConfig, load_rgb
 from core.inpainting import save_grid
 from eval.features import (
     DEFAULT_CACHE_DIR,
@@ -61,6 +65,11 @@ class QueryConfig:
     metric: str = "l2"
     index: str = "flat"
     cache_dir: str = DEFAULT_CACHE_DIR
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+
+
+class QueryError(UserError):
+    """A query the image cannot answer (a box outside the part the model sees)."""
 
 
 def parse_box(text: str) -> tuple[int, int, int, int]:
@@ -97,10 +106,19 @@ def parse_config(argv: list[str] | None = None) -> QueryConfig:
     p.add_argument("--metric", choices=METRICS, default="l2")
     p.add_argument("--index", choices=INDEX_KINDS, default="flat")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
-    args = p.parse_args(argv)
-    if args.k < 1:
-        p.error(f"--k must be >= 1, got {args.k}")
-    return QueryConfig(**vars(args))
+    p.add_argument(
+        "--images.strict",
+        dest="strict",
+        action="store_true",
+        help="refuse non-RGB images instead of converting them (core.images)",
+    )
+    p.add_argument("--images.skip_bad", dest="skip_bad", action="store_true",
+                   help="leave bad image files out (counted in the log)")  # fmt: skip
+    args = vars(p.parse_args(argv))
+    if args["k"] < 1:
+        p.error(f"--k must be >= 1, got {args['k']}")
+    rule = ImagesConfig(strict=args.pop("strict"), skip_bad=args.pop("skip_bad"))
+    return QueryConfig(**args, images=rule)
 
 
 def box_to_view_hole(
@@ -118,7 +136,12 @@ def box_to_view_hole(
     vx0, vy0 = max(vx0, 0), max(vy0, 0)
     vx1, vy1 = min(vx1, size), min(vy1, size)
     if vx1 <= vx0 or vy1 <= vy0:
-        raise ValueError(f"box {box} lies outside the centre crop of the {width}x{height} image")
+        x_lo, x_hi = left * width / new_w, (left + size) * width / new_w
+        y_lo, y_hi = top * height / new_h, (top + size) * height / new_h
+        raise QueryError(
+            f"--box {','.join(map(str, box))}: lies outside the centre crop the model sees of the "
+            f"{width}x{height} image (x {x_lo:.0f}..{x_hi:.0f}, y {y_lo:.0f}..{y_hi:.0f})"
+        )
     hole = np.zeros((size, size), dtype=bool)
     hole[vy0:vy1, vx0:vx1] = True
     return hole
@@ -129,11 +152,13 @@ def main(cfg: QueryConfig) -> dict[str, float]:
     model, meta = load_model(cfg.checkpoint)
     size = model.input_size
     split = cfg.split if cfg.split is not None else "trainval" if is_voc_root(cfg.data) else ""
-    raw = load_rgb(cfg.image)
+    raw = load_rgb(cfg.image, strict=cfg.images.strict)
     hole = None if cfg.box is None else box_to_view_hole(cfg.box, *raw.shape[:2], size)
     query = torch.from_numpy(np.array(eval_view(raw, size))).permute(2, 0, 1)[None]
     qfeat = encode_images(model, query, meta["data_mean"], cfg.layer, hole)
-    db = extract_features(cfg.checkpoint, cfg.data, split, cfg.layer, hole, cfg.cache_dir)
+    db = extract_features(
+        cfg.checkpoint, cfg.data, split, cfg.layer, hole, cfg.cache_dir, rule=cfg.images
+    )
     dbfeat = db.features
     if cfg.normalize:
         qfeat, dbfeat = l2_normalize(qfeat), l2_normalize(dbfeat)
@@ -143,14 +168,15 @@ def main(cfg: QueryConfig) -> dict[str, float]:
     for rank, (image_id, d) in enumerate(found, 1):
         print(f"{rank:3d}  {image_id}  {d:.6f}")
     if cfg.out:
-        images = split_images(cfg.data, split, size)
+        images = split_images(cfg.data, split, size, cfg.images)
         shown = to_unit_range(query)
         if hole is not None:  # show what the encoder saw: the box filled with the mean
             mean = torch.tensor(meta["data_mean"], dtype=torch.float32)
             shown = fill_holes(shown, torch.from_numpy(hole)[None, None], mean)
         cells = [shown.add(1).div(2).clamp(0, 1)]
         cells += [images[int(r)][None].float() / 255 for r in rows[0] if r >= 0]
-        save_grid(Path(cfg.out), tuple(cells))
+        labels = ["query", *(f"#{j}" for j in range(1, len(cells)))]
+        save_grid(Path(cfg.out), tuple(cells), labels=labels)
         print(f"wrote {cfg.out}")
     return dict(found)
 

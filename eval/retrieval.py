@@ -21,8 +21,10 @@ Quality (:func:`retrieval_benchmark`): every image of ``query_split`` (held out)
   so only the recall of the approximate indexes is measured.
 - recall@k of an approximate index: |approx top-k ∩ exact top-k| / k, averaged over queries.
 
-Run folder: ``config.yaml``, ``result.json`` (flat keys, see :func:`retrieval_benchmark`),
-``retrieval_grid_<name>.png`` (rows: queries; columns: query | top-k neighbours).
+Run folder: ``config.yaml``, ``result.json`` (flat keys, see :func:`retrieval_benchmark`; the
+intake's counts ``images/{query_split,database_split}/...``, docs/images.md),
+``retrieval_grid_<name>.png`` (rows: queries; columns, labelled in the image: query | top-k
+neighbours).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch
 
 from core import run_folder, voc
 from core.config import ConfigError, parse_cli
+from core.images import ImagesConfig
 from core.inpainting import save_grid
 from core.preflight import Input
 from eval.features import (
@@ -50,6 +53,7 @@ from eval.features import (
     folder_class_labels,
     is_voc_root,
     l2_normalize,
+    load_model,
     split_images,
     split_source,
 )
@@ -218,6 +222,7 @@ class Config:
     device: str = "auto"
     grid_queries: int = 6
     grid_k: int = 8
+    images: ImagesConfig = field(default_factory=ImagesConfig)  # the intake rule (core.images)
     force: bool = False  # recompute a finished run folder / reuse one started differently
 
 
@@ -274,6 +279,12 @@ def retrieval_benchmark(cfg: Config) -> dict[str, float]:
     done = run_folder.open_run(run_dir, cfg, FREE_KEYS, sources)
     if done is not None:
         return done
+    # the intake's pre-scan of both splits (headers: cheap) at the first checkpoint's input size,
+    # before anything is written: a bad file stops the run here, an empty folder stays empty
+    size = load_model(next(iter(cfg.checkpoints.values())))[0].input_size
+    intake = {}
+    for role in ("query_split", "database_split"):
+        intake.update(split_images(cfg.data, getattr(cfg, role), size, cfg.images).intake(role))
     meta = {"task": "retrieval", "data": str(cfg.data)}
     run_folder.start(run_dir, cfg, meta, sources)
     start = time.perf_counter()
@@ -287,8 +298,15 @@ def retrieval_benchmark(cfg: Config) -> dict[str, float]:
             t0 = time.perf_counter()
             feats = {
                 split: extract_features(
-                    ckpt, cfg.data, split, layer, None, cfg.cache_dir, device=device
-                )
+                    ckpt,
+                    cfg.data,
+                    split,
+                    layer,
+                    None,
+                    cfg.cache_dir,
+                    device=device,
+                    rule=cfg.images,
+                )  # fmt: skip
                 for split in (cfg.query_split, cfg.database_split)
             }
             result[f"{name}/{layer}/extract_s"] = time.perf_counter() - t0
@@ -317,8 +335,8 @@ def retrieval_benchmark(cfg: Config) -> dict[str, float]:
                     )
             if layer == cfg.layers[0] and cfg.grid_queries > 0:
                 write_retrieval_grid(
-                    run_dir / f"retrieval_grid_{name}.png", cfg.data, qset, dbset,
-                    exact_ids[: cfg.grid_queries, : cfg.grid_k],
+                    run_folder.output_path(run_dir, f"retrieval_grid_{name}.png"), cfg.data,
+                    qset, dbset, exact_ids[: cfg.grid_queries, : cfg.grid_k], cfg.images,
                 )  # fmt: skip
     if labels[cfg.query_split] is not None:
         result["chance/precision"] = chance_precision(
@@ -328,22 +346,30 @@ def retrieval_benchmark(cfg: Config) -> dict[str, float]:
         log.info("%s: no class labels (flat folder): precision@k left out", cfg.data)
     result["n_queries"] = float(len(qset.ids))
     result["n_database"] = float(len(dbset.ids))
+    result.update(intake)
     result["time_s"] = time.perf_counter() - start
     return run_folder.finish(run_dir, result, meta)
 
 
 def write_retrieval_grid(
-    path: Path, voc_root: str, qset: Any, dbset: Any, neighbours: np.ndarray
+    path: Path,
+    voc_root: str,
+    qset: Any,
+    dbset: Any,
+    neighbours: np.ndarray,
+    rule: ImagesConfig | None = None,
 ) -> None:
-    """Rows: queries; columns: query | its neighbours (eval views at the model's input size)."""
+    """Rows: queries; columns: query | its neighbours (eval views at the model's input size),
+    labelled in the image (query, #1 .. #k)."""
     size = qset.identity["data"]["image_size"]
-    qimages = split_images(voc_root, qset.identity["data"]["split"], size)
-    dbimages = split_images(voc_root, dbset.identity["data"]["split"], size)
+    qimages = split_images(voc_root, qset.identity["data"]["split"], size, rule)
+    dbimages = split_images(voc_root, dbset.identity["data"]["split"], size, rule)
     rows = len(neighbours)
     cols = [torch.stack([qimages[i] for i in range(rows)])]
     for j in range(neighbours.shape[1]):
         cols.append(torch.stack([dbimages[int(neighbours[i, j])] for i in range(rows)]))
-    save_grid(path, tuple(c.float() / 255 for c in cols))
+    labels = ["query", *(f"#{j + 1}" for j in range(neighbours.shape[1]))]
+    save_grid(path, tuple(c.float() / 255 for c in cols), labels=labels)
 
 
 def main(cfg: Config) -> dict[str, float]:

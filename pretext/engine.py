@@ -104,6 +104,7 @@ def checkpoint_state(t: Training, cfg: Any, rngs: list[dict[str, Any]]) -> dict[
         "data_mean": t.mean,
         "config": to_dict(cfg),
         "elapsed_s": t.elapsed,
+        "trained": list(t.method.trained_parts),  # core.checkpoint.PARTS this method sets
         **t.method.extra_state(),
     }
 

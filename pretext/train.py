@@ -30,6 +30,7 @@ from core.checkpoint import load_checkpoint, remove_stale_temp_files, save_check
 from core.cli import run_cli
 from core.config import ConfigError, parse_cli
 from core.data import dataset_mean, ensure_builtin
+from core.images import ImagesConfig
 from core.models import ARCHS, build_model
 from core.preflight import Input
 from pretext import distributed
@@ -58,7 +59,6 @@ class DataConfig:
     root: str = "data/minivoc_pretrain/VOC2007"  # built-in pretraining set, generated if missing
     split: str = "train"
     val_split: str = "val"
-    skip_bad: bool = False
     num_workers: int = 2
 
 
@@ -116,6 +116,7 @@ class Config:
     run_dir: str = "runs/pretext/default"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)  # the intake rule (core.images)
     mask: MaskConfig = field(default_factory=MaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -139,6 +140,8 @@ class Config:
 # What a run folder written before a key existed was trained with: before mask.overlap_loss every
 # mask kind had the 10x context band in its loss (not Eq. 1), so such a run is not an Eq. 1 run.
 LEGACY_VALUES = {"mask.overlap_loss": "on"}
+# Keys that moved: a run folder saved with the old name compares under the new one.
+RENAMED_KEYS = {"data.skip_bad": "images.skip_bad"}
 
 # Keys that may differ between a run and its resumption without changing its results.
 RESUME_FREE_KEYS = {"force", "data.num_workers", "device", "log_every", "fail_at_step", "threads"}
@@ -192,13 +195,14 @@ def open_run_folder(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
     started with another config (keys outside RESUME_FREE_KEYS; LEGACY_VALUES for keys added since),
     unless ``force=true``; the recorded result of a finished folder, else None."""
     return run_folder.open_run(
-        run_dir, cfg, RESUME_FREE_KEYS, defaults=resolve(Config()), legacy=LEGACY_VALUES
-    )
+        run_dir, cfg, RESUME_FREE_KEYS, defaults=resolve(Config()), legacy=LEGACY_VALUES,
+        renamed=RENAMED_KEYS,
+    )  # fmt: skip
 
 
 def start_run(cfg: Config) -> tuple[Run, dict[str, Any] | None]:
-    """Process group, device and threads; the run folder opened and started. Returns (run, the
-    recorded result of a finished folder or None)."""
+    """Process group, device and threads; the run folder opened (nothing written yet: see
+    :func:`write_start`). Returns (run, the recorded result of a finished folder or None)."""
     env = distributed.read_env()
     distributed.init(env)
     device = pick_device(cfg.device)
@@ -213,14 +217,38 @@ def start_run(cfg: Config) -> tuple[Run, dict[str, Any] | None]:
     run.meta = {"task": "pretext", "method": cfg.method}
     if run.ckpt_path.exists():  # provenance of the checkpoint this run resumes from
         run.meta["resumed_from"] = run_folder.provenance(run.ckpt_path)
-    if env.is_main:
-        run_folder.start(run.run_dir, cfg, run.meta)
-        for tmp in remove_stale_temp_files(run.ckpt_path):  # left by a kill mid-write
-            log.info("removed %s, left by an interrupted checkpoint write", tmp)
-        if env.world_size > 1:
-            ensure_builtin(cfg.data.root)  # by rank 0 alone, before the others read it
+    if env.is_main and env.world_size > 1:
+        ensure_builtin(cfg.data.root)  # by rank 0 alone, before the others read it
     distributed.barrier()
     return run, None
+
+
+def check_batches(t: Training, run: Run) -> None:
+    """A run that trains needs one batch of images (after the intake's skips) and a batch the
+    ranks divide; checked once the data are listed, before anything is written."""
+    cfg, n = run.cfg, len(t.method.train_images)
+    if not t.method.trains:
+        return
+    if n < cfg.optim.batch_size:
+        where = f"{cfg.data.root} (split {cfg.data.split!r})"
+        raise ConfigError(
+            f"optim.batch_size: {where} has {n} usable images, fewer than one batch of "
+            f"{cfg.optim.batch_size}; lower optim.batch_size or add images"
+        )
+    if cfg.optim.batch_size % run.env.world_size:
+        raise ConfigError(
+            f"optim.batch_size: {cfg.optim.batch_size} is not divisible by the "
+            f"{run.env.world_size} processes"
+        )
+
+
+def write_start(run: Run) -> None:
+    """The run folder's config.yaml and meta.json (rank 0), stale checkpoint temp files removed."""
+    if run.env.is_main:
+        run_folder.start(run.run_dir, run.cfg, run.meta)
+        for tmp in remove_stale_temp_files(run.ckpt_path):  # left by a kill mid-write
+            log.info("removed %s, left by an interrupted checkpoint write", tmp)
+    distributed.barrier()
 
 
 def build(cfg: Config, env: distributed.DistEnv) -> Training:
@@ -253,7 +281,7 @@ def resume_or_start(t: Training, run: Run) -> None:
         log.info("resuming %s from step %d", run.run_dir, t.step)
     else:
         size = t.model.input_size
-        t.mean = dataset_mean(build_images(cfg.data, cfg.data.split, False, size))
+        t.mean = dataset_mean(build_images(cfg, cfg.data.split, False, size))
         t.method.init_encoder(t.model.encoder, t.method.train_images)
     steps_rngs = distributed.all_gather_object((t.step, rng_state()))
     if len({s for s, _ in steps_rngs}) > 1:
@@ -297,6 +325,9 @@ def finish(t: Training, run: Run) -> dict[str, Any]:
         "images_per_s": t.step * run.cfg.optim.batch_size / t.elapsed if t.elapsed > 0 else 0.0,
     }
     result = t.method.evaluate(run.run_dir, run.device, t.mean, progress)
+    intake = getattr(t.method.train_images, "intake", None)  # what core.images did to the data
+    if intake is not None:
+        result.update(intake("train"))
     meta = {**run.meta, "checkpoint": run_folder.provenance(run.ckpt_path)}
     return run_folder.finish(run.run_dir, result, meta)
 
@@ -308,6 +339,8 @@ def main(cfg: Config) -> dict[str, float]:
     if done is not None:
         return done
     t = build(cfg, run.env)
+    check_batches(t, run)
+    write_start(run)
     resume_or_start(t, run)
     train_step = place(t, run)
     total = cfg.optim.steps if t.method.trains else 0

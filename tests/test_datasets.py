@@ -235,8 +235,10 @@ def test_image_folder_is_recursive(tmp_path):
     ds = ImageFolderImages(tmp_path, 40, train=True)
     assert [Path(f).name for f in ds.files] == ["n01_0.JPEG", "n01_1.JPEG", "n02_0.JPEG", "n02_1.JPEG"]  # fmt: skip
     assert ds[3].shape == (3, 40, 40)
-    with pytest.raises(FileNotFoundError, match="no files"):
-        ImageFolderImages(tmp_path / "n01", 40, train=True, extensions=(".png",))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("no image")
+    with pytest.raises(FileNotFoundError, match="no image files .*; found only a.txt"):
+        ImageFolderImages(tmp_path / "docs", 40, train=True)
 
 
 def test_too_small_for_the_view(tmp_path):

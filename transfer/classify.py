@@ -40,6 +40,7 @@ from core.config import parse_cli
 from core.data import to_unit_range
 from core.data_dependent_init import rescale_layers
 from core.datasets import VOCClassification
+from core.images import ImagesConfig
 from core.models import AlexNetEncoder
 from core.preflight import Input
 from core.voc_ap import mean_ap, voc07_classification_ap
@@ -95,6 +96,7 @@ class Config:
     num_workers: int = 0
     threads: int = 0  # torch intra-op threads (0: torch's default)
     progress: bool = True
+    images: ImagesConfig = field(default_factory=ImagesConfig)  # the intake rule (core.images)
     force: bool = False  # recompute a finished run folder / reuse one started differently
 
 
@@ -398,15 +400,17 @@ def main(cfg: Config) -> dict[str, float]:
     size = cfg.image_size or model.input_size
     meta = {"task": "classify", "source": source, "seed": cfg.seed, "data": str(root),
             "classes": list(classes), "image_size": size}  # fmt: skip
+    t0 = time.perf_counter()
+    # the images, read through the intake rule before anything is written
+    rule = (cfg.images.skip_bad, cfg.images.strict)
+    train_aug = DecodedViews(VOCClassification(root, cfg.train_split, size, True, classes, *rule))
+    train_eval = DecodedViews(VOCClassification(root, cfg.train_split, size, False, classes, *rule))
+    test = DecodedViews(VOCClassification(root, cfg.test_split, size, False, classes, *rule))
     run_folder.start(run_dir, cfg, meta, {"checkpoint": source})
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a restarted run logs afresh
-    t0 = time.perf_counter()
 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    train_aug = DecodedViews(VOCClassification(root, cfg.train_split, size, True, classes))
-    train_eval = DecodedViews(VOCClassification(root, cfg.train_split, size, False, classes))
-    test = DecodedViews(VOCClassification(root, cfg.test_split, size, False, classes))
     log.info("%d train / %d test images, %d classes", len(train_aug), len(test), len(classes))
 
     result: dict[str, float] = {}
@@ -431,6 +435,7 @@ def main(cfg: Config) -> dict[str, float]:
         log.info("%s: mAP %.4f", mode, result[f"{mode}_mAP"])
         append_jsonl(run_dir / "metrics.jsonl", {"mode": mode, "mAP": result[f"{mode}_mAP"]})
     result = {"mAP": result[f"{cfg.modes[0]}_mAP"], **result}
+    result.update(train_eval.base.intake("train") | test.base.intake("test"))
     result["time_s"] = time.perf_counter() - t0
     test_scores["mAP"] = test_scores[f"{cfg.modes[0]}_mAP"]
     labels, diff = test.base.labels.numpy(), test.base.difficult_only.numpy()

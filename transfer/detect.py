@@ -41,7 +41,7 @@ class Config(mm_run.MMConfig):
 def parse_config(argv: list[str] | None = None) -> Config:
     flags = {"checkpoint": "pretext checkpoint (.pt or run folder)",
              "data": "VOC year folder, e.g. VOCdevkit/VOC2007"}  # fmt: skip
-    return parse_cli(Config, argv, __doc__, "max_iters=100", flags)
+    return mm_run.check_schedule(parse_cli(Config, argv, __doc__, "max_iters=100", flags))
 
 
 def configure(

@@ -27,9 +27,10 @@ from tqdm import tqdm
 
 from core import run_folder
 from core.atomic_io import append_jsonl, atomic_write_text, read_jsonl
+from core.config import ConfigError
 from core.models import ARCHS, Geometry, detection_geometry
 from core.preflight import Input
-from core.voc_splits import dataset_classes, require_split, voc_root
+from core.voc_splits import check_entries, check_objects, dataset_classes, voc_root
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class MMConfig:
     threads: int = 0
     num_workers: int = 0
     progress: bool = True
+    # objects whose class is not in the class list: error (naming the files), or skip (counted)
+    unknown_classes: Literal["error", "skip"] = "error"
     force: bool = False
 
 
@@ -115,14 +118,32 @@ def truncate_metrics(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 
-def check_data(cfg: MMConfig, seg_task: str) -> tuple[Path, tuple[str, ...]]:
-    """(VOC root, its classes): the root, its class list (``cfg.classes`` when given) and the
-    ``ImageSets/<seg_task>`` train / test split files, checked before anything is read."""
+def check_schedule(cfg: MMConfig) -> MMConfig:
+    """The LR schedule needs iterations after its warm-up (mmengine: 'end should be larger than
+    begin'); checked when the config is parsed, before anything is written."""
+    if cfg.max_iters < 1:
+        raise ConfigError(f"max_iters: {cfg.max_iters} is not a positive number of iterations")
+    if cfg.warmup_iters < 0 or cfg.warmup_iters >= cfg.max_iters:
+        raise ConfigError(
+            f"max_iters: {cfg.max_iters} must be larger than warmup_iters ({cfg.warmup_iters}); "
+            f"raise max_iters or set warmup_iters below it (e.g. warmup_iters={cfg.max_iters // 5})"
+        )
+    return cfg
+
+
+def check_data(cfg: MMConfig, seg_task: str) -> tuple[Path, tuple[str, ...], int]:
+    """(VOC root, its classes, objects of unknown classes left out): the root, its class list
+    (``cfg.classes`` when given), the ``ImageSets/<seg_task>`` train / test split files, every
+    entry's JPEG and annotation, and (detection) every object's class, checked before anything
+    is read."""
     root = voc_root(cfg.data)
     classes = dataset_classes(root, cfg.classes)
+    unknown = 0
     for split in (cfg.train_split, cfg.test_split):
-        require_split(root, split, seg_task)
-    return root, classes
+        ids = check_entries(root, split, seg_task)
+        if seg_task == "Main":  # mmdet's VOCDataset drops such objects without a word
+            unknown += check_objects(root, ids, classes, cfg.unknown_classes == "skip")
+    return root, classes, unknown
 
 
 def input_checks(cfg: MMConfig, seg_task: str) -> list[Input]:
@@ -146,6 +167,7 @@ def run(
 ) -> dict[str, float]:
     """Run one mm transfer. ``configure(mm_cfg, cfg, root, classes, channels, geometry)`` edits the
     loaded mm config in place; ``metrics`` maps the test evaluator's dict to our flat result."""
+    check_schedule(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run_dir)
@@ -154,7 +176,7 @@ def run(
     if done is not None:
         return done
     channels, geometry = encoder_geometry(source["arch"])
-    root, classes = check_data(cfg, seg_task)
+    root, classes, unknown = check_data(cfg, seg_task)
     meta = {"task": task, "source": source, "seed": cfg.seed, "data": str(root),
             "classes": list(classes), "mm_config": cfg.mm_config,
             "conv5_geometry": dataclasses.asdict(geometry)}  # fmt: skip
@@ -215,6 +237,8 @@ def run(
     runner.train()
     test_metrics = runner.test()
     result = metrics({k: float(v) for k, v in test_metrics.items()})
+    if seg_task == "Main":
+        result["unknown_class_objects_skipped"] = float(unknown)
     result["time_s"] = resume.elapsed_s()
     append_jsonl(run_dir / "metrics.jsonl", {"iter": cfg.max_iters, "test": result})
     return run_folder.finish(run_dir, result, {**meta, "elapsed_s": result["time_s"]})

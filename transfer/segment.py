@@ -48,7 +48,7 @@ class Config(mm_run.MMConfig):
 def parse_config(argv: list[str] | None = None) -> Config:
     flags = {"checkpoint": "pretext checkpoint (.pt or run folder)",
              "data": "VOC year folder with SegmentationClass/, e.g. VOC2012"}  # fmt: skip
-    return parse_cli(Config, argv, __doc__, "max_iters=100", flags)
+    return mm_run.check_schedule(parse_cli(Config, argv, __doc__, "max_iters=100", flags))
 
 
 def seg_metainfo(classes: tuple[str, ...]) -> dict[str, Any]:

@@ -61,16 +61,16 @@ def step_settings(
 
 
 def build_images(cfg: Any, split: str, train: bool, image_size: int):
-    """The image dataset of ``split`` (uint8 [3, S, S] items); ``cfg``: the ``data`` section."""
+    """The image dataset of ``split`` of ``cfg.data`` (uint8 [3, S, S] items), under the intake
+    rule of ``cfg.images`` (core.images: strict, skip_bad)."""
     from core.datasets import ImageFolderImages, VOCImages
 
-    root = Path(cfg.root)
-    if cfg.format == "voc":
+    d, rule = cfg.data, cfg.images
+    root = Path(d.root)
+    if d.format == "voc":
         ensure_builtin(root)
-        return VOCImages(root, split, image_size, train=train, skip_bad=cfg.skip_bad)
-    return ImageFolderImages(
-        split_folder(cfg, split), image_size, train=train, skip_bad=cfg.skip_bad
-    )
+        return VOCImages(root, split, image_size, train, rule.skip_bad, rule.strict)
+    return ImageFolderImages(split_folder(d, split), image_size, train, rule.skip_bad, rule.strict)
 
 
 def split_folder(cfg: Any, split: str) -> Path:
@@ -140,6 +140,8 @@ class Method:
     in which their initial weights are drawn)."""
 
     trains: ClassVar[bool] = True
+    # the parts (core.checkpoint.PARTS) whose weights the method sets, recorded in the checkpoint
+    trained_parts: ClassVar[tuple[str, ...]] = ("encoder", "head")
     disc_lr_scale: ClassVar[float] = 1.0  # the ``disc`` optimiser's lr relative to ``optim.lr``
 
     def __init__(self, cfg: Any, model: ContextEncoder):
@@ -168,9 +170,7 @@ class Method:
 
     def open_train_images(self) -> Dataset:
         """The training split (train views: random crop + flip) at the network's input size."""
-        return build_images(
-            self.cfg.data, self.cfg.data.split, train=True, image_size=self.input_size
-        )
+        return build_images(self.cfg, self.cfg.data.split, train=True, image_size=self.input_size)
 
     @property
     def net(self) -> nn.Module:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core import run_folder
 from core.atomic_io import atomic_write_json, read_jsonl
 from core.config import ConfigError
 from core.data import MaskedImages, fill_holes, to_unit_range
@@ -170,6 +171,8 @@ class InpaintingStep:
 class ContextEncoderMethod(Method):
     """Context encoder (§3): reconstruct the masked region from its context."""
 
+    trained_parts = ("encoder", "bottleneck", "decoder")
+
     def __init__(self, cfg: Any, model: ContextEncoder):
         super().__init__(cfg, model)
         # the adversarial discriminator judges the prediction (§3.2.2; 10x lower lr, §5.1)
@@ -242,7 +245,7 @@ class ContextEncoderMethod(Method):
     ) -> dict[str, Any]:
         """Table 1's inpainting metrics on central masks of up to ``eval_images`` val images."""
         cfg = self.cfg
-        eval_images = build_images(cfg.data, cfg.data.val_split, False, self.input_size)
+        eval_images = build_images(cfg, cfg.data.val_split, False, self.input_size)
         inpaint = evaluate_inpainting(
             self.model,
             eval_images,
@@ -250,16 +253,16 @@ class ContextEncoderMethod(Method):
             overlap=cfg.mask.overlap,
             max_images=cfg.eval_images,
             device=device,
-            grid_path=run_dir / "inpainting_grid.png",
+            grid_path=run_folder.output_path(run_dir, "inpainting_grid.png"),
         )
-        atomic_write_json(run_dir / "inpainting.json", inpaint)
+        atomic_write_json(run_folder.output_path(run_dir, "inpainting.json"), inpaint)
         last = read_jsonl(run_dir / "metrics.jsonl")
         result = {
             **{f"inpaint_{k}": v for k, v in inpaint.items()},
             **progress,
             "mask_shapes_source": self.shapes_source,  # a string: the table builder reads numbers
         }
-        if cfg.data.skip_bad:  # the header scan's finds + decode failures in this process (with
+        if cfg.images.skip_bad:  # the pre-scan's finds + decode failures in this process (with
             # data.num_workers > 0 those happen in the workers: there they are only in log.txt)
             result["skipped_train_images"] = float(len(self.train_images.skipped))
             result["skipped_eval_images"] = float(len(eval_images.skipped))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from core import run_folder
 from core.atomic_io import atomic_write_json
 from core.config import ConfigError
 from core.data import to_unit_range
@@ -36,6 +37,8 @@ class KMeansConfig:
 class KMeansInit(RandomInit):
     """The network after the k-means data-dependent init of its encoder (``kmeans:`` settings)."""
 
+    trained_parts = ("encoder",)  # set from data (k-means), not by gradient steps
+
     def __init__(self, cfg: Any, model: Any):
         super().__init__(cfg, model)
         self.report: dict[str, Any] | None = None  # the full report, where the init ran
@@ -54,7 +57,7 @@ class KMeansInit(RandomInit):
         """k-means init from ``kmeans.images`` eval views of the training split, a seeded draw
         (the reference uses 10 batches of 16 training images)."""
         cfg = self.cfg
-        views = build_images(cfg.data, cfg.data.split, False, self.input_size)
+        views = build_images(cfg, cfg.data.split, False, self.input_size)
         rng = np.random.default_rng(cfg.seed)
         n = min(cfg.kmeans.images, len(views))
         picks = np.sort(rng.choice(len(views), size=n, replace=False))
@@ -75,5 +78,5 @@ class KMeansInit(RandomInit):
     ) -> dict[str, Any]:
         result = super().evaluate(run_dir, device, mean, progress)
         if self.report is not None:
-            atomic_write_json(run_dir / "init.json", self.report)
+            atomic_write_json(run_folder.output_path(run_dir, "init.json"), self.report)
         return {**result, **self.summary}

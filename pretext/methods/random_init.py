@@ -23,6 +23,7 @@ class RandomInit(ContextEncoderMethod):
     """The untrained network (its mask settings are kept in the config but draw nothing)."""
 
     trains = False
+    trained_parts = ()
 
     @classmethod
     def resolve_config(cls, cfg: Any) -> Any:

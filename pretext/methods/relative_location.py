@@ -192,8 +192,8 @@ class RelativeLocationMethod(ClassificationMethod):
         return super().resolve_config(cfg)
 
     def open_train_images(self):
-        d = self.cfg.data
-        return build_images(d, d.split, train=True, image_size=image_size(self.cfg.relloc))
+        cfg = self.cfg
+        return build_images(cfg, cfg.data.split, train=True, image_size=image_size(cfg.relloc))
 
     def items(self) -> PatchPairs:
         return PatchPairs(self.train_images, self.cfg.relloc)
@@ -203,7 +203,7 @@ class RelativeLocationMethod(ClassificationMethod):
     ) -> dict[str, Any]:
         """8-way accuracy over all 8 neighbours of up to ``eval_images`` val images (eval view)."""
         cfg, c = self.cfg, self.cfg.relloc
-        images = build_images(cfg.data, cfg.data.val_split, False, image_size(c))
+        images = build_images(cfg, cfg.data.val_split, False, image_size(c))
         picks = eval_picks(len(images), cfg.eval_images)
 
         def pairs_of(i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -77,7 +77,7 @@ class RotationMethod(ClassificationMethod):
     ) -> dict[str, Any]:
         """Rotation accuracy over the 4 rotations of up to ``eval_images`` val images (eval view)."""
         cfg = self.cfg
-        images = build_images(cfg.data, cfg.data.val_split, False, self.input_size)
+        images = build_images(cfg, cfg.data.val_split, False, self.input_size)
         picks = eval_picks(len(images), cfg.eval_images)
         batches = (
             [rotations(images[int(i)]) for i in picks[lo : lo + 64]]

@@ -38,6 +38,7 @@ from core.atomic_io import read_jsonl
 from core.cli import UserError
 from core.data import SeededViews, ensure_builtin, to_unit_range
 from core.datasets import ImageFolderImages, VOCClassification
+from core.images import ImagesConfig
 from core.models import ContextEncoder
 from core.preflight import Input
 from pretext import distributed
@@ -83,8 +84,9 @@ class ImageFolderClasses(ImageFolderImages):
         train: bool,
         skip_bad: bool = False,
         class_names: tuple[str, ...] | None = None,
+        strict: bool = False,
     ):
-        super().__init__(root, image_size, train, skip_bad)
+        super().__init__(root, image_size, train, skip_bad, strict)
         rel = [Path(f).relative_to(self.root) for f in self.files]
         flat = [r for r in rel if len(r.parts) == 1]
         if len(flat) == len(rel):
@@ -131,15 +133,16 @@ def labelled_images(
     split: str,
     image_size: int,
     train: bool,
-    skip_bad: bool = False,
+    rule: ImagesConfig | None = None,
     class_names: tuple[str, ...] | None = None,
 ) -> VOCTargets | ImageFolderClasses:
-    """The labelled dataset of ``split`` (``fmt``: voc | folder, as ``data.format``)."""
-    root = Path(root)
+    """The labelled dataset of ``split`` (``fmt``: voc | folder, as ``data.format``), under the
+    intake rule ``rule`` (the ``images`` section)."""
+    root, rule = Path(root), rule or ImagesConfig()
     if fmt == "voc":
-        return VOCTargets(root, split, image_size, train, class_names, skip_bad)
+        return VOCTargets(root, split, image_size, train, class_names, rule.skip_bad, rule.strict)
     folder = root / split if (root / split).is_dir() else root
-    return ImageFolderClasses(folder, image_size, train, skip_bad, class_names)
+    return ImageFolderClasses(folder, image_size, train, rule.skip_bad, class_names, rule.strict)
 
 
 class Classifier(nn.Module):
@@ -299,7 +302,7 @@ class SupervisedMethod(Method):
         d = cfg.data
         names = self.train_images.class_names
         self.val_images = labelled_images(
-            d.format, d.root, d.val_split, self.input_size, False, d.skip_bad, names
+            d.format, d.root, d.val_split, self.input_size, False, cfg.images, names
         )
         h = cfg.head
         self.classifier = Classifier(model.encoder, len(names), h.kind, h.hidden, h.dropout)
@@ -313,7 +316,7 @@ class SupervisedMethod(Method):
     def open_train_images(self) -> VOCTargets | ImageFolderClasses:
         d = self.cfg.data
         ensure_builtin(d.root)
-        return labelled_images(d.format, d.root, d.split, self.input_size, True, d.skip_bad)
+        return labelled_images(d.format, d.root, d.split, self.input_size, True, self.cfg.images)
 
     @property
     def net(self) -> nn.Module:
@@ -343,7 +346,7 @@ class SupervisedMethod(Method):
         evaluation (the decoder is untrained)."""
         cfg, d = self.cfg, self.cfg.data
         train_eval = labelled_images(
-            d.format, d.root, d.split, self.input_size, False, d.skip_bad,
+            d.format, d.root, d.split, self.input_size, False, cfg.images,
             self.train_images.class_names,
         )  # fmt: skip
         result = {

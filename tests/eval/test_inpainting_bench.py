@@ -74,7 +74,10 @@ def test_bench_stage_keys_values_and_grid(tiny_voc, tiny_ckpt, tmp_path):
     keys = ["l1", "l2", "psnr", "time_s"]
     keys += [f"{k}_{r}" for k in ("l1", "l2", "psnr", "psnr_pooled") for r in ("hole", "center")]
     metrics = {f"{m}/{k}" for m in bench.METHODS for k in keys}
-    assert set(result) == metrics | {"n_images", "overlap", "image_size", "time_s"}
+    intake = {k for k in result if k.startswith("images/")}  # what core.images did to the data
+    assert set(result) - intake == metrics | {"n_images", "overlap", "image_size", "time_s"}
+    assert result["images/split/converted"] == 0 and result["images/split/skipped_bad"] == 0
+    assert result["images/split/used"] == result["images/split/files"] >= 12
     assert all(np.isfinite(v) for v in result.values())
     assert result["overlap"] == 2 and result["image_size"] == 64 and result["n_images"] == 12
     for m in bench.METHODS:
@@ -89,7 +92,11 @@ def test_bench_stage_keys_values_and_grid(tiny_voc, tiny_ckpt, tmp_path):
     assert json.loads((run / "result.json").read_text()) == result
     grid = json.loads((run / "inpainting_grid.json").read_text())
     assert grid["columns"] == ["masked_input", *bench.METHODS, "truth"]
-    assert Image.open(run / "inpainting_grid.png").size == (8 * 68, 3 * 68)
+    png = np.asarray(Image.open(run / "inpainting_grid.png").convert("L"))
+    header = png.shape[0] - 3 * 68  # the column labels, drawn above the rows
+    assert png.shape[1] == 8 * 68 and 10 <= header <= 40
+    for k in range(8):  # every column has its label: dark text pixels over its cells
+        assert (png[:header, k * 68 : (k + 1) * 68] < 128).sum() > 10, k
 
 
 def test_a_method_without_its_checkpoint_is_a_clear_error():

@@ -80,12 +80,19 @@ def test_benchmark_writes_flat_finite_metrics_and_is_not_recomputed(tiny_voc, ti
     expected = {"ce/pool5/extract_s", "chance/precision", "n_queries", "n_database", "time_s"}
     expected |= {f"ce/pool5/precision@{k}" for k in (1, 3)}
     expected |= {f"ce/pool5/{kind}/recall@{k}" for kind in ("ivf", "hnsw") for k in (1, 3)}
+    for role, n in (("query_split", 12), ("database_split", 24)):  # core.images' counts
+        expected |= {f"images/{role}/{k}" for k in ("files", "used", "skipped_bad", "not_images")}
+        expected.add(f"images/{role}/converted")
+        assert result[f"images/{role}/used"] == n and result[f"images/{role}/converted"] == 0
     assert set(result) == expected
     assert all(np.isfinite(v) for v in result.values())
     assert 0 <= result["ce/pool5/precision@3"] <= 1
     assert result["n_queries"] == 12 and result["n_database"] == 24  # tiny mini-VOC: val / train
     assert json.loads((tmp_path / "run" / "result.json").read_text()) == result
-    assert Image.open(tmp_path / "run" / "retrieval_grid_ce.png").size == (4 * 68, 2 * 68)
+    png = np.asarray(Image.open(tmp_path / "run" / "retrieval_grid_ce.png").convert("L"))
+    header = png.shape[0] - 2 * 68  # query | #1 #2 #3 drawn above the rows
+    assert png.shape[1] == 4 * 68 and 10 <= header <= 40
+    assert all((png[:header, k * 68 : (k + 1) * 68] < 128).sum() > 5 for k in range(4))
     assert retrieval_benchmark(cfg) == result  # finished: read back, not recomputed
 
 
@@ -106,7 +113,8 @@ def test_query_cli_finds_the_image_itself_first_and_writes_the_grid(
     assert list(found) == [line[1] for line in lines[:3]]
     distances = list(found.values())
     assert distances == sorted(distances)
-    assert Image.open(out).size == (4 * 68, 68)  # query + 3 neighbours, 64 px + 2 px padding
+    # query + 3 neighbours, 64 px + 2 px padding, under a row of labels (query, #1 .. #3)
+    assert Image.open(out).size == (4 * 68, 68 + 14)
 
 
 def test_query_box_maps_into_the_eval_view():
@@ -154,7 +162,7 @@ def test_retrieval_on_class_subfolders_uses_the_folder_labels_and_flat_has_recal
     result = retrieval_benchmark(Config(data=str(flat), run_dir=str(tmp_path / "r2"), **common))
     assert not any("precision" in k for k in result)
     assert {"ce/pool5/hnsw/recall@3", "n_queries", "n_database"} <= set(result)
-    assert Image.open(tmp_path / "r2" / "retrieval_grid_ce.png").size == (4 * 68, 2 * 68)
+    assert Image.open(tmp_path / "r2" / "retrieval_grid_ce.png").size[0] == 4 * 68
 
 
 @pytest.mark.parametrize("layout", ["flat", "class_subfolders", "split_file"])

@@ -1,6 +1,7 @@
 """A bad-input corpus at the run level: ``python -m pretext.train`` on a mini-VOC holding one bad
-file exits 2 with one line naming the file and the problem; with ``data.skip_bad=true`` the run
-finishes and its log counts what was skipped. VOC XML problems go through the classification
+file exits 2 with one line naming the file and the problem; with ``images.skip_bad=true`` the run
+finishes and its log counts what was skipped; 16-bit and CMYK images are converted and counted in
+result.json, or refused with ``images.strict=true``. VOC XML problems go through the classification
 transfer, the stage that reads annotations.
 
 Loader-level checks of the same files (and more: alpha, grayscale, float TIFF, corrupt PNG, convert)
@@ -40,13 +41,17 @@ def truncated(path) -> bytes:
 BAD_IMAGES = {
     "truncated_jpeg": (truncated, "truncated image data"),
     "zero_bytes": (lambda p: b"", "empty file (0 bytes)"),
+    "one_pixel": (lambda p: encoded(rgb(1, 1), "JPEG"), "too small: 1x1"),
+    "below_min_size": (lambda p: encoded(rgb(24, 40), "JPEG"), "too small: 40x24"),
+}
+# converted to RGB by default (counted per mode), refused under images.strict=true
+CONVERTED = {
     "png_16bit": (
         lambda p: encoded(Image.fromarray(np.full((80, 90), 40000, np.uint16)), "PNG"),
         "16-bit image",
+        "I;16",
     ),
-    "cmyk_jpeg": (lambda p: encoded(rgb(80, 90).convert("CMYK"), "JPEG"), "CMYK image"),
-    "one_pixel": (lambda p: encoded(rgb(1, 1), "JPEG"), "too small: 1x1"),
-    "below_min_size": (lambda p: encoded(rgb(24, 40), "JPEG"), "too small: 40x24"),
+    "cmyk_jpeg": (lambda p: encoded(rgb(80, 90).convert("CMYK"), "JPEG"), "CMYK image", "CMYK"),
 }
 # accepted on purpose: the bytes decide the format; 40 px is upsampled to the 64-px crop (>= 32)
 GOOD_SURPRISES = {
@@ -91,6 +96,19 @@ def test_bad_image_stops_the_run_naming_file_and_problem(fork_server, voc, tmp_p
     assert str(path) in line and words in line, line
 
 
+@pytest.mark.parametrize("kind", sorted(CONVERTED))
+def test_other_modes_are_refused_under_strict(fork_server, voc, tmp_path, kind):
+    root, ids = voc
+    path = root / "JPEGImages" / f"{ids[3]}.jpg"
+    make, words, _ = CONVERTED[kind]
+    path.write_bytes(make(path))
+    rc, text = pretext_cli(fork_server, root, tmp_path / "run", "images.strict=true")
+    assert rc == 2
+    line = error_line(text)
+    assert str(path) in line and words in line and "images.strict=false" in line, line
+    assert not (tmp_path / "run").exists()  # found before anything was written
+
+
 def test_skip_bad_skips_and_counts_every_bad_image(fork_server, voc, tmp_path):
     root, ids = voc
     bad = []
@@ -98,20 +116,29 @@ def test_skip_bad_skips_and_counts_every_bad_image(fork_server, voc, tmp_path):
         path = root / "JPEGImages" / f"{ids[k]}.jpg"
         path.write_bytes(make(path))
         bad.append(path)
+    rc, text = pretext_cli(fork_server, root, tmp_path / "run0")
+    assert rc == 2  # all of them in one line, found by one pre-scan
+    line = error_line(text)
+    assert f"{len(bad)} of {len(ids)} image files are bad" in line
+    assert all(str(p) in line for p in bad) and "images.skip_bad=true" in line
     for k, make in enumerate(GOOD_SURPRISES.values(), start=len(bad)):
         path = root / "JPEGImages" / f"{ids[k]}.jpg"
         path.write_bytes(make(path))
-    rc, text = pretext_cli(fork_server, root, tmp_path / "run", "data.skip_bad=true")
+    start = len(bad) + len(GOOD_SURPRISES)
+    for k, (make, _, _) in enumerate(CONVERTED.values(), start=start):
+        path = root / "JPEGImages" / f"{ids[k]}.jpg"
+        path.write_bytes(make(path))
+    rc, text = pretext_cli(fork_server, root, tmp_path / "run", "images.skip_bad=true")
     assert rc == 0, text[-3000:]
-    # found by the header scan: counted in one line; found only by decoding: one line each
-    scanned = len(bad) - 1
-    assert f"skipped {scanned} of {len(ids)} images as bad" in text
-    assert f"skipping bad image {bad[0]}: truncated image data" in text
-    named = {str(p) for p in bad if str(p) in text}
-    assert str(bad[0]) in named
+    assert f"skipped {len(bad)} of {len(ids)} images as bad" in text  # one line, each named
+    assert all(f"{p.name}: " in text for p in bad)
     result = json.loads((tmp_path / "run" / "result.json").read_text())
-    # num_workers=0: the decode failure happened in this process and is counted too
     assert (result["skipped_train_images"], result["skipped_eval_images"]) == (len(bad), 0)
+    assert result["images/train/skipped_bad"] == len(bad)
+    assert result["images/train/used"] == len(ids) - len(bad)
+    for _, _, mode in CONVERTED.values():
+        assert result[f"images/train/converted/{mode}"] == 1
+    assert result["images/train/converted"] == len(CONVERTED)
 
 
 @pytest.mark.parametrize(

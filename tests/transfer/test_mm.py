@@ -72,7 +72,9 @@ def test_detect_few_iterations(voc_root, ckpt, tmp_path):
 
     result = detect.main(detect.parse_config(_mm_args(voc_root, ckpt, tmp_path / "det")))
     classes = json.loads((tmp_path / "det" / "meta.json").read_text())["classes"]
-    assert set(result) == {"mAP", "AP50", "time_s", *(f"AP_{c}" for c in classes)}
+    keys = {"mAP", "AP50", "time_s", "unknown_class_objects_skipped"}
+    assert set(result) == keys | {f"AP_{c}" for c in classes}
+    assert result["unknown_class_objects_skipped"] == 0  # every object's class is listed
     # AP_<class> is NaN for a class without objects in the tiny test split
     assert all(math.isfinite(v) for k, v in result.items() if not k.startswith("AP_"))
     assert 0 <= result["mAP"] <= 1
