@@ -138,3 +138,18 @@ def test_disabled_or_without_the_package_writes_nothing(tmp_path, monkeypatch, c
     events.close()
     assert not (tmp_path / "missing").exists()
     assert "tensorboard package is not installed" in caplog.text
+
+
+def test_a_logdir_shows_one_run_per_run_folder(tmp_path):
+    """``tensorboard --logdir runs/builtin``: every run folder below is one run, resumed or not."""
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+
+    folders = ["pretext/context_encoder/seed0", "transfer/classify/context_encoder/seed0"]
+    for name in folders:
+        write(tmp_path / name, 1, range(1, 5), 1.0)
+    write(tmp_path / folders[0], 3, range(3, 6), 2.0)  # resumed: two files, one run
+    runs = EventMultiplexer().AddRunsFromDirectory(str(tmp_path))
+    runs.Reload()
+    assert sorted(runs.Runs()) == folders
+    steps = [e.step for e in runs.Tensors(folders[0], "loss")]
+    assert steps == [1, 2, 3, 4, 5]
