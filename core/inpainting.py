@@ -97,11 +97,12 @@ def inpainting_grid(
     device: str | torch.device = "cpu",
 ) -> tuple[dict[str, float], np.ndarray]:
     """The first ``rows`` of ``images`` with central masks: (their Table-1 scores ``l1``, ``l2``,
-    ``psnr``; the grid of :func:`save_grid` as uint8 [H, W, 3]). Leaves ``model``'s mode as it was."""
+    ``psnr``; the grid of :func:`save_grid` as uint8 [H, W, 3]). Leaves ``model``'s mode as is."""
     training = model.training
     model.eval()
     hole = torch.from_numpy(central_mask(model.input_size, overlap))
-    batch = torch.stack([images[i] for i in range(min(rows, len(images)))])  # type: ignore[arg-type]
+    n = min(rows, len(images))  # type: ignore[arg-type]
+    batch = torch.stack([images[i] for i in range(n)])
     mean = torch.tensor(data_mean, dtype=torch.float32)
     columns = inpaint_central(model, batch, hole, mean, device)
     model.train(training)

@@ -190,8 +190,8 @@ def train_steps(t: Training, train_step: TrainStep, run: Run, total: int) -> Non
             losses = train_step(*batch)
             if not math.isfinite(losses["loss"]):
                 raise FloatingPointError(
-                    f"{run.run_dir}: non-finite loss {losses['loss']} at step {t.step}; stopped without "
-                    f"saving. The last good checkpoint is {run.ckpt_path} "
+                    f"{run.run_dir}: non-finite loss {losses['loss']} at step {t.step}; stopped "
+                    f"without saving. The last good checkpoint is {run.ckpt_path} "
                     f"(step {load_checkpoint(run.ckpt_path)['step']})"
                 )
             t.elapsed += time.perf_counter() - t0

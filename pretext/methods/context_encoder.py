@@ -243,7 +243,8 @@ class ContextEncoderMethod(Method):
         self, device: torch.device, mean: list[float]
     ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """The inpainting grid (masked input | output | truth) of the first 8 val images with
-        central masks, and their Table-1 scores (``grid_l1``, ``grid_l2``, ``grid_psnr``: 8 images, a trend)."""
+        central masks, and their Table-1 scores (``grid_l1``, ``grid_l2``, ``grid_psnr``: on 8
+        images, a trend)."""
         if self.snapshot_images is None:
             cfg = self.cfg
             self.snapshot_images = build_images(
