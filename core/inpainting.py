@@ -69,6 +69,49 @@ def predict_full(model: ContextEncoder, context: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def inpaint_central(
+    model: ContextEncoder,
+    images: torch.Tensor,
+    hole: torch.Tensor,
+    mean: torch.Tensor,
+    device: str | torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """images: uint8 [N, 3, S, S]; hole: [S, S]. Returns (mean-filled input, output with the
+    known context kept, ground truth), [N, 3, S, S] in [0, 1] on the CPU."""
+    x = to_unit_range(images)
+    size = x.shape[-1]
+    holes = hole.expand(len(x), 1, size, size)
+    context = fill_holes(x, holes, mean)
+    pred = predict_full(model, context.to(device)).float().cpu()
+    out = torch.where(holes.bool(), pred, x)  # keep the known context, paste the prediction
+    truth01, out01, fill01 = (t.add(1).div(2).clamp(0, 1) for t in (x, out, context))
+    return fill01, out01, truth01
+
+
+@torch.no_grad()
+def inpainting_grid(
+    model: ContextEncoder,
+    images: Dataset,
+    data_mean: list[float],
+    overlap: int,
+    rows: int = 8,
+    device: str | torch.device = "cpu",
+) -> tuple[dict[str, float], np.ndarray]:
+    """The first ``rows`` of ``images`` with central masks: (their Table-1 scores ``l1``, ``l2``,
+    ``psnr``; the grid of :func:`save_grid` as uint8 [H, W, 3]). Leaves ``model``'s mode as is."""
+    training = model.training
+    model.eval()
+    hole = torch.from_numpy(central_mask(model.input_size, overlap))
+    n = min(rows, len(images))  # type: ignore[arg-type]
+    batch = torch.stack([images[i] for i in range(n)])
+    mean = torch.tensor(data_mean, dtype=torch.float32)
+    columns = inpaint_central(model, batch, hole, mean, device)
+    model.train(training)
+    scores = summarize({k: [v] for k, v in hole_errors(columns[1], columns[2], hole).items()})
+    return scores, grid_array(columns)
+
+
+@torch.no_grad()
 def evaluate_inpainting(
     model: ContextEncoder,
     images: Dataset,
@@ -92,12 +135,7 @@ def evaluate_inpainting(
     fill: dict[str, list[torch.Tensor]] = {"l1": [], "l2": [], "psnr": []}
     grid_batch = None
     for batch in DataLoader(subset, batch_size=batch_size):
-        x = to_unit_range(batch)
-        holes = hole.expand(len(x), 1, size, size)
-        context = fill_holes(x, holes, mean)
-        pred = predict_full(model, context.to(device)).float().cpu()
-        out = torch.where(holes.bool(), pred, x)  # keep the known context, paste the prediction
-        truth01, out01, fill01 = (t.add(1).div(2).clamp(0, 1) for t in (x, out, context))
+        fill01, out01, truth01 = inpaint_central(model, batch, hole, mean, device)
         for key, val in hole_errors(out01, truth01, hole).items():
             ours[key].append(val)
         for key, val in hole_errors(fill01, truth01, hole).items():
@@ -150,6 +188,15 @@ def save_grid(
 ) -> None:
     """Write a PNG whose rows are images and whose columns are ``columns`` ([N, 3, S, S] in [0, 1]),
     under a row of column ``labels`` drawn in the image when given."""
+    grid = grid_array(columns, pad, labels)
+    atomic_save(path, lambda fh: Image.fromarray(grid).save(fh, format="PNG"))
+
+
+def grid_array(
+    columns: tuple[torch.Tensor, ...], pad: int = 2, labels: Sequence[str] | None = None
+) -> np.ndarray:
+    """uint8 [H, W, 3]: one row per image, one cell per column ([N, 3, S, S] in [0, 1]), under a
+    row of column ``labels`` when given."""
     if labels is not None and len(labels) != len(columns):
         raise ValueError(f"{len(labels)} labels for {len(columns)} columns")
     rows = []
@@ -159,5 +206,4 @@ def save_grid(
         rows.append(np.concatenate(cells, axis=1))
     if labels is not None:
         rows.insert(0, label_row(labels, rows[0].shape[1] // len(columns)))
-    grid = np.concatenate(rows, axis=0)
-    atomic_save(path, lambda fh: Image.fromarray(grid).save(fh, format="PNG"))
+    return np.concatenate(rows, axis=0)

@@ -5,6 +5,7 @@ the learning-rate schedule, and the loop over the step-seeded batches.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from core import tb
 from core.atomic_io import append_jsonl, atomic_write_text, read_jsonl
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.config import to_dict
@@ -169,39 +171,51 @@ def train_steps(t: Training, train_step: TrainStep, run: Run, total: int) -> Non
         mininterval=2,
         file=sys.stderr,
     )
+    # TensorBoard (rank 0): the steps after t.step written afresh (those of a run stopped after
+    # its checkpoint dropped, as in metrics.jsonl); closed, i.e. flushed, however the loop ends
+    events = tb.EventLog(run.run_dir, env.is_main and cfg.log.tensorboard, first_step=t.step + 1)
     t_last, n_last = time.perf_counter(), 0
     batches = iter(loader)  # draws the loader's base seed from the global torch RNG
     if t.rng is not None:  # resumed: undo that draw (an uninterrupted run made it at step 0 only),
         set_rng_state(t.rng)  # so dropout continues the saved stream
         t.rng = None
-    for batch in batches:
-        set_learning_rates(t, cfg)
-        t0 = time.perf_counter()
-        if t.step == cfg.fail_at_step:
-            train_step.poison = True
-        losses = train_step(*batch)
-        if not math.isfinite(losses["loss"]):
-            raise FloatingPointError(
-                f"{run.run_dir}: non-finite loss {losses['loss']} at step {t.step}; stopped without "
-                f"saving. The last good checkpoint is {run.ckpt_path} "
-                f"(step {load_checkpoint(run.ckpt_path)['step']})"
-            )
-        t.elapsed += time.perf_counter() - t0
-        t.step += 1
-        n_last += len(batch[0]) * env.world_size
-        bar.update(1)
-        if env.is_main and (t.step % cfg.log_every == 0 or t.step == total):
-            now = time.perf_counter()
-            record = {
-                "step": t.step,
-                "lr": lr_at(t.step - 1, cfg.optim),
-                **losses,
-                "images_per_s": n_last / max(now - t_last, 1e-9),
-                "train_time_s": t.elapsed,
-            }
-            append_jsonl(run.run_dir / "metrics.jsonl", record)
-            bar.set_postfix(loss=f"{losses['loss']:.4f}")
-            t_last, n_last = now, 0
-        if t.step % cfg.checkpoint_every == 0 or t.step == total:
-            save(t, run)
+    with contextlib.closing(events):
+        for batch in batches:
+            set_learning_rates(t, cfg)
+            t0 = time.perf_counter()
+            if t.step == cfg.fail_at_step:
+                train_step.poison = True
+            losses = train_step(*batch)
+            if not math.isfinite(losses["loss"]):
+                raise FloatingPointError(
+                    f"{run.run_dir}: non-finite loss {losses['loss']} at step {t.step}; stopped "
+                    f"without saving. The last good checkpoint is {run.ckpt_path} "
+                    f"(step {load_checkpoint(run.ckpt_path)['step']})"
+                )
+            t.elapsed += time.perf_counter() - t0
+            t.step += 1
+            n_last += len(batch[0]) * env.world_size
+            bar.update(1)
+            if env.is_main and (t.step % cfg.log_every == 0 or t.step == total):
+                now = time.perf_counter()
+                record = {
+                    "step": t.step,
+                    "lr": lr_at(t.step - 1, cfg.optim),
+                    **losses,
+                    "images_per_s": n_last / max(now - t_last, 1e-9),
+                    "train_time_s": t.elapsed,
+                }
+                append_jsonl(run.run_dir / "metrics.jsonl", record)
+                events.scalars(t.step, {k: v for k, v in record.items() if k != "step"}, "train/")
+                bar.set_postfix(loss=f"{losses['loss']:.4f}")
+                t_last, n_last = now, 0
+            every = cfg.log.images_every
+            if events.enabled and every > 0 and (t.step % every == 0 or t.step == total):
+                scalars, images = method.snapshot(run.device, t.mean)
+                events.scalars(t.step, scalars, "val/")
+                for tag, image in images.items():
+                    events.image(f"val/{tag}", image, t.step)
+            if t.step % cfg.checkpoint_every == 0 or t.step == total:
+                save(t, run)
+                events.flush()
     bar.close()

@@ -4,7 +4,8 @@
     python -m pretext.train --config pretext/configs/builtin.yaml run_dir=runs/ce mask.kind=central
     python -m pretext.train --config pretext/configs/rotation.yaml run_dir=runs/rot
 
-A run folder holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per logged step),
+A run folder holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per logged step) and
+TensorBoard event files beside it (``log.tensorboard``; core.tb),
 ``checkpoints/last.pt`` (atomic) and when finished ``result.json`` (the method's evaluation: e.g.
 ``inpainting.json`` and ``inpainting_grid.png`` for the context encoder). Started again on the same
 folder, a run resumes from its last checkpoint and produces the same weights as an uninterrupted
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from core import run_folder
+from core import run_folder, tb
 from core.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
 from core.cli import run_cli
 from core.config import ConfigError, parse_cli
@@ -97,6 +98,13 @@ class LossConfig:
 
 
 @dataclass
+class LogConfig(tb.LogConfig):
+    # TensorBoard (core.tb): the losses and lr of every metrics.jsonl line, and every
+    # images_every steps the method's snapshot (an inpainting grid; 0: none)
+    images_every: int = 100
+
+
+@dataclass
 class OptimConfig:
     steps: int = 1500
     batch_size: int = 64
@@ -127,6 +135,7 @@ class Config:
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)  # method=kmeans_init
     checkpoint_every: int = 100
     log_every: int = 10
+    log: LogConfig = field(default_factory=LogConfig)
     eval_images: int = 256
     device: str = "auto"  # auto | cpu | cuda
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, off on CPU
@@ -144,7 +153,8 @@ LEGACY_VALUES = {"mask.overlap_loss": "on"}
 RENAMED_KEYS = {"data.skip_bad": "images.skip_bad"}
 
 # Keys that may differ between a run and its resumption without changing its results.
-RESUME_FREE_KEYS = {"force", "data.num_workers", "device", "log_every", "fail_at_step", "threads"}
+RESUME_FREE_KEYS = {"force", "data.num_workers", "device", "log_every", "fail_at_step", "threads",
+                    "log.tensorboard", "log.images_every"}  # fmt: skip
 
 
 def resolve(cfg: Config) -> Config:
@@ -154,6 +164,8 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError(
             f"model.arch: unknown arch {cfg.model.arch!r}; choose one of {sorted(ARCHS)}"
         )
+    if cfg.log.images_every < 0:
+        raise ConfigError(f"log.images_every: {cfg.log.images_every} < 0 (0: no images)")
     if cfg.method not in METHODS:
         raise ConfigError(f"method: unknown method {cfg.method!r}; choose one of {list(METHODS)}")
     cfg = METHODS[cfg.method].resolve_config(cfg)

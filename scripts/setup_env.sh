@@ -28,8 +28,9 @@ if ! "$VENV/bin/python" -c "import mmcv, mmcv.ops" 2>/dev/null; then
 fi
 pip install -q -c constraints.txt -e '.[transfer,dev]'
 "$VENV/bin/python" - <<'PY'
-import torch, torchvision, faiss, mmcv, mmdet, mmseg, mmengine  # noqa: F401
+import torch, torchvision, faiss, mmcv, mmdet, mmseg, mmengine, tensorboard  # noqa: F401
 print(f"setup: torch {torch.__version__}, torchvision {torchvision.__version__}, mmcv {mmcv.__version__}, "
-      f"mmdet {mmdet.__version__}, mmseg {mmseg.__version__}, faiss {faiss.__version__}")
+      f"mmdet {mmdet.__version__}, mmseg {mmseg.__version__}, faiss {faiss.__version__}, "
+      f"tensorboard {tensorboard.__version__}")
 PY
 echo "$want" > "$stamp"

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from core import image_scores, run_folder
+from core import image_scores, run_folder, tb
 from core.atomic_io import append_jsonl
 from core.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from core.cli import run_cli
@@ -93,6 +93,7 @@ class Config:
     test_flip: bool = True  # average scores over the image and its mirror
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
+    log: tb.LogConfig = field(default_factory=tb.LogConfig)  # TensorBoard beside metrics.jsonl
     num_workers: int = 0
     threads: int = 0  # torch intra-op threads (0: torch's default)
     progress: bool = True
@@ -101,7 +102,7 @@ class Config:
 
 
 # Keys that may change between a run and a re-run of its folder (core.run_folder.open_run).
-FREE_KEYS = {"force", "num_workers", "threads", "progress"}
+FREE_KEYS = {"force", "num_workers", "threads", "progress", "log.tensorboard"}
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -223,7 +224,12 @@ def lr_factor(epoch_pos: float, cfg: FinetuneConfig) -> float:
 
 
 def finetune(
-    model: Classifier, train: Dataset, cfg: Config, run_dir: Path, generator: torch.Generator
+    model: Classifier,
+    train: Dataset,
+    cfg: Config,
+    run_dir: Path,
+    generator: torch.Generator,
+    events: tb.EventLog | None = None,
 ) -> None:
     fc = cfg.finetune
     if fc.rescale:
@@ -285,10 +291,11 @@ def finetune(
             total, count = total + loss.item() * len(images), count + len(images)
             bar.update(1)
         bar.set_postfix(loss=f"{total / count:.4f}")
-        append_jsonl(
-            run_dir / "metrics.jsonl",
-            {"mode": "finetune", "epoch": epoch + 1, "loss": total / count, "lr": lr},
-        )
+        record = {"loss": total / count, "lr": lr}
+        append_jsonl(run_dir / "metrics.jsonl", {"mode": "finetune", "epoch": epoch + 1, **record})
+        if events is not None:
+            events.scalars(epoch + 1, record, "finetune/")
+            events.flush()  # an epoch is the unit of a fine-tuning curve: on disk as it ends
     bar.close()
 
 
@@ -408,6 +415,7 @@ def main(cfg: Config) -> dict[str, float]:
     test = DecodedViews(VOCClassification(root, cfg.test_split, size, False, classes, *rule))
     run_folder.start(run_dir, cfg, meta, {"checkpoint": source})
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a restarted run logs afresh
+    events = tb.EventLog(run_dir, cfg.log.tensorboard)  # and so do its event files
 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -419,7 +427,7 @@ def main(cfg: Config) -> dict[str, float]:
         t_mode = time.perf_counter()
         if mode == "finetune":
             net = Classifier(_fresh_encoder(cfg.checkpoint), len(classes), cfg.finetune)
-            finetune(net, train_aug, cfg, run_dir, generator)
+            finetune(net, train_aug, cfg, run_dir, generator, events)
             scores, labels, diff = predict(
                 net, test, 128, cfg.test_flip, "finetune test", cfg.progress
             )
@@ -434,6 +442,9 @@ def main(cfg: Config) -> dict[str, float]:
         result[f"{mode}_time_s"] = time.perf_counter() - t_mode
         log.info("%s: mAP %.4f", mode, result[f"{mode}_mAP"])
         append_jsonl(run_dir / "metrics.jsonl", {"mode": mode, "mAP": result[f"{mode}_mAP"]})
+        step = cfg.finetune.epochs if mode == "finetune" else 0
+        events.scalars(step, {f"{mode}_mAP": result[f"{mode}_mAP"]}, "test/")
+    events.close()
     result = {"mAP": result[f"{cfg.modes[0]}_mAP"], **result}
     result.update(train_eval.base.intake("train") | test.base.intake("test"))
     result["time_s"] = time.perf_counter() - t0

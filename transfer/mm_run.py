@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +25,7 @@ import torch
 from mmengine.hooks import Hook
 from tqdm import tqdm
 
-from core import run_folder
+from core import run_folder, tb
 from core.atomic_io import append_jsonl, atomic_write_text, read_jsonl
 from core.config import ConfigError
 from core.models import ARCHS, Geometry, detection_geometry
@@ -63,10 +63,11 @@ class MMConfig:
     # objects whose class is not in the class list: error (naming the files), or skip (counted)
     unknown_classes: Literal["error", "skip"] = "error"
     force: bool = False
+    log: tb.LogConfig = field(default_factory=tb.LogConfig)  # TensorBoard: transfer.mm_tensorboard
 
 
 # Keys that may change between a run and a re-run of its folder (core.run_folder.open_run).
-FREE_KEYS = {"force", "num_workers", "threads", "progress"}
+FREE_KEYS = {"force", "num_workers", "threads", "progress", "log.tensorboard"}
 
 
 def encoder_geometry(arch: str) -> tuple[int, Geometry]:
@@ -234,6 +235,10 @@ def run(
     )
     resume = mm_resume.ResumeHook(work_dir, cfg.checkpoint_every, cfg.max_iters, t0)
     runner.register_hook(resume)
+    if cfg.log.tensorboard:
+        from transfer.mm_tensorboard import TensorboardHook
+
+        runner.register_hook(TensorboardHook(run_dir, cfg.max_iters, cfg.checkpoint_every))
     runner.train()
     test_metrics = runner.test()
     result = metrics({k: float(v) for k, v in test_metrics.items()})

@@ -9,7 +9,8 @@ class over :class:`Method` (solo-learn's ``solo/methods/<name>.py`` over ``base.
 - its head: the trainable modules beside the encoder, in ``net`` (what the ``gen`` optimiser trains
   and DDP wraps), saved as the checkpoint's ``head``; an optional ``disc`` (its own optimiser);
 - its loss: :meth:`Method.make_step`, one optimisation step on a batch;
-- its evaluation: :meth:`Method.evaluate`, the entries of ``result.json``.
+- its evaluation: :meth:`Method.evaluate`, the entries of ``result.json``; optionally what
+  TensorBoard shows while it trains, :meth:`Method.snapshot` (e.g. an inpainting grid).
 
 A training-free method sets ``trains = False`` and may set the encoder from data in
 :meth:`Method.init_encoder` (called once, before the step-0 checkpoint, never on resume).
@@ -211,6 +212,14 @@ class Method:
     ) -> TrainStep:
         """The optimisation step over ``net`` (``self.net``, DDP-wrapped / compiled by the trainer)."""
         raise NotImplementedError
+
+    def snapshot(
+        self, device: torch.device, mean: list[float]
+    ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """What TensorBoard shows of the network every ``log.images_every`` steps (rank 0, outside
+        the step; it must change no state the training reads): (scalars, uint8 [H, W, 3] images
+        by tag); default none."""
+        return {}, {}
 
     # ---- the end --------------------------------------------------------------------------------
 

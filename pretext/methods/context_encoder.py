@@ -5,7 +5,8 @@ autoencoder baseline).
 Batch transform: (uint8 image, bool hole) from :class:`core.data.MaskedImages` (§3.3 masks). Head:
 the network's bottleneck and decoder (part of ``model``), plus the adversarial discriminator with
 ``loss.adversarial`` (§3.2.2). Loss: masked L2 (Eq. 1), + adversarial (Eq. 2-3). Evaluation: the
-inpainting metrics of Table 1 on central masks of the val split.
+inpainting metrics of Table 1 on central masks of the val split (and, while it trains, an
+inpainting grid for TensorBoard).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from core import run_folder
 from core.atomic_io import atomic_write_json, read_jsonl
 from core.config import ConfigError
 from core.data import MaskedImages, fill_holes, to_unit_range
-from core.inpainting import evaluate_inpainting
+from core.inpainting import evaluate_inpainting, inpainting_grid
 from core.masks import MaskGenerator, builtin_shapes, central_square
 from core.models import ContextEncoder, Discriminator
 from core.preflight import Input
@@ -179,6 +180,7 @@ class ContextEncoderMethod(Method):
         self.disc = Discriminator.for_input(model.output_size) if cfg.loss.adversarial else None
         self.disc_lr_scale = cfg.loss.disc_lr_ratio
         self.shapes, self.shapes_source = self.mask_shapes()
+        self.snapshot_images: Any = None  # the val images of :meth:`snapshot`, opened once
 
     @classmethod
     def resolve_config(cls, cfg: Any) -> Any:
@@ -239,6 +241,20 @@ class ContextEncoderMethod(Method):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if self.disc is not None:
             self.disc.load_state_dict(state["discriminator"])
+
+    def snapshot(
+        self, device: torch.device, mean: list[float]
+    ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """The inpainting grid (masked input | output | truth) of the first 8 val images with
+        central masks, and their Table-1 scores (``grid_l1``, ``grid_l2``, ``grid_psnr``: on 8
+        images, a trend)."""
+        if self.snapshot_images is None:
+            cfg = self.cfg
+            self.snapshot_images = build_images(cfg, cfg.data.val_split, False, self.input_size)
+        scores, grid = inpainting_grid(
+            self.model, self.snapshot_images, mean, self.cfg.mask.overlap, device=device
+        )
+        return {f"grid_{k}": v for k, v in scores.items()}, {"inpainting_grid": grid}
 
     def evaluate(
         self, run_dir: Path, device: torch.device, mean: list[float], progress: dict[str, float]
