@@ -28,6 +28,7 @@ from scipy import optimize, stats
 
 from core import image_scores
 from core.atomic_io import atomic_write_text
+from core.features import LAYERS
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,9 @@ TABLE2_COLUMNS = (
 )
 
 # Frozen VOC07 SVM per layer (eval/frozen.py), the plot of Zhang et al. 2017 as a table.
-FROZEN_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "bottleneck")
 FROZEN_LAYER_COLUMNS = tuple(
     Column(f"{layer} (VOC07 mAP %)", "eval", "frozen", f"svm_{layer}_mAP", 100.0)
-    for layer in FROZEN_LAYERS
+    for layer in LAYERS
 )
 
 
