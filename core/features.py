@@ -140,6 +140,19 @@ def pool_and_flatten(fmap: torch.Tensor, spec: Pooling) -> torch.Tensor:
 # ---- the extractor ------------------------------------------------------------------------------
 
 
+def batch_features(
+    model: ContextEncoder, x: torch.Tensor, layers: tuple[str, ...], pooling: dict[str, Pooling]
+) -> dict[str, torch.Tensor]:
+    """x: [N, 3, S, S] in [-1, 1] -> {layer: [N, D]}, pooled (``pooling``, missing: none), flat."""
+    if any(layer in CONV_LAYERS for layer in layers):
+        maps = conv_maps(model, x)
+    else:  # pool5 / bottleneck of any encoder
+        maps = {"pool5": model.forward_encoder(x)}
+        if "bottleneck" in layers:
+            maps["bottleneck"] = model.forward_bottleneck(maps["pool5"])
+    return {layer: pool_and_flatten(maps[layer], pooling.get(layer)) for layer in layers}
+
+
 @torch.no_grad()
 def layer_features(
     model: ContextEncoder,
@@ -167,7 +180,6 @@ def layer_features(
     if hole_t is not None and hole_t.shape != (size, size):
         raise ValueError(f"hole has shape {tuple(hole_t.shape)}, expected ({size}, {size})")
     mean = None if hole_t is None else torch.tensor(data_mean, dtype=torch.float32)
-    convs = any(layer in CONV_LAYERS for layer in layers)
     out: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
     for batch in DataLoader(images, batch_size=batch_size):  # type: ignore[arg-type]
         if isinstance(batch, (list, tuple)):  # datasets that also return labels
@@ -177,14 +189,7 @@ def layer_features(
         x = to_unit_range(batch)
         if hole_t is not None:
             x = fill_holes(x, hole_t.expand(len(x), 1, size, size), mean)
-        if convs:
-            maps = conv_maps(model, x.to(device))
-        else:  # pool5 / bottleneck of any encoder
-            maps = {"pool5": model.forward_encoder(x.to(device))}
-            if "bottleneck" in layers:
-                maps["bottleneck"] = model.forward_bottleneck(maps["pool5"])
-        for layer in layers:
-            feats = pool_and_flatten(maps[layer], pooling.get(layer))
+        for layer, feats in batch_features(model, x.to(device), layers, pooling).items():
             out[layer].append(feats.float().cpu().numpy())
     return {
         layer: np.concatenate(parts, axis=0) if parts else np.zeros((0, 0), np.float32)

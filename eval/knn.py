@@ -12,6 +12,7 @@ import numpy as np
 
 from core.features import l2_normalize
 from eval.index import build_index, search
+from eval.metrics import topk_accuracy
 
 
 @dataclass
@@ -51,3 +52,21 @@ def knn_scores(
     weights /= weights.sum(1, keepdims=True)  # [Q, k], softmax over the neighbours
     votes = np.asarray(db_labels, np.float64)[ids]  # [Q, k, C]
     return np.einsum("qk,qkc->qc", weights, votes)
+
+
+def knn_topk(
+    db: np.ndarray,
+    db_labels: np.ndarray,
+    queries: np.ndarray,
+    query_labels: np.ndarray,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    ks: tuple[int, ...] = (1, 5),
+) -> dict[int, float]:
+    """Single-label kNN top-k accuracy (dinov2 ``eval/knn.py``): each query's class scores are the
+    weighted votes of its k nearest database rows (:func:`knn_scores` with one-hot labels; the
+    per-query softmax does not change a query's ranking), {k: accuracy}. labels: int [N]."""
+    onehot = np.eye(num_classes)[np.asarray(db_labels)]
+    scores = knn_scores(db, onehot, queries, k, temperature)
+    return topk_accuracy(scores, query_labels, ks)

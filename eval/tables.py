@@ -63,6 +63,20 @@ FROZEN_LAYER_COLUMNS = tuple(
 )
 
 
+# Single-label protocols (eval/single_label.py) on a class-subfolder folder: top-1 / top-5 on val of
+# the layer (and lr) chosen on a held-out part of train, and top-1 per layer (Zhang et al. 2017).
+SINGLE_LABEL_COLUMNS = (
+    Column("Linear top-1 (%)", "eval", "single_label", "linear_top1", 100.0),
+    Column("Linear top-5 (%)", "eval", "single_label", "linear_top5", 100.0),
+    Column("kNN top-1 (%)", "eval", "single_label", "knn_top1", 100.0),
+    Column("kNN top-5 (%)", "eval", "single_label", "knn_top5", 100.0),
+)
+SINGLE_LABEL_LAYER_COLUMNS = tuple(
+    Column(f"{layer} linear top-1 (%)", "eval", "single_label", f"linear_{layer}_top1", 100.0)
+    for layer in LAYERS
+)
+
+
 # Low-shot VOC07 SVM on the layer chosen by cross-validation (eval/frozen.py, Goyal et al. 2019):
 # test mAP with k positives per class, each run's value the mean over its independent samples.
 def lowshot_columns(runs: pd.DataFrame) -> tuple[Column, ...]:
