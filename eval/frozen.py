@@ -45,7 +45,6 @@ behind every ``svm_*_mAP`` / ``knn_*_mAP`` (not low-shot), for the tables' test-
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -76,6 +75,7 @@ from core.preflight import Input
 from core.voc_ap import mean_ap, voc07_classification_ap
 from core.voc_splits import dataset_classes, require_split, voc_root
 from eval.knn import KNNConfig, knn_scores
+from eval.metrics import best_layer
 from eval.svm import LowShotConfig, SVMConfig, lowshot_layer, svm_layer
 
 log = logging.getLogger("eval.frozen")
@@ -180,13 +180,6 @@ def evaluate_layer(
     chosen = {c: {"C": float(cost), "cv_ap": [float(a) for a in row]}
               for c, cost, row in zip(classes, costs, cv_ap)}  # fmt: skip
     return out, {"costs": list(cfg.svm.costs), "classes": chosen}
-
-
-def best_layer(result: dict[str, float], layers: tuple[str, ...], key: str) -> str:
-    """The layer with the highest ``result[key.format(layer)]`` (NaN last, earliest on ties)."""
-    values = [result[key.format(layer)] for layer in layers]
-    values = [v if math.isfinite(v) else -math.inf for v in values]
-    return layers[int(np.argmax(values))]
 
 
 def check_data(cfg: Config) -> tuple[Path, tuple[str, ...]]:

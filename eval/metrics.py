@@ -1,6 +1,9 @@
-"""Single-label accuracy (dinov2 ``eval/metrics.py``)."""
+"""Metrics shared by the protocols: single-label top-k accuracy (dinov2 ``eval/metrics.py``) and
+the choice of a layer."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -13,3 +16,9 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = 
     order = np.argsort(-scores, axis=1, kind="stable")
     rank = np.argmax(order == labels[:, None], axis=1)  # position of the true class
     return {k: float(np.mean(rank < k)) if len(labels) else float("nan") for k in ks}
+
+
+def best_layer(result: dict[str, float], layers: tuple[str, ...], key: str) -> str:
+    """The layer with the highest ``result[key.format(layer)]`` (NaN last, earliest on ties)."""
+    values = [result[key.format(layer)] for layer in layers]
+    return layers[int(np.argmax([v if math.isfinite(v) else -math.inf for v in values]))]

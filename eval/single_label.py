@@ -63,7 +63,7 @@ from core.preflight import Input
 from eval.features import folder_class_labels, split_source
 from eval.knn import KNNConfig, knn_topk
 from eval.linear import LinearConfig, LinearHeads, fixed_batches, head_scores, train_heads
-from eval.metrics import topk_accuracy
+from eval.metrics import best_layer, topk_accuracy
 
 log = logging.getLogger("eval.single_label")
 
@@ -175,12 +175,6 @@ def holdout_rows(
 
 
 # ---- protocols ----------------------------------------------------------------------------------
-
-
-def best_layer(result: dict[str, float], layers: tuple[str, ...], key: str) -> str:
-    """The layer with the highest ``result[key.format(layer)]`` (NaN last, earliest on ties)."""
-    values = [result[key.format(layer)] for layer in layers]
-    return layers[int(np.argmax([v if math.isfinite(v) else -math.inf for v in values]))]
 
 
 def knn_protocol(
