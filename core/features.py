@@ -319,28 +319,39 @@ def cached(
     return FeatureSet(feats, list(ids), identity)
 
 
-def cached_layers(
-    cache_dir: str | Path,
+def split_features(
+    model: ContextEncoder,
+    images: Any,
+    data: str | Path,
+    split: str,
     sha256: str,
-    data: dict[str, Any],
-    ids: list[str],
     pooling: dict[str, Pooling],
-    compute: Callable[[], dict[str, np.ndarray]],
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
 ) -> dict[str, np.ndarray]:
-    """{layer: float32 [N, D]} of the layers of ``pooling``, each cached on its own; on the first
-    miss ``compute()`` encodes every layer in one pass (:func:`layer_features`)."""
+    """{layer: float32 [N, D]} of the layers of ``pooling`` for the ``split`` images of ``data``
+    (``images``: a dataset with ``.ids``, ``.files``, ``.image_size``), each layer cached on its
+    own; on the first miss one :func:`layer_features` pass encodes every layer."""
+    identity = dataset_identity(images, data, split)
     computed: dict[str, np.ndarray] = {}
 
     def one(layer: str) -> tuple[np.ndarray, list[str]]:
         if not computed:
-            computed.update(compute())
-        return computed[layer], list(ids)
+            log.info("encoding %d images of %s/%s", len(images), data, split)
+            computed.update(
+                layer_features(
+                    model, images, tuple(pooling), pooling, None, None, batch_size, device
+                )
+            )
+        return computed[layer], list(images.ids)
 
     feats = {}
     for layer, spec in pooling.items():
-        identity = feature_identity(sha256, data, layer, spec)
-        fs = cached(cache_dir, identity, lambda layer=layer: one(layer))
-        if fs.ids != list(ids):
-            raise ValueError(f"{cache_dir}: cached ids of {layer}/{data['split']} do not match")
+        fs = cached(
+            cache_dir, feature_identity(sha256, identity, layer, spec), lambda k=layer: one(k)
+        )
+        if fs.ids != list(images.ids):
+            raise ValueError(f"{cache_dir}: cached ids of {layer}/{split} do not match the split")
         feats[layer] = fs.features
     return feats

@@ -3,23 +3,10 @@
     python -m eval.frozen checkpoint=runs/builtin/pretext/context_encoder/seed0 \
         data=data/minivoc/VOC2007 run_dir=runs/builtin/eval/frozen/context_encoder/seed0
 
-1. **VOC07 linear SVMs per layer** (Goyal et al., *Scaling and Benchmarking Self-Supervised Visual
-   Representation Learning*, ICCV 2019; VISSL ``vissl/utils/svm_utils/svm_trainer.py`` and
-   ``configs/config/benchmark/linear_image_classification/voc07/eval_alexnet_8gpu_transfer_voc07_svm.yaml``):
-   conv1 ... conv5 (after ReLU) average-pooled to about 9k dimensions (:func:`core.features.pool_spec`), and the
-   bottleneck (channel-wise FC / 4000-d FC) flattened; features L2-normalised; per class
-   ``LinearSVC``'s problem (L2 penalty, squared hinge, ``class_weight={+1: 2, -1: 1}``; solved
-   exactly from the Gram matrix by :func:`eval.svm.fit_l2svm`, or by ``LinearSVC`` with
-   ``svm.solver=liblinear``) for every cost of
-   ``svm.costs`` (VISSL's AlexNet list), the cost with the best 3-fold cross-validated AP on
-   ``train_split`` refitted on all of it, AP on ``test_split`` by the VOC07 rules
-   (``core.voc_ap``: difficult-only entries left out, 11-point AP). As in VISSL, difficult-only
-   entries are negatives when training. Classes run in parallel (joblib, ``num_workers``).
-   **Low-shot** (Goyal et al. 2019 §6.2, VISSL's ``svm_low_shot_trainer.py``): on the layer chosen
-   by cross-validation, SVMs trained on k positives and (C - 1) k negatives per class
-   (``lowshot.k``, ``lowshot.samples`` independent samples, the same for every checkpoint), test
-   mAP mean and std over the samples (:func:`eval.svm.lowshot_layer`; the cost is chosen on the sample, not
-   on test as in VISSL).
+1. **VOC07 linear SVMs per layer** (:mod:`eval.svm`; Goyal et al. 2019, VISSL) on conv1 ... conv5
+   average-pooled to about 9k dimensions (:func:`core.features.pool_spec`) and the bottleneck
+   flattened, the cost chosen by cross-validation on ``train_split``, AP on ``test_split`` by the
+   VOC07 rules (``core.voc_ap``); **low-shot** SVMs (k positives per class) on the SVM's layer.
 2. **kNN** (dinov2 ``eval/knn.py``, mmselfsup's kNN: cosine similarity, k = 20, votes weighted by
    exp(sim / T), T = 0.07) through a FAISS inner-product index. VOC is multi-label, so a query's
    score for class c is the weighted vote of its neighbours that have c, and the result is VOC07 AP
@@ -29,7 +16,7 @@ No choice is made on test data: the SVM's best layer (``svm_best_*``) is the one
 cross-validated AP on ``train_split``; kNN's layer (``knn_*``) the one with the best leave-one-out
 kNN mAP on ``train_split``. Test numbers of every layer are recorded too (the Zhang et al. 2017
 layer plot). Features are extracted once per (checkpoint sha256, data, split, image size, layer,
-pooling) and cached (:func:`core.features.cached_layers`); finished layers are kept in
+pooling) and cached (:func:`core.features.split_features`); finished layers are kept in
 ``<run_dir>/layers/<layer>.json``, so a killed run resumes at the next layer.
 
 Result keys (``result.json``, written atomically and last): ``svm_<layer>_mAP``,
@@ -64,12 +51,10 @@ from core.features import (
     LAYERS,
     TARGET_DIM,
     as_list,
-    cached_layers,
-    dataset_identity,
     identity_key,
-    layer_features,
     pick_device,
     pooling_for,
+    split_features,
 )
 from core.preflight import Input
 from core.voc_ap import mean_ap, voc07_classification_ap
@@ -129,16 +114,6 @@ def parse_config(argv: list[str] | None = None) -> Config:
     flags = {"checkpoint": "pretext checkpoint (.pt or run folder)",
              "data": "VOC root, e.g. VOCdevkit/VOC2007"}  # fmt: skip
     return check_config(parse_cli(Config, argv, __doc__, "svm.costs=[0.1,1,10]", flags))
-
-
-def encode_layers(
-    model: torch.nn.Module, images: VOCClassification, root: Path, split: str, cfg: Config
-) -> dict[str, np.ndarray]:
-    """One pass over ``images``: {layer: float32 [N, D]} of every layer of ``cfg.layers``."""
-    log.info("encoding %d images of %s/%s", len(images), root, split)
-    pooling = pooling_for(model, cfg.target_dim)
-    return layer_features(model, images, cfg.layers, pooling, batch_size=cfg.batch_size,
-                          device=pick_device(cfg.device))  # fmt: skip
 
 
 # ---- the stage ----------------------------------------------------------------------------------
@@ -222,11 +197,8 @@ def main(cfg: Config) -> dict[str, float]:
     for split in (cfg.train_split, cfg.test_split):
         images = VOCClassification(root, split, size, False, classes)
         with torch.no_grad():  # not set_grad_enabled(False): main() is called in-process too
-            feats = cached_layers(
-                cfg.cache_dir, source["sha256"], dataset_identity(images, root, split),
-                list(images.ids), layer_pooling,
-                lambda images=images, split=split: encode_layers(model, images, root, split, cfg),
-            )  # fmt: skip
+            feats = split_features(model, images, root, split, source["sha256"], layer_pooling,
+                                   cfg.cache_dir, cfg.batch_size, pick_device(cfg.device))  # fmt: skip
         data[split] = (feats, images.labels.numpy(), images.difficult_only.numpy())
         ids[split] = list(images.ids)
     extract_s = time.perf_counter() - t0

@@ -3,11 +3,7 @@
     python -m eval.retrieval checkpoints.context_encoder=runs/ce checkpoints.autoencoder=runs/ae \
         checkpoints.random_init=runs/rand data=data/minivoc/VOC2007 run_dir=runs/eval/retrieval
 
-Indexes (:func:`eval.index.build_index`): ``flat`` (exact ``IndexFlatL2`` / ``IndexFlatIP``, the default),
-``ivf`` (``IndexIVFFlat``: ``nlist`` k-means cells, ``nprobe`` of them searched) and ``hnsw``
-(``IndexHNSWFlat``: graph with ``hnsw_m`` links, ``ef_search``) for large sets. Flat and IVF move to
-the GPU when faiss was built with GPU support and sees a GPU; HNSW stays on the CPU (faiss has no GPU
-HNSW).
+Indexes: :mod:`eval.index` (``flat`` exact, the default; ``ivf`` and ``hnsw`` for large sets).
 
 Quality (:func:`retrieval_benchmark`): every image of ``query_split`` (held out) is a query against
 ``database_split``.

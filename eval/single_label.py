@@ -24,7 +24,7 @@ Result keys (``result.json``): ``knn_<layer>_top1`` / ``_top5`` (val), ``knn_<la
 ``_top5`` (val, the layer's held-out-best lr), ``linear_<layer>_holdout_top1``, ``linear_<layer>_lr``,
 ``linear_top1`` / ``linear_top5`` / ``linear_layer``; ``n_train``, ``n_val``, ``num_classes``,
 ``extract_s``, ``knn_s``, ``linear_s``, ``time_s``. Features are cached
-(:func:`core.features.cached_layers`); each finished protocol is kept in ``<run_dir>/parts/``.
+(:func:`core.features.split_features`); each finished protocol is kept in ``<run_dir>/parts/``.
 """
 
 from __future__ import annotations
@@ -52,12 +52,10 @@ from core.features import (
     TARGET_DIM,
     as_list,
     batch_features,
-    cached_layers,
-    dataset_identity,
     identity_key,
-    layer_features,
     pick_device,
     pooling_for,
+    split_features,
 )
 from core.preflight import Input
 from eval.features import folder_class_labels, split_source
@@ -284,16 +282,9 @@ def main(cfg: Config) -> dict[str, float]:
     t0 = time.perf_counter()
     feats = {}
     for split, images in ((cfg.train_split, train_images), (cfg.val_split, val_images)):
-
-        def encode(images: ImageFolderImages = images) -> dict[str, np.ndarray]:
-            log.info("encoding %d images of %s/%s", len(images), cfg.data, images.root.name)
-            return layer_features(model, images, cfg.layers, pooling, batch_size=cfg.batch_size,
-                                  device=pick_device(cfg.device))  # fmt: skip
-
         with torch.no_grad():
-            feats[split] = cached_layers(cfg.cache_dir, source["sha256"],
-                                         dataset_identity(images, cfg.data, split),
-                                         list(images.ids), pooling, encode)  # fmt: skip
+            feats[split] = split_features(model, images, cfg.data, split, source["sha256"], pooling,
+                                          cfg.cache_dir, cfg.batch_size, pick_device(cfg.device))  # fmt: skip
     train, val = feats[cfg.train_split], feats[cfg.val_split]
     fit, held = holdout_rows(ytr, cfg.holdout)
     result: dict[str, float] = {"extract_s": time.perf_counter() - t0}

@@ -1,10 +1,18 @@
 """VOC07 linear SVMs on frozen features, and their low-shot variant (eval/frozen.py runs them).
 
 Goyal et al., *Scaling and Benchmarking Self-Supervised Visual Representation Learning*, ICCV 2019;
-VISSL ``vissl/utils/svm_utils/svm_trainer.py`` and ``svm_low_shot_trainer.py``. Per class
-``LinearSVC``'s problem (L2 penalty, squared hinge, ``class_weight={+1: 2, -1: 1}``; solved exactly
-from the Gram matrix by :func:`fit_l2svm`, or by ``LinearSVC`` with ``solver=liblinear``) for every
-cost of ``costs``, the cost with the best cross-validated AP refitted on all of the training set.
+VISSL ``vissl/utils/svm_utils/svm_trainer.py`` and ``configs/config/benchmark/
+linear_image_classification/voc07/eval_alexnet_8gpu_transfer_voc07_svm.yaml``: features
+L2-normalised; per class ``LinearSVC``'s problem (L2 penalty, squared hinge, ``class_weight={+1: 2,
+-1: 1}``; solved exactly from the Gram matrix by :func:`fit_l2svm`, or by ``LinearSVC`` with
+``solver=liblinear``) for every cost of ``costs`` (VISSL's AlexNet list), the cost with the best
+3-fold cross-validated AP refitted on all of the training set. As in VISSL, difficult-only entries
+are negatives when training. Classes run in parallel (joblib threads).
+
+**Low-shot** (Goyal et al. 2019 §6.2, VISSL's ``svm_low_shot_trainer.py``): SVMs trained on k
+positives and (C - 1) k negatives per class (``lowshot.k``, ``lowshot.samples`` independent
+samples, the same for every checkpoint), test mAP of each sample (:func:`lowshot_layer`; the cost
+is chosen on the sample, not on test as in VISSL).
 """
 
 from __future__ import annotations

@@ -257,7 +257,7 @@ def test_stage_on_tiny_voc_caches_and_resumes(tiny_voc, tiny_ckpt, tmp_path, mon
     def no_encoding(*args, **kwargs):
         raise AssertionError("features were recomputed")
 
-    monkeypatch.setattr(frozen, "encode_layers", no_encoding)
+    monkeypatch.setattr(features, "layer_features", no_encoding)
     (tmp_path / "run" / "result.json").unlink()  # as if killed after the last layer
     argv[2] = f"run_dir={tmp_path / 'run'}"
     again = frozen.main(frozen.parse_config(argv))

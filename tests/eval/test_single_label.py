@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from core import features
 from core.features import LAYERS
 from eval import single_label
 from eval.knn import knn_topk
@@ -119,7 +120,7 @@ def test_stage_end_to_end_on_a_class_folder(make_checkpoint, tmp_path, monkeypat
     def no_encoding(*args, **kwargs):
         raise AssertionError("features were recomputed")
 
-    monkeypatch.setattr(single_label, "layer_features", no_encoding)
+    monkeypatch.setattr(features, "layer_features", no_encoding)
     argv2 = [a.replace(str(tmp_path / "run"), str(tmp_path / "run2")) for a in argv]
     again = single_label.main(single_label.parse_config([*argv2, "protocols=[knn]"]))
     assert {k: v for k, v in again.items() if k.startswith("knn_") and not k.endswith("_s")} == {
