@@ -13,6 +13,10 @@ conv5 average-pooled to about 9k dimensions as the VOC07 SVM, bottleneck flatten
   momentum; random-resized-crop + flip on train (``linear.augment``; an encoder pass per epoch),
   centre crop on val.
 
+- **Fine-tuning on 1 % / 10 % of the labels** (``protocols=[...,finetune]``, :mod:`eval.finetune`):
+  the encoder + a linear head trained end to end on a fixed label subset of train
+  (``finetune.fractions``; its image ids in ``parts/finetune<pct>.json``), fixed hyperparameters.
+
 No choice is made on val: a fixed stratified part of ``train_split`` (``holdout``, the same for
 every checkpoint) is held out; the kNN layer is the best held-out top-1 with the rest of train as
 the database, the probe's lr per layer and its layer the best held-out top-1 of heads trained on the
@@ -22,7 +26,7 @@ train minus the held-out part.
 Result keys (``result.json``): ``knn_<layer>_top1`` / ``_top5`` (val), ``knn_<layer>_holdout_top1``,
 ``knn_top1`` / ``knn_top5`` / ``knn_layer`` (1-based index into LAYERS); ``linear_<layer>_top1`` /
 ``_top5`` (val, the layer's held-out-best lr), ``linear_<layer>_holdout_top1``, ``linear_<layer>_lr``,
-``linear_top1`` / ``linear_top5`` / ``linear_layer``; ``n_train``, ``n_val``, ``num_classes``,
+``linear_top1`` / ``linear_top5`` / ``linear_layer``; ``finetune<pct>_top1`` / ``_top5`` / ``_n``; ``n_train``, ``n_val``, ``num_classes``,
 ``extract_s``, ``knn_s``, ``linear_s``, ``time_s``. Features are cached
 (:func:`core.features.split_features`); each finished protocol is kept in ``<run_dir>/parts/``.
 """
@@ -59,6 +63,7 @@ from core.features import (
 )
 from core.preflight import Input
 from eval.features import folder_class_labels, split_source
+from eval.finetune import FinetuneConfig, finetune_topk, label_subset
 from eval.knn import KNNConfig, knn_topk
 from eval.linear import LinearConfig, LinearHeads, fixed_batches, head_scores, train_heads
 from eval.metrics import best_layer, topk_accuracy
@@ -77,9 +82,10 @@ class Config:
     layers: tuple[str, ...] = LAYERS
     target_dim: int = TARGET_DIM  # pooled dimensions aimed at per conv layer (as the SVM)
     holdout: float = 0.1  # part of train_split held out to choose lr and layer (never val)
-    protocols: tuple[Literal["knn", "linear"], ...] = ("knn", "linear")
+    protocols: tuple[Literal["knn", "linear", "finetune"], ...] = ("knn", "linear")
     knn: KNNConfig = field(default_factory=KNNConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # protocols=[finetune]
     cache_dir: str = DEFAULT_CACHE_DIR
     device: str = "auto"
     batch_size: int = 64  # feature extraction
@@ -99,12 +105,15 @@ def check_config(cfg: Config) -> Config:
     if not 0 < cfg.holdout < 1:
         raise ConfigError(f"holdout must be in (0, 1), got {cfg.holdout}")
     if not cfg.protocols:
-        raise ConfigError("protocols is empty; choose among knn, linear")
+        raise ConfigError("protocols is empty; choose among knn, linear, finetune")
     if cfg.knn.k < 1 or cfg.knn.temperature <= 0:
         raise ConfigError(f"knn.k must be >= 1 and knn.temperature > 0, got {cfg.knn}")
     lin = cfg.linear
     if lin.epochs < 1 or lin.batch_size < 2 or not lin.lrs or min(lin.lrs) <= 0:
         raise ConfigError(f"linear: epochs >= 1, batch_size >= 2, positive lrs; got {lin}")
+    ft = cfg.finetune
+    if any(not 0 < f <= 1 for f in ft.fractions) or ft.epochs < 1 or ft.lr <= 0:
+        raise ConfigError(f"finetune: fractions in (0, 1], epochs >= 1, lr > 0; got {ft}")
     return cfg
 
 
@@ -317,6 +326,29 @@ def main(cfg: Config) -> dict[str, float]:
         log.info("linear probe (%s): val top-1 %.4f, top-5 %.4f",
                  LAYERS[int(result["linear_layer"]) - 1], result["linear_top1"],
                  result["linear_top5"])  # fmt: skip
+    if "finetune" in cfg.protocols:
+        val_pairs = LabelledRows(val_images, yval, np.arange(len(yval)))
+        for fraction in cfg.finetune.fractions:
+            name = f"finetune{fraction * 100:g}"
+            rows = label_subset(ytr, fraction)
+            key = identity_key({**protocol, "finetune": asdict(cfg.finetune), "fraction": fraction,
+                                "seed": cfg.seed})  # fmt: skip
+
+            def finetune(name: str = name, rows: np.ndarray = rows) -> dict[str, Any]:
+                t1 = time.perf_counter()
+                augmented = LabelledRows(
+                    ImageFolderImages(train_images.root, size, True), ytr, rows
+                )
+                acc = finetune_topk(model.encoder, augmented, val_pairs, n, cfg.finetune, cfg.seed,
+                                    pick_device(cfg.device))  # fmt: skip
+                out = {f"{name}_top1": acc[1], f"{name}_top5": acc[5], f"{name}_n": float(len(rows)),
+                       f"{name}_s": time.perf_counter() - t1}  # fmt: skip
+                return {"result": out, "subset": [train_images.ids[i] for i in rows]}
+
+            part = run_folder.resumable_part(run_dir / "parts" / f"{name}.json", key, finetune)
+            result.update(part["result"])
+            log.info("fine-tuned on %d labels (%s): val top-1 %.4f", len(rows), name,
+                     result[f"{name}_top1"])  # fmt: skip
     result.update(n_train=float(len(ytr)), n_val=float(len(yval)), num_classes=float(n),
                   time_s=time.perf_counter() - t0)  # fmt: skip
     return run_folder.finish(run_dir, result, {**meta, "elapsed_s": result["time_s"]})

@@ -150,3 +150,33 @@ def test_flat_folder_is_one_error_line(make_checkpoint, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "class subfolders" in lines[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_label_subsets_are_fixed_stratified_and_nested_in_size():
+    from eval.finetune import label_subset
+
+    labels = np.repeat(np.arange(4), [200, 100, 50, 3])
+    one, ten = label_subset(labels, 0.01), label_subset(labels, 0.1)
+    assert np.bincount(labels[one], minlength=4).tolist() == [2, 1, 1, 1]  # at least one per class
+    assert np.bincount(labels[ten], minlength=4).tolist() == [20, 10, 5, 1]
+    assert np.array_equal(one, label_subset(labels, 0.01))  # the same draw every time
+    assert len(np.unique(ten)) == len(ten)
+
+
+def test_finetune_protocol_records_its_subset(make_checkpoint, tmp_path):
+    data = class_folder(tmp_path / "data", train=10, val=4)
+    ckpt = make_checkpoint(tmp_path / "ck.pt", seed=0)
+    argv = [f"checkpoint={ckpt}", f"data={data}", f"run_dir={tmp_path / 'run'}",
+            f"cache_dir={tmp_path / 'cache'}", "protocols=[finetune]", "finetune.fractions=[0.2,1.0]",
+            "finetune.epochs=8", "finetune.batch_size=8", "finetune.lr=0.005", "device=cpu"]  # fmt: skip
+    result = single_label.main(single_label.parse_config(argv))
+    assert result["finetune20_n"] == 6 and result["finetune100_n"] == 30  # 2 / 10 per class
+    subset = json.loads((tmp_path / "run" / "parts" / "finetune20.json").read_text())["subset"]
+    assert len(subset) == 6 and sorted({s.split("/")[0] for s in subset}) == [
+        "class0",
+        "class1",
+        "class2",
+    ]
+    for name in ("finetune20", "finetune100"):
+        assert 0 <= result[f"{name}_top1"] <= result[f"{name}_top5"] == 1.0
+    assert result["finetune100_top1"] > 0.9  # colour classes: learnt from all labels
