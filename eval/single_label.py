@@ -134,13 +134,19 @@ def class_folder(data: str | Path, split: str) -> Path:
     return folder
 
 
+def open_images(folder: Path, size: int, train: bool) -> ImageFolderImages:
+    """Every image under ``folder`` (sorted; the train view or the eval view): the one place this
+    stage opens images (``core.datasets`` -> ``core.images`` decides which files and modes pass)."""
+    return ImageFolderImages(folder, size, train=train)
+
+
 def labelled_images(
     data: str | Path, split: str, size: int, train: bool, classes: list[str] | None = None
 ) -> tuple[ImageFolderImages, np.ndarray, list[str]]:
     """(images, int labels [N], classes): every image under ``<data>/<split>/<class>/``; ``classes``
     (train's) fixes the label of each class name."""
     folder = class_folder(data, split)
-    images = ImageFolderImages(folder, size, train=train)
+    images = open_images(folder, size, train)
     names = folder_class_labels(images.ids)
     if names is None:
         raise UserError(f"{folder}: images must be in class subfolders (<class>/<image>)")
@@ -317,7 +323,7 @@ def main(cfg: Config) -> dict[str, float]:
 
         def linear() -> dict[str, Any]:
             t1 = time.perf_counter()
-            augmented = ImageFolderImages(train_images.root, size, train=True)
+            augmented = open_images(train_images.root, size, True)
             out = linear_protocol(model, augmented, train, ytr, val, yval, fit, held, n, cfg)
             return {"result": {**out, "linear_s": time.perf_counter() - t1}}
 
@@ -337,7 +343,7 @@ def main(cfg: Config) -> dict[str, float]:
             def finetune(name: str = name, rows: np.ndarray = rows) -> dict[str, Any]:
                 t1 = time.perf_counter()
                 augmented = LabelledRows(
-                    ImageFolderImages(train_images.root, size, True), ytr, rows
+                    open_images(train_images.root, size, True), ytr, rows
                 )
                 acc = finetune_topk(model.encoder, augmented, val_pairs, n, cfg.finetune, cfg.seed,
                                     pick_device(cfg.device))  # fmt: skip
