@@ -342,9 +342,7 @@ def main(cfg: Config) -> dict[str, float]:
 
             def finetune(name: str = name, rows: np.ndarray = rows) -> dict[str, Any]:
                 t1 = time.perf_counter()
-                augmented = LabelledRows(
-                    open_images(train_images.root, size, True), ytr, rows
-                )
+                augmented = LabelledRows(open_images(train_images.root, size, True), ytr, rows)
                 acc = finetune_topk(model.encoder, augmented, val_pairs, n, cfg.finetune, cfg.seed,
                                     pick_device(cfg.device))  # fmt: skip
                 out = {f"{name}_top1": acc[1], f"{name}_top5": acc[5], f"{name}_n": float(len(rows)),
