@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -292,3 +292,15 @@ def finish(run_dir: str | Path, result: dict[str, Any], meta: dict[str, Any]) ->
     atomic_write_json(run_dir / "meta.json", {**meta, "status": "done"})
     atomic_write_json(run_dir / "result.json", clean)
     return clean
+
+
+def resumable_part(path: str | Path, key: str, compute: Callable[[], dict[str, Any]]) -> dict:
+    """A finished part of a run (``{"key": key, ...}`` at ``path``, e.g. one layer), or
+    ``compute()`` saved there atomically: a killed run resumes at the first unfinished part, and a
+    part computed under another ``key`` (protocol, layer, pooling) is recomputed."""
+    path = Path(path)
+    part = json.loads(path.read_text()) if path.exists() else {}
+    if part.get("key") != key:
+        part = {"key": key, **compute()}
+        atomic_write_json(path, part)
+    return part

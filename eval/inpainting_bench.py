@@ -65,22 +65,14 @@ from core.atomic_io import atomic_write_json
 from core.checkpoint import load_checkpoint, require_trained
 from core.config import ConfigError, parse_cli
 from core.data import dataset_mean, fill_holes, to_unit_range
+from core.features import DEFAULT_CACHE_DIR, l2_normalize, layer_features, pick_device
 from core.images import ImagesConfig
 from core.inpainting import predict_full, region_scores, save_grid
 from core.masks import central_mask, central_square
 from core.models import ContextEncoder
 from core.preflight import Input
-from eval.features import (
-    DEFAULT_CACHE_DIR,
-    encode_images,
-    extract_features,
-    l2_normalize,
-    load_model,
-    pick_device,
-    split_images,
-    split_source,
-)
-from eval.retrieval import build_index, search
+from eval.features import extract_features, load_model, split_images, split_source
+from eval.index import build_index, search
 
 log = logging.getLogger(__name__)
 
@@ -315,9 +307,9 @@ def main(cfg: Config) -> dict[str, float]:
             filled[method] = nn_inpaint(images, qf, database, dbf, hole)[0]
         elif method == "nn_ce":
             model, meta = models["nn_features"]
-            qf = encode_images(
-                model, images, meta["data_mean"], "pool5", hole, cfg.batch_size, device
-            )
+            qf = layer_features(
+                model, images, ("pool5",), None, hole, meta["data_mean"], cfg.batch_size, device
+            )["pool5"]
             db = extract_features(
                 cfg.nn_features, cfg.data, cfg.train_split, "pool5", hole, cfg.cache_dir,
                 cfg.batch_size, device, cfg.images,

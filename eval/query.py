@@ -36,19 +36,11 @@ import torch
 from core.cli import ArgumentParser, UserError
 from core.data import fill_holes, to_unit_range
 from core.datasets import eval_view
+from core.features import DEFAULT_CACHE_DIR, FLAT_LAYERS, l2_normalize, layer_features
 from core.images import ImagesConfig, load_rgb
 from core.inpainting import save_grid
-from eval.features import (
-    DEFAULT_CACHE_DIR,
-    LAYERS,
-    encode_images,
-    extract_features,
-    is_voc_root,
-    l2_normalize,
-    load_model,
-    split_images,
-)
-from eval.retrieval import INDEX_KINDS, METRICS, build_index, search
+from eval.features import extract_features, is_voc_root, load_model, split_images
+from eval.index import INDEX_KINDS, METRICS, build_index, search
 
 
 @dataclass
@@ -95,7 +87,7 @@ def parse_config(argv: list[str] | None = None) -> QueryConfig:
     p.add_argument("--image", required=True, help="query image file")
     p.add_argument("--box", type=parse_box, help="x0,y0,x1,y1: encode only the context of this box")
     p.add_argument("--k", type=int, default=8)
-    p.add_argument("--layer", choices=LAYERS, default="pool5")
+    p.add_argument("--layer", choices=FLAT_LAYERS, default="pool5")
     p.add_argument(
         "--split",
         help="the images searched: a VOC split name (default trainval), a subfolder or a split file "
@@ -155,7 +147,7 @@ def main(cfg: QueryConfig) -> dict[str, float]:
     raw = load_rgb(cfg.image, strict=cfg.images.strict)
     hole = None if cfg.box is None else box_to_view_hole(cfg.box, *raw.shape[:2], size)
     query = torch.from_numpy(np.array(eval_view(raw, size))).permute(2, 0, 1)[None]
-    qfeat = encode_images(model, query, meta["data_mean"], cfg.layer, hole)
+    qfeat = layer_features(model, query, (cfg.layer,), None, hole, meta["data_mean"])[cfg.layer]
     db = extract_features(
         cfg.checkpoint, cfg.data, split, cfg.layer, hole, cfg.cache_dir, rule=cfg.images
     )

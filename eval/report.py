@@ -22,11 +22,11 @@ import pandas as pd
 
 from core.atomic_io import atomic_save, atomic_write_text, read_jsonl
 from core.cli import ArgumentParser, UserError, run_cli
+from core.features import LAYERS
 from core.jobs import Profile, expand, load_profile
 from core.machine import cpu_model
 from eval.tables import (
     FROZEN_LAYER_COLUMNS,
-    FROZEN_LAYERS,
     RETRIEVAL_COLUMNS,
     TABLE1_COLUMNS,
     TABLE2_COLUMNS,
@@ -93,11 +93,11 @@ def frozen_svm_figure(runs: pd.DataFrame, rows: list[tuple[str, str]], path: Pat
     ]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     plotted = False
-    x = list(range(1, len(FROZEN_LAYERS) + 1))
+    x = list(range(1, len(LAYERS) + 1))
     for title, variant in rows:
         sel = frozen[frozen["variant"] == variant]
         means, stds = [], []
-        for layer in FROZEN_LAYERS:
+        for layer in LAYERS:
             key = f"m.svm_{layer}_mAP"
             vals = 100 * sel[key].dropna() if key in sel.columns else pd.Series(dtype=float)
             means.append(vals.mean() if len(vals) else float("nan"))
@@ -108,7 +108,7 @@ def frozen_svm_figure(runs: pd.DataFrame, rows: list[tuple[str, str]], path: Pat
         ax.errorbar(x, means, yerr=stds, marker="o", capsize=3, lw=1.5, label=f"{title} (n={n})")
         plotted = True
     if plotted:
-        ax.set_xticks(x, list(FROZEN_LAYERS))
+        ax.set_xticks(x, list(LAYERS))
         ax.set_xlabel("layer (average-pooled to ~9k d; bottleneck flattened)")
         ax.set_ylabel("VOC07 test mAP (%), linear SVM")
         ax.set_title("Frozen features: linear SVM per layer (mean ± std over seeds)")

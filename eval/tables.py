@@ -28,6 +28,7 @@ from scipy import optimize, stats
 
 from core import image_scores
 from core.atomic_io import atomic_write_text
+from core.features import LAYERS
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,23 @@ TABLE2_COLUMNS = (
 )
 
 # Frozen VOC07 SVM per layer (eval/frozen.py), the plot of Zhang et al. 2017 as a table.
-FROZEN_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "bottleneck")
 FROZEN_LAYER_COLUMNS = tuple(
     Column(f"{layer} (VOC07 mAP %)", "eval", "frozen", f"svm_{layer}_mAP", 100.0)
-    for layer in FROZEN_LAYERS
+    for layer in LAYERS
+)
+
+
+# Single-label protocols (eval/single_label.py) on a class-subfolder folder: top-1 / top-5 on val of
+# the layer (and lr) chosen on a held-out part of train, and top-1 per layer (Zhang et al. 2017).
+SINGLE_LABEL_COLUMNS = (
+    Column("Linear top-1 (%)", "eval", "single_label", "linear_top1", 100.0),
+    Column("Linear top-5 (%)", "eval", "single_label", "linear_top5", 100.0),
+    Column("kNN top-1 (%)", "eval", "single_label", "knn_top1", 100.0),
+    Column("kNN top-5 (%)", "eval", "single_label", "knn_top5", 100.0),
+)
+SINGLE_LABEL_LAYER_COLUMNS = tuple(
+    Column(f"{layer} linear top-1 (%)", "eval", "single_label", f"linear_{layer}_top1", 100.0)
+    for layer in LAYERS
 )
 
 

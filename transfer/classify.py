@@ -40,6 +40,7 @@ from core.config import parse_cli
 from core.data import to_unit_range
 from core.data_dependent_init import rescale_layers
 from core.datasets import VOCClassification
+from core.features import layer_features
 from core.images import ImagesConfig
 from core.models import AlexNetEncoder
 from core.preflight import Input
@@ -331,44 +332,25 @@ def fit_linear_probe(
 
 def linear_probe(
     name: str,
-    feature_fn: nn.Module,
-    train: Dataset,
-    test: Dataset,
+    model: nn.Module,
+    layer: str,
+    train: DecodedViews,
+    test: DecodedViews,
     cfg: Config,
     classes: tuple[str, ...],
     test_scores: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """Fit on ``train`` (eval views, no augmentation), report AP on ``test`` (its scores [M, C]
-    into ``test_scores[<name>_mAP]`` when given)."""
-    tr, tr_lab, tr_diff = predict(feature_fn, train, 128, False, f"{name} features", cfg.progress)
-    te, te_lab, te_diff = predict(feature_fn, test, 128, False, f"{name} features", cfg.progress)
+    """Fit on ``layer``'s frozen features of ``train`` (eval views, no augmentation), report AP on
+    ``test`` (its scores [M, C] into ``test_scores[<name>_mAP]`` when given)."""
+    tr = layer_features(model, train, (layer,), batch_size=128)[layer]
+    te = layer_features(model, test, (layer,), batch_size=128)[layer]
+    tr_lab, tr_diff = train.base.labels.numpy(), train.base.difficult_only.numpy()
+    te_lab, te_diff = test.base.labels.numpy(), test.base.difficult_only.numpy()
     mean, std, weight, bias = fit_linear_probe(tr, tr_lab, tr_diff, cfg.linear)
     scores = ((torch.from_numpy(te).double() - mean) / std @ weight + bias).numpy()
     if test_scores is not None:
         test_scores[f"{name}_mAP"] = scores
     return ap_metrics(name, scores, te_lab, te_diff, classes, cfg.ap_mode)
-
-
-class Pool5(nn.Module):
-    """x -> flattened pool5 [N, C5 * n * n] of the frozen encoder."""
-
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x).flatten(1)
-
-
-class BottleneckFC(nn.Module):
-    """x -> flattened output of the checkpoint's channel-wise FC [N, C5 * n * n] (frozen)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_bottleneck(self.model.forward_encoder(x)).flatten(1)
 
 
 # ---- main --------------------------------------------------------------------------------------
@@ -433,12 +415,11 @@ def main(cfg: Config) -> dict[str, float]:
             )
             result.update(ap_metrics("finetune", scores, labels, diff, classes, cfg.ap_mode))
             test_scores["finetune_mAP"] = scores
-        elif mode == "linear_pool5":
-            probe = Pool5(model.encoder)
-            result.update(linear_probe(mode, probe, train_eval, test, cfg, classes, test_scores))
-        else:
-            probe = BottleneckFC(model)
-            result.update(linear_probe(mode, probe, train_eval, test, cfg, classes, test_scores))
+        else:  # linear_pool5 / linear_fc: the encoder output / the channel-wise FC's
+            layer = "pool5" if mode == "linear_pool5" else "bottleneck"
+            result.update(
+                linear_probe(mode, model, layer, train_eval, test, cfg, classes, test_scores)
+            )
         result[f"{mode}_time_s"] = time.perf_counter() - t_mode
         log.info("%s: mAP %.4f", mode, result[f"{mode}_mAP"])
         append_jsonl(run_dir / "metrics.jsonl", {"mode": mode, "mAP": result[f"{mode}_mAP"]})

@@ -3,9 +3,14 @@
 import numpy as np
 import torch
 
+from core.features import layer_features
 from core.masks import central_mask
 from eval import features
-from eval.features import encode_images, extract_features, load_model, voc_images
+from eval.features import extract_features, load_model, voc_images
+
+
+def encode_images(model, images, data_mean, layer, hole=None):
+    return layer_features(model, images, (layer,), None, hole, data_mean)[layer]
 
 
 def test_cache_reloads_identical_features_without_recomputing(
@@ -18,7 +23,7 @@ def test_cache_reloads_identical_features_without_recomputing(
     def boom(*args, **kwargs):
         raise AssertionError("recomputed although cached")
 
-    monkeypatch.setattr(features, "encode_images", boom)
+    monkeypatch.setattr(features, "layer_features", boom)
     again = extract_features(tiny_ckpt, tiny_voc, "val", "pool5", cache_dir=tmp_path)
     np.testing.assert_array_equal(again.features, first.features)
     assert again.ids == first.ids
@@ -61,3 +66,43 @@ def test_hole_pixels_do_not_reach_the_encoder(tiny_ckpt, ckpt_mean):
     f = encode_images(model, images, ckpt_mean, "pool5", hole)
     np.testing.assert_array_equal(f, encode_images(model, other_hole, ckpt_mean, "pool5", hole))
     assert not np.allclose(f, encode_images(model, other_context, ckpt_mean, "pool5", hole))
+
+
+def image_folder(root, n=4, size=72):
+    """A flat folder of ``n`` random RGB JPEGs."""
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"img{i}.jpg")
+    return root
+
+
+def test_cache_keys_from_the_whole_identity_with_flat_names(make_checkpoint, tmp_path, monkeypatch):
+    """Split '.', a dotted split file and an absolute split path: flat names, one entry per
+    identity; two checkpoints on split '.' keep two entries, and a second run recomputes nothing."""
+    data = image_folder(tmp_path / "photos")
+    (data / "list.v1.txt").write_text("img0.jpg\nimg2.jpg\n")
+    cks = [make_checkpoint(tmp_path / f"ck{seed}.pt", seed=seed) for seed in (1, 2)]
+    cache = tmp_path / "cache"
+    splits = (".", "list.v1.txt", str(data / "list.v1.txt"))
+    first = {
+        (c, s): extract_features(c, data, s, "pool5", cache_dir=cache) for c in cks for s in splits
+    }
+    files = sorted(p.name for p in cache.rglob("*"))
+    assert all(p.parent == cache for p in cache.rglob("*"))  # flat: no folders inside the cache
+    assert len(files) == 2 * 2 * len(splits)  # one .npy + .json per (checkpoint, split)
+    assert not np.allclose(first[cks[0], "."].features, first[cks[1], "."].features)
+    assert len(first[cks[0], "."].ids) == 4 and len(first[cks[0], "list.v1.txt"].ids) == 2
+
+    def boom(*args, **kwargs):
+        raise AssertionError("recomputed although cached")
+
+    monkeypatch.setattr(features, "layer_features", boom)
+    for (c, s), fs in first.items():
+        np.testing.assert_array_equal(
+            extract_features(c, data, s, "pool5", cache_dir=cache).features, fs.features
+        )
+    assert sorted(p.name for p in cache.rglob("*")) == files

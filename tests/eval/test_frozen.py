@@ -12,21 +12,14 @@ import pytest
 import torch
 from sklearn.svm import LinearSVC
 
+from core import features
+from core.features import pool_spec, pooling_for
 from core.models import build_model
 from core.voc_ap import mean_ap, voc07_classification_ap
 from eval import frozen
-from eval.frozen import (
-    Config,
-    LowShotConfig,
-    SVMConfig,
-    fit_l2svm,
-    knn_scores,
-    lowshot_layer,
-    lowshot_rows,
-    pool_spec,
-    pooling_for,
-    svm_layer,
-)
+from eval.frozen import Config
+from eval.knn import knn_scores
+from eval.svm import LowShotConfig, SVMConfig, fit_l2svm, lowshot_layer, lowshot_rows, svm_layer
 
 # VISSL, eval_alexnet_8gpu_transfer_voc07_svm.yaml: conv1 k19 s4, conv2 k12 s3, conv3-4 k9 s1,
 # conv5 k8 s1 -> 9600 / 9216 / 9600 / 9600 / 9216 dimensions at 227 px.
@@ -40,11 +33,15 @@ SMALL64_DIMS = {"conv1": 9408, "conv2": 9600, "conv3": 8192, "conv4": 8192, "con
 
 def dims_of(arch: str) -> dict[str, int]:
     model = build_model(arch, output="center" if arch == "inpaint128" else "full").eval()
-    pooling = pooling_for(model, frozen.TARGET_DIM)
+    pooling = pooling_for(model, features.TARGET_DIM)
     x = torch.zeros(2, 3, model.input_size, model.input_size)
     with torch.no_grad():
-        maps = frozen.conv_maps(model, x)
-    return {k: frozen.pool_and_flatten(v, pooling[k]).shape[1] for k, v in maps.items()}, pooling
+        maps = features.conv_maps(model, x)
+    return {
+        k: features.pool_and_flatten(v, pooling[k]).shape[1]
+        for k, v in maps.items()
+        if k in pooling
+    }, pooling
 
 
 def test_pooling_reproduces_vissl_alexnet_227():
@@ -169,20 +166,24 @@ def test_lowshot_svm_oracles():
     x, y = single_label_bank(300, 4, rng, separable=True)
     xt, yt = single_label_bank(200, 4, rng, separable=True)
     zeros, zeros_t = np.zeros_like(y), np.zeros_like(yt)
-    maps = lowshot_layer((x, y, zeros), (xt, yt, zeros_t), cfg)
+    maps = lowshot_of((x, y, zeros), (xt, yt, zeros_t), cfg)
     assert set(maps) == {"1", "2", "8"}
     np.testing.assert_allclose([m for v in maps.values() for m in v], 1.0)
 
     x, y = single_label_bank(300, 4, rng, separable=False)
     xt, yt = single_label_bank(4000, 4, rng, separable=False)
     cfg.ap_mode = "area"
-    maps = lowshot_layer((x, y, zeros), (xt, yt, np.zeros_like(yt)), cfg)
+    maps = lowshot_of((x, y, zeros), (xt, yt, np.zeros_like(yt)), cfg)
     for values in maps.values():
         assert len(values) == 3
         np.testing.assert_allclose(np.mean(values), yt.mean(), atol=0.03)
     # a k no sample can reach: NaN, not an error
     cfg.lowshot = LowShotConfig(k=(1000,), samples=2)
-    assert np.isnan(lowshot_layer((x, y, zeros), (xt, yt, np.zeros_like(yt)), cfg)["1000"]).all()
+    assert np.isnan(lowshot_of((x, y, zeros), (xt, yt, np.zeros_like(yt)), cfg)["1000"]).all()
+
+
+def lowshot_of(train, test, cfg):
+    return lowshot_layer(train, test, cfg.svm, cfg.lowshot, cfg.ap_mode, cfg.num_workers)
 
 
 def test_knn_votes_oracle():
@@ -256,7 +257,7 @@ def test_stage_on_tiny_voc_caches_and_resumes(tiny_voc, tiny_ckpt, tmp_path, mon
     def no_encoding(*args, **kwargs):
         raise AssertionError("features were recomputed")
 
-    monkeypatch.setattr(frozen, "encode_layers", no_encoding)
+    monkeypatch.setattr(features, "layer_features", no_encoding)
     (tmp_path / "run" / "result.json").unlink()  # as if killed after the last layer
     argv[2] = f"run_dir={tmp_path / 'run'}"
     again = frozen.main(frozen.parse_config(argv))

@@ -12,10 +12,9 @@ import pytest
 from PIL import Image
 
 from core.cli import run_cli
+from core.features import LAYERS
 from core.jobs import Profile
 from eval.report import write_report
-
-LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "bottleneck")
 
 
 def record(root, stage, task, variant, seed, result):

@@ -8,14 +8,13 @@ import pytest
 from PIL import Image
 
 from eval import query
+from eval.index import build_index, search
 from eval.retrieval import (
     Config,
-    build_index,
     chance_precision,
     precision_at_k,
     recall_at_k,
     retrieval_benchmark,
-    search,
 )
 
 
