@@ -42,7 +42,7 @@ import torch
 from core import run_folder, voc
 from core.config import ConfigError, parse_cli
 from core.inpainting import save_grid
-from core.preflight import Input
+from core.stage_inputs import Input
 from eval.features import (
     DEFAULT_CACHE_DIR,
     LAYERS,
@@ -247,7 +247,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 
 def input_checks(cfg: Config) -> list[Input]:
-    """The run's inputs with the checks main makes of them (core.preflight): each checkpoint,
+    """The run's inputs with the checks main makes of them (orchestrate.preflight): each checkpoint,
     the query and database splits of ``data``."""
     checks = [
         Input(f"checkpoints.{name}", path, lambda path=path: run_folder.source_meta(path))

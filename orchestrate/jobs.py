@@ -1,32 +1,18 @@
-"""One experiment description (a profile, ``eval/profiles/*.yaml``) and its job graph.
+"""The job graph of a profile (:mod:`orchestrate.profile`) and the run records of its jobs.
 
-:func:`load_profile` reads and checks a profile (and its cluster file); :func:`expand` turns it
-into :class:`Job` records: module, argv, run folder, dependencies, resources. Both executors run
-these jobs (``eval.pipeline``: local processes; ``core.slurm``: submitit on SLURM), record them
-with :func:`write_run_json` and read their state with :func:`job_state`; the tables read the same
-run folders.
+:func:`expand` turns a profile into :class:`Job` records: module, argv, run folder, dependencies,
+resources. Both executors run these jobs (:mod:`orchestrate.local`: local processes;
+:mod:`orchestrate.slurm`: submitit on SLURM), record them with :func:`write_run_json` and read
+their state with :func:`job_state`; the tables read the same run folders.
 
 Run folders (one scheme, :func:`run_dir_for`): ``<runs_root>/<stage>/<task>/<variant>/seed<k>``,
 ``<runs_root>/pretext/<variant>/seed<k>`` for the pretext stage.
-
-Profile keys beyond the variants / tasks (README, "Profiles"):
-
-- ``pretext.variants.<v>.grid: {mask.kind: [central, random_block], ...}`` expands ``<v>`` into one
-  variant per combination, named ``<v>,mask.kind=central,...``; the grid values are added to the
-  variant's overrides. A transfer / eval task that lists ``<v>`` runs on all of them.
-- ``resources:`` (submitit parameters: ``timeout_min``, ``cpus_per_task``, ``mem_gb``,
-  ``gpus_per_node``, ``tasks_per_node``, ``nodes``, ``slurm_*``) on ``pretext``, on a pretext
-  variant and on a transfer / eval task; the local executor ignores them.
-- ``cluster: FILE`` (or ``--cluster FILE``): site facts, ``{resources: {...}, stages: {<task>: {...}}}``.
-  Precedence: cluster ``resources`` < the profile's < cluster ``stages.<task>`` (``pretext`` for
-  the pretext stage).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import itertools
 import json
 import os
 import pickle
@@ -37,17 +23,8 @@ from typing import Any
 
 from core import run_folder
 from core.atomic_io import atomic_write_json
-from core.config import ConfigError, read_yaml
+from orchestrate.profile import Profile, Task, Variant
 
-PROFILE_KEYS = {"name", "runs_root", "results_dir", "data", "seeds", "parallel", "cluster",
-                "pretext", "transfer", "eval"}  # fmt: skip
-REQUIRED_KEYS = {"name", "runs_root", "results_dir", "data", "seeds", "pretext"}
-PRETEXT_KEYS = {"module", "config", "data", "overrides", "resources", "variants"}
-VARIANT_KEYS = {"title", "config", "data", "overrides", "seeds", "grid", "resources"}
-TASK_KEYS = {"module", "args", "variants", "data", "per", "rows", "resources"}
-CLUSTER_KEYS = {"resources", "stages"}
-RESOURCE_KEYS = {"timeout_min", "cpus_per_task", "mem_gb", "gpus_per_node", "tasks_per_node",
-                 "nodes", "stderr_to_stdout"}  # fmt: skip  # + any slurm_* (submitit checks those)
 SUBMITIT_DEFAULT_TIMEOUT_MIN = 5  # the time limit submitit asks SLURM for without timeout_min
 
 
@@ -87,137 +64,15 @@ def run_dir_for(runs_root: str | Path, stage: str, task: str, variant: str, seed
     return str(Path(runs_root, *parts, variant, f"seed{seed}"))
 
 
-@dataclass
-class Profile:
-    name: str
-    runs_root: str
-    results_dir: str
-    data: str
-    seeds: list[int]
-    pretext: dict[str, Any]  # variants: grid-expanded, {name: spec}
-    transfer: dict[str, Any] = field(default_factory=dict)
-    eval: dict[str, Any] = field(default_factory=dict)
-    parallel: int = 1
-    cluster: str | None = None
-    path: str = ""
-    site: dict[str, Any] = field(default_factory=dict)  # the cluster file's content
+def _seeds(spec: Variant, profile: Profile) -> list[int]:
+    return list(profile.seeds) if spec.seeds == "all" else list(spec.seeds)
 
 
-def _check_keys(where: str, data: Any, valid: set[str]) -> None:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    unknown = sorted(set(data) - valid)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
-
-
-def _check_resources(where: str, resources: Any) -> dict[str, Any]:
-    resources = resources or {}
-    _check_keys(where, resources, RESOURCE_KEYS | {k for k in resources if k.startswith("slurm_")})
-    return dict(resources)
-
-
-def load_cluster(path: str | Path | None) -> dict[str, Any]:
-    """A cluster file: ``{resources: {...}, stages: {<task>: {...}}}`` (site facts)."""
-    if not path:
-        return {"resources": {}, "stages": {}}
-    raw = read_yaml(path)
-    _check_keys(str(path), raw, CLUSTER_KEYS)
-    stages = raw.get("stages") or {}
-    _check_keys(f"{path}: stages", stages, set(stages))
-    return {
-        "resources": _check_resources(f"{path}: resources", raw.get("resources")),
-        "stages": {k: _check_resources(f"{path}: stages.{k}", v) for k, v in stages.items()},
-    }
-
-
-def format_value(value: Any) -> str:
-    """A value as the stages' ``key=value`` parser (YAML) reads it back."""
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def expand_grid(name: str, spec: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
-    """``{name: spec}``, or one variant per combination of ``spec['grid']`` (file order, last key
-    fastest), named ``name,k=v,...``, with ``k=v`` added to its overrides."""
-    grid = spec.get("grid")
-    if not grid:
-        return {name: spec}
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-        raise ConfigError(f"{where}.grid: expected a mapping key -> non-empty list of values")
-    if "seed" in grid:
-        raise ConfigError(f"{where}.grid: use `seeds:` for seeds, not a grid key")
-    out = {}
-    for combo in itertools.product(*grid.values()):
-        values = [f"{k}={format_value(v)}" for k, v in zip(grid, combo)]
-        suffix = ",".join(v.replace("/", "_") for v in values)
-        title = f"{spec.get('title', name)} ({', '.join(values)})"
-        out[f"{name},{suffix}"] = {
-            **{k: v for k, v in spec.items() if k != "grid"},
-            "title": title,
-            "overrides": [*spec.get("overrides", []), *values],
-            "grid_of": name,
-        }
-    return out
-
-
-def load_profile(
-    path: str | Path, overrides: dict[str, Any] | None = None, cluster: str | None = None
-) -> Profile:
-    """Read and check ``path``; grids are expanded, ``cluster`` (a file) overrides ``cluster:``."""
-    raw = {**read_yaml(path), **(overrides or {})}
-    _check_keys(str(path), raw, PROFILE_KEYS)
-    missing = sorted(REQUIRED_KEYS - set(raw))
-    if missing:
-        raise ConfigError(f"{path}: missing key(s) {missing}")
-    pre = dict(raw["pretext"])
-    _check_keys(f"{path}: pretext", pre, PRETEXT_KEYS)
-    _check_resources(f"{path}: pretext.resources", pre.get("resources"))
-    variants: dict[str, dict[str, Any]] = {}
-    for name, spec in (pre.get("variants") or {}).items():
-        where = f"{path}: pretext.variants.{name}"
-        spec = spec or {}
-        _check_keys(where, spec, VARIANT_KEYS)
-        _check_resources(f"{where}.resources", spec.get("resources"))
-        variants.update(expand_grid(name, spec, where))
-    pre["variants"] = variants
-    for stage in ("transfer", "eval"):
-        tasks = dict(raw.get(stage) or {})
-        for task, spec in tasks.items():
-            if stage == "eval" and task == "figures":
-                continue
-            where = f"{path}: {stage}.{task}"
-            _check_keys(where, spec, TASK_KEYS)
-            _check_resources(f"{where}.resources", spec.get("resources"))
-            if "module" not in spec:
-                raise ConfigError(f"{where}: missing key 'module'")
-            tasks[task] = {**spec, "variants": _resolve(spec.get("variants", []), variants, where)}
-        raw[stage] = tasks
-    raw["pretext"] = pre
-    cluster = cluster or raw.get("cluster")
-    return Profile(**{**raw, "cluster": cluster}, path=str(path), site=load_cluster(cluster))
-
-
-def _resolve(names: list[str], variants: dict[str, dict[str, Any]], where: str) -> list[str]:
-    """Variant names, a gridded variant's name standing for all its grid variants."""
-    out = []
-    for name in names:
-        members = [v for v, spec in variants.items() if v == name or spec.get("grid_of") == name]
-        if not members:
-            raise ConfigError(f"{where}: names pretext variant {name!r}, which is not defined")
-        out += members
-    return out
-
-
-def _seeds(spec: dict[str, Any], profile: Profile) -> list[int]:
-    seeds = spec.get("seeds", "all")
-    return list(profile.seeds) if seeds == "all" else [int(s) for s in seeds]
-
-
-def _resources(profile: Profile, key: str, *specs: dict[str, Any]) -> dict[str, Any]:
-    out = dict(profile.site.get("resources", {}))
-    for spec in specs:
-        out.update(spec.get("resources") or {})
-    return {**out, **profile.site.get("stages", {}).get(key, {})}
+def _resources(profile: Profile, key: str, *resources: dict[str, Any]) -> dict[str, Any]:
+    out = dict(profile.site.resources)
+    for extra in resources:
+        out.update(extra)
+    return {**out, **profile.site.stages.get(key, {})}
 
 
 def expand(profile: Profile) -> list[Job]:
@@ -226,24 +81,21 @@ def expand(profile: Profile) -> list[Job]:
     root = profile.runs_root
     pre = profile.pretext
     pretext_dirs: dict[tuple[str, int], str] = {}
-    for variant, spec in pre["variants"].items():
+    for variant, spec in pre.variants.items():
         for seed in _seeds(spec, profile):
             run_dir = run_dir_for(root, "pretext", "pretext", variant, seed)
             argv = (
-                "--config", spec.get("config", pre.get("config", "")),
-                f"run_dir={run_dir}", f"seed={seed}", f"data.root={spec.get('data', pre.get('data', profile.data))}",
-                *pre.get("overrides", []), *spec.get("overrides", []),
+                "--config", spec.config or pre.config,
+                f"run_dir={run_dir}", f"seed={seed}", f"data.root={spec.data or pre.data or profile.data}",
+                *pre.overrides, *spec.overrides,
             )  # fmt: skip
-            module = pre.get("module", "pretext.train")
-            resources = _resources(profile, "pretext", pre, spec)
+            resources = _resources(profile, "pretext", pre.resources, spec.resources)
             jobs.append(
-                Job("pretext", "pretext", variant, seed, module, argv, run_dir, (), resources)
+                Job("pretext", "pretext", variant, seed, pre.module, argv, run_dir, (), resources)
             )
             pretext_dirs[(variant, seed)] = run_dir
-    for stage in ("transfer", "eval"):
-        for task, spec in getattr(profile, stage).items():
-            if not (stage == "eval" and task == "figures"):
-                jobs.extend(_downstream_jobs(profile, stage, task, spec, pretext_dirs))
+    for (stage, task), spec in profile.tasks().items():
+        jobs.extend(_downstream_jobs(profile, stage, task, spec, pretext_dirs))
     return jobs
 
 
@@ -251,22 +103,17 @@ def _downstream_jobs(
     profile: Profile,
     stage: str,
     task: str,
-    spec: dict[str, Any],
+    spec: Task,
     pretext_dirs: dict[tuple[str, int], str],
 ) -> list[Job]:
-    """Jobs of a transfer task or an eval stage.
-
-    ``data`` (default: the profile's) is the dataset root of this task.
-    ``per: variant`` (default) runs once per pretext (variant, seed) listed in ``variants``, with
-    ``{checkpoint}`` in its args replaced by that pretext run's folder. ``per: profile`` runs once
-    (seed 0) with ``{checkpoint:<variant>}`` placeholders for several pretext runs.
-    """
+    """Jobs of a transfer task or an eval stage (``spec.per``: once per pretext run of its
+    variants, or once for the profile); ``spec.data`` (default: the profile's) is its data set."""
     jobs = []
-    args = spec.get("args", [])
-    resources = _resources(profile, task, spec)
-    if spec.get("per", "variant") == "profile":
+    resources = _resources(profile, task, spec.resources)
+    data = spec.data or profile.data
+    if spec.per == "profile":
         deps, argv = [], []
-        for arg in args:
+        for arg in spec.args:
             for (variant, seed), ckpt in pretext_dirs.items():
                 token = f"{{checkpoint:{variant}}}"
                 if token in arg and seed == min(s for v, s in pretext_dirs if v == variant):
@@ -274,30 +121,21 @@ def _downstream_jobs(
                     deps.append(ckpt)
             argv.append(arg)
         run_dir = run_dir_for(profile.runs_root, stage, task, "all", 0)
-        argv += [f"run_dir={run_dir}", f"data={spec.get('data', profile.data)}"]
-        job = Job(
-            stage, task, "all", 0, spec["module"], tuple(argv), run_dir, tuple(deps), resources
-        )
+        argv += [f"run_dir={run_dir}", f"data={data}"]
+        job = Job(stage, task, "all", 0, spec.module, tuple(argv), run_dir, tuple(deps), resources)
         return [job]
-    for variant in spec.get("variants", []):
+    for variant in spec.variants:
         for seed in [s for (v, s) in pretext_dirs if v == variant]:
             ckpt = pretext_dirs[(variant, seed)]
             run_dir = run_dir_for(profile.runs_root, stage, task, variant, seed)
-            argv = [a.replace("{checkpoint}", ckpt) for a in args]
-            argv += [f"run_dir={run_dir}", f"seed={seed}", f"data={spec.get('data', profile.data)}"]
+            argv = [a.replace("{checkpoint}", ckpt) for a in spec.args]
+            argv += [f"run_dir={run_dir}", f"seed={seed}", f"data={data}"]
             jobs.append(
                 Job(
-                    stage,
-                    task,
-                    variant,
-                    seed,
-                    spec["module"],
-                    tuple(argv),
-                    run_dir,
-                    (ckpt,),
+                    stage, task, variant, seed, spec.module, tuple(argv), run_dir, (ckpt,),
                     resources,
                 )
-            )
+            )  # fmt: skip
     return jobs
 
 

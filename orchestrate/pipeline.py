@@ -1,22 +1,22 @@
 """``make table``: run what is missing of a profile (pretext -> transfer -> eval), then the tables.
 
-    python -m eval.pipeline --profile builtin              # eval/profiles/builtin.yaml, here
-    python -m eval.pipeline --profile paper --dry-run      # the job graph, its state, GPU-hours
-    python -m eval.pipeline --profile paper --executor slurm [--cluster FILE]   # on SLURM
-    python -m eval.pipeline --profile paper --executor slurm --status           # progress only
+    python -m orchestrate.pipeline --profile builtin            # orchestrate/profiles/builtin.yaml
+    python -m orchestrate.pipeline --profile paper --dry-run    # the job graph, its state, GPU-hours
+    python -m orchestrate.pipeline --profile paper --executor slurm [--cluster FILE]   # on SLURM
+    python -m orchestrate.pipeline --profile paper --executor slurm --status   # progress only
 
-Local executor: each job runs as its own process (``python -m <module> <argv>``), so a crash or a
+Local executor (:mod:`orchestrate.local`): each job runs as its own process (``python -m <module> <argv>``), so a crash or a
 kill loses at most that job's progress since its last checkpoint: run the command again and
 finished jobs are skipped (their ``result.json`` exists), half-finished ones resume from their
-checkpoints, and failed ones are retried. SLURM executor (:mod:`core.slurm`): submits what is
+checkpoints, and failed ones are retried. SLURM executor (:mod:`orchestrate.slurm`): submits what is
 missing or failed and returns with the job ids; run again, it shows progress (and resubmits what
 failed); when every job is done it writes the tables. A job's ``run.json`` records what it is, its
 command and its status; one lock per runs folder keeps two pipelines from running the same jobs.
 
-Pre-flight (:mod:`core.preflight`): before the first job starts or is submitted, every job that
+Pre-flight (:mod:`orchestrate.preflight`): before the first job starts or is submitted, every job that
 would run is checked — its argv by its stage's parse_config, its inputs by its stage's own checks,
-the cluster by :func:`core.slurm.check_cluster` — and every problem is printed at once, grouped
-by cause; then nothing starts (exit 2). ``--dry-run`` prints the job graph (:mod:`core.dry_run`)
+the cluster by :func:`orchestrate.slurm.check_cluster` — and every problem is printed at once, grouped
+by cause; then nothing starts (exit 2). ``--dry-run`` prints the job graph (:mod:`orchestrate.dry_run`)
 and the pre-flight's findings, and writes nothing.
 """
 
@@ -24,142 +24,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from core import preflight, run_folder
 from core.cli import ArgumentParser
-from core.dry_run import print_graph, shown_state
-from core.jobs import (
-    Job,
-    PipelineBusy,
-    Profile,
-    expand,
-    job_state,
-    load_profile,
-    runs_lock,
-    write_run_json,
-)
-
-PROFILES_DIR = Path(__file__).parent / "profiles"
-
-
-def profile_path(name: str) -> Path:
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml"):
-        return path
-    return PROFILES_DIR / f"{name}.yaml"
-
-
-def run_job(job: Job, threads: int) -> tuple[bool, float]:
-    """Run one job to completion in a subprocess; returns (success, wall seconds)."""
-    run_dir = Path(job.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", job.module, *job.argv]
-    write_run_json(
-        job, "running", command=command, log=str(run_dir / "log.txt"), started=time.time()
-    )
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-        "CE_NUM_THREADS": str(threads),
-        "PYTHONUNBUFFERED": "1",
-    }
-    t0 = time.perf_counter()
-    with open(run_dir / "log.txt", "ab") as log:
-        log.write(f"\n$ {' '.join(command)}\n".encode())
-        log.flush()
-        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
-    wall = time.perf_counter() - t0
-    ok = proc.returncode == 0 and run_folder.is_finished(run_dir)
-    if ok:
-        write_run_json(job, "done", command=command, log=str(run_dir / "log.txt"), wall_s=wall)
-    else:
-        tail = (run_dir / "log.txt").read_text(errors="replace").splitlines()[-15:]
-        write_run_json(
-            job, "failed", command=command, log=str(run_dir / "log.txt"), wall_s=wall,
-            returncode=proc.returncode, log_tail=tail,
-        )  # fmt: skip
-    return ok, wall
-
-
-def run_pipeline(
-    profile: Profile, parallel: int | None = None, out=sys.stdout, only: list[str] | None = None
-) -> dict[str, str]:
-    """Run every job of ``profile`` that is not done, respecting dependencies; one pipeline per
-    runs folder at a time (PipelineBusy otherwise).
-
-    Returns {job name: final state}. Jobs whose dependency failed are marked ``blocked``.
-    """
-    with runs_lock(profile.runs_root):
-        return _run_jobs(profile, parallel, out, only)
-
-
-def _run_jobs(
-    profile: Profile, parallel: int | None, out, only: list[str] | None
-) -> dict[str, str]:
-    jobs = [j for j in expand(profile) if only is None or j.stage in only]
-    parallel = parallel or profile.parallel
-    threads = max(1, (os.cpu_count() or 1) // parallel)
-    by_dir = {j.run_dir: j for j in jobs}
-    state = {j.run_dir: job_state(j.run_dir).state for j in jobs}
-    todo = [j for j in jobs if state[j.run_dir] != "done"]
-    print(
-        f"pipeline {profile.name}: {len(jobs) - len(todo)}/{len(jobs)} jobs done, {len(todo)} to run",
-        file=out,
-    )
-    running: dict[Future, Job] = {}
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        while todo or running:
-            for job in list(todo):
-                if len(running) >= parallel:
-                    break
-                dep_states = [state[d] if d in state else job_state(d).state for d in job.deps]
-                if any(s in ("failed", "blocked") for s in dep_states):
-                    state[job.run_dir] = "blocked"
-                    write_run_json(job, "blocked", reason=f"a dependency failed: {job.deps}")
-                    print(f"  blocked  {job.name} (dependency failed)", file=out)
-                    todo.remove(job)
-                elif all(s == "done" for s in dep_states):
-                    print(f"  start    {job.name}", file=out, flush=True)
-                    running[pool.submit(run_job, job, threads)] = job
-                    state[job.run_dir] = "running"
-                    todo.remove(job)
-            if not running:
-                if todo:  # dependencies outside this profile that are not done
-                    for job in todo:
-                        state[job.run_dir] = "blocked"
-                        print(f"  blocked  {job.name} (dependency not done)", file=out)
-                    break
-                continue
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                job = running.pop(fut)
-                ok, wall = fut.result()
-                state[job.run_dir] = "done" if ok else "failed"
-                word = "done   " if ok else "FAILED "
-                print(
-                    f"  {word}  {job.name} ({wall:.0f} s){'' if ok else ' log: ' + job.run_dir + '/log.txt'}",
-                    file=out,
-                    flush=True,
-                )
-    return {by_dir[d].name: s for d, s in state.items()}
-
-
-def prepare_data(profile: Profile) -> None:
-    """Generate the built-in mini-VOCs (the transfer set, the pretext variants' sets) once, before
-    jobs that read them start in parallel."""
-    from core.data import ensure_builtin
-
-    pre = profile.pretext
-    roots = [profile.data, pre.get("data", profile.data)]
-    roots += [spec["data"] for spec in pre["variants"].values() if spec and "data" in spec]
-    for root in dict.fromkeys(roots):
-        ensure_builtin(root)
+from orchestrate import preflight
+from orchestrate.dry_run import print_graph, shown_state
+from orchestrate.jobs import Job, PipelineBusy, expand, job_state, runs_lock
+from orchestrate.local import prepare_data, run_pipeline
+from orchestrate.profile import Profile, load_profile, profile_path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -192,9 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def write_tables(profile: Profile, wall: float, argv: list[str] | None) -> None:
-    from eval.report import write_report
+    from orchestrate.report import write_report
 
-    command = " ".join(["python -m eval.pipeline", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(
+        ["python -m orchestrate.pipeline", *(sys.argv[1:] if argv is None else argv)]
+    )
     write_report(profile, pipeline_wall_s=wall, command=command)
 
 
@@ -209,7 +85,7 @@ def run_preflight(profile: Profile, jobs: list[Job], outcome: str, cluster: bool
     produced = {j.run_dir for j in expand(profile)}
     problems = preflight.check_jobs(jobs, produced, _shown(profile.path))
     if cluster:
-        from core import slurm
+        from orchestrate import slurm
 
         problems += slurm.check_cluster(jobs, profile.cluster, profile.name)
     if not problems:
@@ -224,7 +100,7 @@ def _selected(jobs: list[Job], only: list[str] | None) -> list[Job]:
 
 def run_slurm(profile: Profile, args: argparse.Namespace, argv: list[str] | None) -> int:
     """Submit what is missing or failed (after the pre-flight); tables once every job is done."""
-    from core import slurm
+    from orchestrate import slurm
 
     jobs = expand(profile)
     folder = Path(profile.runs_root) / ".submitit"

@@ -31,7 +31,7 @@ from core.cli import run_cli
 from core.config import ConfigError, parse_cli
 from core.data import dataset_mean, ensure_builtin
 from core.models import ARCHS, build_model
-from core.preflight import Input
+from core.stage_inputs import Input
 from pretext import distributed
 from pretext.engine import (
     Run,

@@ -41,7 +41,7 @@ from core.data import to_unit_range
 from core.data_dependent_init import rescale_layers
 from core.datasets import VOCClassification
 from core.models import AlexNetEncoder
-from core.preflight import Input
+from core.stage_inputs import Input
 from core.voc_ap import mean_ap, voc07_classification_ap
 from core.voc_splits import dataset_classes, require_split, voc_root
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from core.cli import run_cli
 from core.config import parse_cli
 from core.models import Geometry
-from core.preflight import Input
+from core.stage_inputs import Input
 from transfer import mm_run
 
 log = logging.getLogger("transfer.detect")

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from core import run_folder
 from core.atomic_io import append_jsonl, atomic_write_text, read_jsonl
 from core.models import ARCHS, Geometry, detection_geometry
-from core.preflight import Input
+from core.stage_inputs import Input
 from core.voc_splits import dataset_classes, require_split, voc_root
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ from core.cli import run_cli
 from core.config import parse_cli
 from core.minivoc import voc_palette
 from core.models import Geometry
-from core.preflight import Input
 from core.run_folder import TransferError
+from core.stage_inputs import Input
 from core.voc import VOC_CLASSES
 from transfer import mm_run
 

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from core.config import ConfigError
 from core.data import SeededViews, ensure_builtin
 from core.models import ContextEncoder
-from core.preflight import Input
+from core.stage_inputs import Input
 
 
 @dataclass(frozen=True)
