@@ -1,6 +1,6 @@
-"""The pre-flight of a job graph (orchestrate/preflight.py) and the dry run (orchestrate/dry_run.py), local
-executor: every mistake of a profile found at once, grouped, before any job starts; the dry run
-prints the graph and writes nothing."""
+"""The pre-flight of a job graph (orchestrate/preflight.py) and the dry run
+(orchestrate/dry_run.py), local executor: every mistake of a profile found at once, grouped,
+before any job starts; the dry run prints the graph and writes nothing."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from orchestrate.jobs import expand, write_run_json
 from orchestrate.preflight import Problem, report
 from orchestrate.profile import load_profile
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tree(*roots: Path) -> dict[str, tuple[int, int]]:

@@ -95,7 +95,7 @@ def _cases(ckpt: Path, voc: Path, tmp: Path) -> list[tuple[str, list[str], str]]
         (
             "orchestrate.pipeline",
             ["--profile", str(gridded), "--dry-run"],
-            "ce.resources: unknown key(s) ['gpu']",
+            "unknown key(s) ['pretext.variants.ce.resources.gpu']; valid keys: ",
         ),
         (
             "orchestrate.pipeline",
