@@ -1,23 +1,24 @@
 """``make table``: run what is missing of a profile (pretext -> transfer -> eval), then the tables.
 
     python -m orchestrate.pipeline --profile builtin            # orchestrate/profiles/builtin.yaml
-    python -m orchestrate.pipeline --profile paper --dry-run    # the job graph, its state, GPU-hours
+    python -m orchestrate.pipeline --profile paper --dry-run    # the job graph, state, GPU-hours
     python -m orchestrate.pipeline --profile paper --executor slurm [--cluster FILE]   # on SLURM
     python -m orchestrate.pipeline --profile paper --executor slurm --status   # progress only
 
-Local executor (:mod:`orchestrate.local`): each job runs as its own process (``python -m <module> <argv>``), so a crash or a
-kill loses at most that job's progress since its last checkpoint: run the command again and
-finished jobs are skipped (their ``result.json`` exists), half-finished ones resume from their
-checkpoints, and failed ones are retried. SLURM executor (:mod:`orchestrate.slurm`): submits what is
-missing or failed and returns with the job ids; run again, it shows progress (and resubmits what
-failed); when every job is done it writes the tables. A job's ``run.json`` records what it is, its
-command and its status; one lock per runs folder keeps two pipelines from running the same jobs.
+Local executor (:mod:`orchestrate.local`): each job runs as its own process (``python -m
+<module> <argv>``), so a crash or a kill loses at most that job's progress since its last
+checkpoint: run the command again and finished jobs are skipped (their ``result.json`` exists),
+half-finished ones resume from their checkpoints, and failed ones are retried. SLURM executor
+(:mod:`orchestrate.slurm`): submits what is missing or failed and returns with the job ids; run
+again, it shows progress (and resubmits what failed); when every job is done it writes the tables.
+A job's ``run.json`` records what it is, its command and its status; one lock per runs folder
+keeps two pipelines from running the same jobs.
 
-Pre-flight (:mod:`orchestrate.preflight`): before the first job starts or is submitted, every job that
-would run is checked — its argv by its stage's parse_config, its inputs by its stage's own checks,
-the cluster by :func:`orchestrate.slurm.check_cluster` — and every problem is printed at once, grouped
-by cause; then nothing starts (exit 2). ``--dry-run`` prints the job graph (:mod:`orchestrate.dry_run`)
-and the pre-flight's findings, and writes nothing.
+Pre-flight (:mod:`orchestrate.preflight`): before the first job starts or is submitted, every job
+that would run is checked — its argv by its stage's parse_config, its inputs by its stage's own
+checks, the cluster by :func:`orchestrate.slurm.check_cluster` — and every problem is printed at
+once, grouped by cause; then nothing starts (exit 2). ``--dry-run`` prints the job graph
+(:mod:`orchestrate.dry_run`) and the pre-flight's findings, and writes nothing.
 """
 
 from __future__ import annotations

@@ -118,8 +118,9 @@ def check_job(
 
 
 def check_jobs(jobs: Iterable[Any], produced: Collection[str], source: str) -> list[Problem]:
-    """The problems of ``jobs`` (:class:`orchestrate.jobs.Job`); ``produced``: the run folders the graph
-    writes (not checked: they do not exist yet); ``source``: the profile, named for argv problems."""
+    """The problems of ``jobs`` (:class:`orchestrate.jobs.Job`); ``produced``: the run folders the
+    graph writes (not checked: they do not exist yet); ``source``: the profile, named for argv
+    problems."""
     produced = {os.path.normpath(d) for d in produced}
     modules: dict[str, ModuleType | str | None] = {}
     problems = []

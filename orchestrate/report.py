@@ -3,8 +3,9 @@
 Everything here is read from run folders (``run.json`` + ``result.json`` + ``metrics.jsonl``), so
 the committed tables are the output of the recorded runs; ``*_runs.csv`` traces each cell to them.
 The tables alone can be re-rendered from a ``runs.csv`` without the run folders (``python -m
-orchestrate.report --profile builtin --runs-csv results/runs.csv``): every cell, interval and resolution
-line comes from the recorded metrics; only the test-image intervals need the folders' scores.
+orchestrate.report --profile builtin --runs-csv results/runs.csv``): every cell, interval and
+resolution line comes from the recorded metrics; only the test-image intervals need the folders'
+scores.
 """
 
 from __future__ import annotations
