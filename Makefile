@@ -32,7 +32,7 @@ data: setup
 
 table: export CE_TABLE_START := $(shell date +%s)
 table: setup
-	$(PY) -m eval.pipeline --profile $(PROFILE) --executor $(EXECUTOR) $(if $(CLUSTER),--cluster $(CLUSTER)) $(if $(DRY_RUN),--dry-run)
+	$(PY) -m orchestrate.pipeline --profile $(PROFILE) --executor $(EXECUTOR) $(if $(CLUSTER),--cluster $(CLUSTER)) $(if $(DRY_RUN),--dry-run)
 
 bench: setup
 	$(PY) -m bench.run

@@ -28,8 +28,9 @@ class ConfigError(UserError):
 
 
 def _field_types(cls: type) -> dict[str, Any]:
+    """The config keys of ``cls``: its fields, less those set by a loader (``init=False``)."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
@@ -65,6 +66,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        args = typing.get_args(typ)
+        if args and dataclasses.is_dataclass(args[1]):  # name -> section, each checked
+            return {k: _coerce(v or {}, args[1], f"{where}.{k}") for k, v in value.items()}
         return dict(value)
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
@@ -191,8 +195,9 @@ def save_config(cfg: Any, path: str | Path) -> None:
     atomic_write_text(Path(path), dump_yaml(cfg))
 
 
-def config_from_dict(cls: type[T], values: dict[str, Any]) -> T:
-    return _build(cls, values)
+def config_from_dict(cls: type[T], values: dict[str, Any], where: str = "") -> T:
+    """``cls`` from ``values``; ``where``: the section's dotted name, for the error message."""
+    return _build(cls, values, where)
 
 
 def parse_cli(

@@ -2,7 +2,7 @@
 
 What a VOC07 classification protocol (``eval.frozen``, ``transfer.classify``) scored on each test
 image, so that a table can resample the test images and recompute every AP exactly
-(``eval.tables.image_bootstrap``). Arrays:
+(``orchestrate.tables.ImageBootstrap``). Arrays:
 
     ids             [N] str     test image ids, in row order
     labels          [N, C]      1 = class present

@@ -57,7 +57,7 @@ from core.features import (
     split_features,
 )
 from core.images import ImagesConfig
-from core.preflight import Input
+from core.stage_inputs import Input
 from core.voc_ap import mean_ap, voc07_classification_ap
 from core.voc_splits import dataset_classes, require_split, voc_root
 from eval.knn import KNNConfig, knn_scores
@@ -169,7 +169,7 @@ def check_data(cfg: Config) -> tuple[Path, tuple[str, ...]]:
 
 
 def input_checks(cfg: Config) -> list[Input]:
-    """The run's inputs with the checks main makes of them (core.preflight)."""
+    """The run's inputs with the checks main makes of them (orchestrate.preflight)."""
     return [
         Input("checkpoint", cfg.checkpoint, lambda: run_folder.source_meta(cfg.checkpoint)),
         Input("data", cfg.data, lambda: check_data(cfg)),

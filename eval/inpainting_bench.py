@@ -70,7 +70,7 @@ from core.images import ImagesConfig
 from core.inpainting import predict_full, region_scores, save_grid
 from core.masks import central_mask, central_square
 from core.models import ContextEncoder
-from core.preflight import Input
+from core.stage_inputs import Input
 from eval.features import extract_features, load_model, split_images, split_source
 from eval.index import build_index, search
 
@@ -226,7 +226,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 
 def input_checks(cfg: Config) -> list[Input]:
-    """The run's inputs with the checks main makes of them (core.preflight): the checkpoints of
+    """The run's inputs with the checks main makes of them (orchestrate.preflight): the checkpoints of
     the methods run, the held-out split and, where a method reads it, the training split."""
     cfg = resolve(cfg)
     keys = [m for m in ("ce_l2", "ce_l2_adv") if m in cfg.methods]

@@ -40,7 +40,7 @@ from core.config import ConfigError, parse_cli
 from core.features import DEFAULT_CACHE_DIR, FLAT_LAYERS, l2_normalize
 from core.images import ImagesConfig
 from core.inpainting import save_grid
-from core.preflight import Input
+from core.stage_inputs import Input
 from eval.features import (
     extract_features,
     folder_class_labels,
@@ -170,7 +170,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 
 def input_checks(cfg: Config) -> list[Input]:
-    """The run's inputs with the checks main makes of them (core.preflight): each checkpoint,
+    """The run's inputs with the checks main makes of them (orchestrate.preflight): each checkpoint,
     the query and database splits of ``data``."""
     checks = [
         Input(f"checkpoints.{name}", path, lambda path=path: run_folder.source_meta(path))

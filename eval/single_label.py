@@ -62,7 +62,7 @@ from core.features import (
     split_features,
 )
 from core.images import ImagesConfig
-from core.preflight import Input
+from core.stage_inputs import Input
 from eval.features import folder_class_labels, split_source
 from eval.finetune import FinetuneConfig, finetune_topk, label_subset
 from eval.knn import KNNConfig, knn_topk
@@ -280,7 +280,7 @@ def check_data(cfg: Config) -> list[str]:
 
 
 def input_checks(cfg: Config) -> list[Input]:
-    """The run's inputs with the checks main makes of them (core.preflight)."""
+    """The run's inputs with the checks main makes of them (orchestrate.preflight)."""
     return [
         Input("checkpoint", cfg.checkpoint, lambda: run_folder.source_meta(cfg.checkpoint)),
         Input("data", cfg.data, lambda: check_data(cfg)),

@@ -33,7 +33,7 @@ from core.config import ConfigError, parse_cli
 from core.data import dataset_mean, ensure_builtin
 from core.images import ImagesConfig
 from core.models import ARCHS, build_model
-from core.preflight import Input
+from core.stage_inputs import Input
 from pretext import distributed
 from pretext.engine import (
     Run,
@@ -188,7 +188,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 
 def input_checks(cfg: Config) -> list[Input]:
-    """The run's inputs, each with the check the run makes of it (core.preflight runs them before
+    """The run's inputs, each with the check the run makes of it (orchestrate.preflight runs them before
     a pipeline starts): the method's (``Method.input_checks``)."""
     return METHODS[cfg.method].input_checks(cfg)
 

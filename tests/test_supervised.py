@@ -160,8 +160,8 @@ def test_supervised_builtin_set_is_a_second_minivoc_seed(tmp_path, monkeypatch):
 
 
 def test_profiles_run_supervised_on_its_own_data(monkeypatch):
-    from core.jobs import expand, load_profile
-    from eval.pipeline import profile_path
+    from orchestrate.jobs import expand
+    from orchestrate.profile import load_profile, profile_path
 
     monkeypatch.chdir(ROOT)
     for name, data in (

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from core.cli import run_cli
 from core.config import parse_cli
 from core.models import Geometry
-from core.preflight import Input
+from core.stage_inputs import Input
 from transfer import mm_run
 
 log = logging.getLogger("transfer.detect")
@@ -88,7 +88,7 @@ def to_result(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def input_checks(cfg: Config) -> list[Input]:
-    """The run's inputs with the checks main makes of them (core.preflight)."""
+    """The run's inputs with the checks main makes of them (orchestrate.preflight)."""
     return mm_run.input_checks(cfg, "Main")
 
 

@@ -29,7 +29,7 @@ from core import run_folder, tb
 from core.atomic_io import append_jsonl, atomic_write_text, read_jsonl
 from core.config import ConfigError
 from core.models import ARCHS, Geometry, detection_geometry
-from core.preflight import Input
+from core.stage_inputs import Input
 from core.voc_splits import check_entries, check_objects, dataset_classes, voc_root
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def check_data(cfg: MMConfig, seg_task: str) -> tuple[Path, tuple[str, ...], int
 
 
 def input_checks(cfg: MMConfig, seg_task: str) -> list[Input]:
-    """The run's inputs with the checks :func:`run` makes of them (core.preflight)."""
+    """The run's inputs with the checks :func:`run` makes of them (orchestrate.preflight)."""
 
     def checkpoint() -> None:
         encoder_geometry(run_folder.source_meta(cfg.checkpoint, cfg.arch or None)["arch"])

@@ -22,8 +22,8 @@ from core.cli import run_cli
 from core.config import parse_cli
 from core.minivoc import voc_palette
 from core.models import Geometry
-from core.preflight import Input
 from core.run_folder import TransferError
+from core.stage_inputs import Input
 from core.voc import VOC_CLASSES
 from transfer import mm_run
 
@@ -108,7 +108,7 @@ def to_result(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def input_checks(cfg: Config) -> list[Input]:
-    """The run's inputs with the checks main makes of them (core.preflight)."""
+    """The run's inputs with the checks main makes of them (orchestrate.preflight)."""
     return mm_run.input_checks(cfg, "Segmentation")
 
 

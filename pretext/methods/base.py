@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from core.config import ConfigError
 from core.data import SeededViews, ensure_builtin
 from core.models import ContextEncoder
-from core.preflight import Input
+from core.stage_inputs import Input
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ class Method:
     @classmethod
     def input_checks(cls, cfg: Any) -> list[Input]:
         """The inputs a run of ``cfg`` (resolved) opens, each with the check the run makes of it
-        (``core.preflight`` runs them before a pipeline starts); default: :func:`data_inputs`."""
+        (``orchestrate.preflight`` runs them before a pipeline starts); default: :func:`data_inputs`."""
         return data_inputs(cfg)
 
     # ---- set-up ---------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from core.data import MaskedImages, fill_holes, to_unit_range
 from core.inpainting import evaluate_inpainting, inpainting_grid
 from core.masks import MaskGenerator, builtin_shapes, central_square
 from core.models import ContextEncoder, Discriminator
-from core.preflight import Input
+from core.stage_inputs import Input
 from pretext import distributed
 from pretext.losses import (
     discriminator_loss,

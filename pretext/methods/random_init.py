@@ -14,7 +14,7 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
-from core.preflight import Input
+from core.stage_inputs import Input
 from pretext.methods.base import check_no_adversary, data_inputs
 from pretext.methods.context_encoder import ContextEncoderMethod
 

@@ -40,7 +40,7 @@ from core.data import SeededViews, ensure_builtin, to_unit_range
 from core.datasets import ImageFolderImages, VOCClassification
 from core.images import ImagesConfig
 from core.models import ContextEncoder
-from core.preflight import Input
+from core.stage_inputs import Input
 from pretext import distributed
 from pretext.methods.base import Method, Placement, check_data, split_folder
 

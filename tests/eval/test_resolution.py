@@ -13,7 +13,7 @@ from scipy import stats
 from core import image_scores
 from core.voc_ap import mean_ap, voc07_classification_ap
 from eval import frozen
-from eval.tables import (
+from orchestrate.tables import (
     TABLE2_COLUMNS,
     ImageBootstrap,
     build_table,

@@ -17,7 +17,7 @@ from eval import single_label
 from eval.knn import knn_topk
 from eval.linear import LinearConfig, LinearHeads, fixed_batches, head_scores, train_heads
 from eval.metrics import topk_accuracy
-from eval.tables import SINGLE_LABEL_COLUMNS, build_table, collect_runs
+from orchestrate.tables import SINGLE_LABEL_COLUMNS, build_table, collect_runs
 
 
 def bank(n_per_class: int, classes: int, dim: int, rng, separable: bool):

@@ -34,7 +34,7 @@ import traceback
 from pathlib import Path
 
 # Imported once here so the children start warm (these imports run no torch op).
-import eval.pipeline  # noqa: F401
+import orchestrate.pipeline  # noqa: F401
 import pretext.train  # noqa: F401
 import transfer.classify  # noqa: F401
 import transfer.detect  # noqa: F401

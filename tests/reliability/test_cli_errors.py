@@ -81,20 +81,32 @@ def _cases(ckpt: Path, voc: Path, tmp: Path) -> list[tuple[str, list[str], str]]
             ["--checkpoint", str(ckpt), "--data", str(voc), "--image", str(image), "--k", "ten"],
             "argument --k: invalid int value: 'ten'",
         ),  # fmt: skip
-        ("eval.pipeline", ["--profile", f"{MISSING}/p.yaml", "--dry-run"], f"{MISSING}/p.yaml"),
-        ("eval.pipeline", ["--profile", str(profile), "--dry-run"], "['frobnicate']"),
-        ("eval.pipeline", ["--parallel", "two", "--dry-run"], "--parallel: invalid int value"),
         (
-            "eval.pipeline",
-            ["--profile", str(gridded), "--dry-run"],
-            "ce.resources: unknown key(s) ['gpu']",
+            "orchestrate.pipeline",
+            ["--profile", f"{MISSING}/p.yaml", "--dry-run"],
+            f"{MISSING}/p.yaml",
+        ),
+        ("orchestrate.pipeline", ["--profile", str(profile), "--dry-run"], "['frobnicate']"),
+        (
+            "orchestrate.pipeline",
+            ["--parallel", "two", "--dry-run"],
+            "--parallel: invalid int value",
         ),
         (
-            "eval.pipeline",
+            "orchestrate.pipeline",
+            ["--profile", str(gridded), "--dry-run"],
+            "unknown key(s) ['pretext.variants.ce.resources.gpu']; valid keys: ",
+        ),
+        (
+            "orchestrate.pipeline",
             ["--profile", str(profile), "--executor", "slurm", "--status"],
             "['frobnicate']",
         ),
-        ("eval.pipeline", ["--executor", "slrum"], "argument --executor: invalid choice: 'slrum'"),
+        (
+            "orchestrate.pipeline",
+            ["--executor", "slrum"],
+            "argument --executor: invalid choice: 'slrum'",
+        ),
         ("core.minivoc", ["--n-images", "many"], "--n-images: invalid int value: 'many'"),
     ]
     return cases
@@ -103,7 +115,7 @@ def _cases(ckpt: Path, voc: Path, tmp: Path) -> list[tuple[str, list[str], str]]
 CASE_IDS = [f"{m}-{i}" for i, m in enumerate(
     ["transfer.classify"] * 4 + ["transfer.detect"] * 4 + ["transfer.segment"] * 4
     + ["eval.retrieval"] * 4 + ["eval.inpainting_bench"] * 4
-    + ["eval.query"] * 4 + ["eval.pipeline"] * 6 + ["core.minivoc"]
+    + ["eval.query"] * 4 + ["orchestrate.pipeline"] * 6 + ["core.minivoc"]
 )]  # fmt: skip
 
 

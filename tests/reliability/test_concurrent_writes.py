@@ -5,8 +5,8 @@ import multiprocessing as mp
 from pathlib import Path
 
 from core.atomic_io import append_jsonl, atomic_write_json, read_jsonl
-from core.jobs import Job, write_run_json
-from eval.tables import collect_runs
+from orchestrate.jobs import Job, write_run_json
+from orchestrate.tables import collect_runs
 
 WRITERS, RECORDS = 4, 300
 

@@ -10,8 +10,9 @@ import pandas as pd
 
 from core.atomic_io import read_jsonl
 from core.checkpoint import load_checkpoint
-from core.jobs import expand, load_profile
-from eval.tables import Column, build_table, collect_runs, write_table
+from orchestrate.jobs import expand
+from orchestrate.profile import load_profile
+from orchestrate.tables import Column, build_table, collect_runs, write_table
 
 # The downstream job: a stand-in for a transfer stage (reads the pretext result, writes its own).
 STAGE = textwrap.dedent(
@@ -77,11 +78,11 @@ def test_kill9_pipeline_mid_way_then_rerun(fork_server, tiny_voc, tmp_path, wait
         return lambda: predicate() or not fork_server.running(pid)
 
     # kill 1: inside the first pretext job's training
-    pid, log = fork_server.start("eval.pipeline", argv, env=env)
+    pid, log = fork_server.start("orchestrate.pipeline", argv, env=env)
     waiter(reached(pid, lambda: step_of(ce) >= 4), 120, "pretext ce at step 4")
     assert fork_server.kill(pid) == -9, log.read_text()
     # kill 2: the first job (and its downstream, maybe) done, the second pretext job training
-    pid, log = fork_server.start("eval.pipeline", argv, env=env)
+    pid, log = fork_server.start("orchestrate.pipeline", argv, env=env)
     waiter(reached(pid, lambda: step_of(central) >= 2), 120, "pretext ce_central at step 2")
     assert fork_server.kill(pid) == -9, log.read_text()
     done_before = {
@@ -93,7 +94,7 @@ def test_kill9_pipeline_mid_way_then_rerun(fork_server, tiny_voc, tmp_path, wait
     stale = collect_runs(profile.runs_root)
     assert "running" in set(stale["status"])  # a killed job still says running: rerun picks it up
 
-    pid, log = fork_server.start("eval.pipeline", argv, env=env)
+    pid, log = fork_server.start("orchestrate.pipeline", argv, env=env)
     assert fork_server.wait(pid) == 0, log.read_text()
 
     # finished jobs were not recomputed; the killed ones resumed from their checkpoints

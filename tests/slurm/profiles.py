@@ -7,8 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from core import slurm
-from core.jobs import ACTIVE_STATES, expand, load_profile
+from orchestrate import slurm
+from orchestrate.jobs import ACTIVE_STATES, expand
+from orchestrate.profile import load_profile
 
 FAST = {"timeout_min": 5, "cpus_per_task": 1, "mem_gb": 1}
 CLUSTER = str(Path(__file__).resolve().parents[2] / "slurm" / "clusters" / "local.yaml")
@@ -16,7 +17,7 @@ CLUSTER = str(Path(__file__).resolve().parents[2] / "slurm" / "clusters" / "loca
 
 def run_slurm(path, *flags) -> int:
     """``make table EXECUTOR=slurm CLUSTER=slurm/clusters/local.yaml`` on the profile ``path``."""
-    from eval import pipeline
+    from orchestrate import pipeline
 
     return pipeline.main(
         ["--profile", str(path), "--executor", "slurm", "--cluster", CLUSTER, *flags]

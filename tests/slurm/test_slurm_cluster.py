@@ -13,8 +13,8 @@ import fake_stage
 import pytest
 from profiles import CLUSTER, FAST, run_slurm, two_stage, wait_settled, write_profile
 
-from core.jobs import expand, read_run_json
-from eval import pipeline
+from orchestrate import pipeline
+from orchestrate.jobs import expand, read_run_json
 
 pytestmark = pytest.mark.slurm
 
@@ -120,7 +120,7 @@ def test_failed_job_reported_with_log_and_only_it_resubmitted(slurm_cluster, tmp
     assert state["pretext/pretext/good/seed0"].state == "done"
     assert state["transfer/classify/good/seed0"].state == "done"
     status = subprocess.run(
-        [sys.executable, "-m", "eval.pipeline", "--profile", str(path), "--executor", "slurm",
+        [sys.executable, "-m", "orchestrate.pipeline", "--profile", str(path), "--executor", "slurm",
          "--status"], capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     line = next(li for li in status.splitlines() if "pretext/pretext/bad/seed0" in li)

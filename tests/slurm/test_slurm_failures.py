@@ -11,13 +11,13 @@ import pytest
 from profiles import CLUSTER, two_stage, write_profile
 
 from core.cli import run_cli
-from core.jobs import expand, read_run_json, write_run_json
-from core.slurm import _minutes
-from eval import pipeline
+from orchestrate import pipeline
+from orchestrate.jobs import expand, read_run_json, write_run_json
+from orchestrate.slurm import _minutes
 
 
 def run(path, capsys, *flags) -> tuple[int, str, str]:
-    """``python -m eval.pipeline --profile PATH --executor slurm --cluster local.yaml FLAGS``."""
+    """``python -m orchestrate.pipeline --profile PATH --executor slurm --cluster local.yaml FLAGS``."""
     argv = ["--profile", str(path), "--executor", "slurm", "--cluster", CLUSTER, *flags]
     with pytest.raises(SystemExit) as stop:
         run_cli(pipeline.main, argv)

@@ -14,8 +14,9 @@ from mistake_profiles import mistakes_profile
 from profiles import CLUSTER, two_stage, write_profile
 
 from core.cli import run_cli
-from core.jobs import expand, load_profile, read_run_json
-from eval import pipeline
+from orchestrate import pipeline
+from orchestrate.jobs import expand, read_run_json
+from orchestrate.profile import load_profile
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[2]

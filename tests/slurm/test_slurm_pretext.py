@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from profiles import CLUSTER, run_slurm, wait_settled, write_profile
 
-from eval.tables import collect_runs
+from orchestrate.tables import collect_runs
 
 pytestmark = pytest.mark.slurm
 

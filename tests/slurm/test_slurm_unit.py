@@ -10,9 +10,9 @@ import time
 import pytest
 from profiles import two_stage, write_profile
 
-from core.jobs import State, expand, job_state, write_run_json
-from core.slurm import StageJob, plan
-from eval import pipeline
+from orchestrate import pipeline
+from orchestrate.jobs import State, expand, job_state, write_run_json
+from orchestrate.slurm import StageJob, plan
 
 
 def _jobs(tmp_path, **pretext):
@@ -119,7 +119,7 @@ def test_dry_run_prints_plan_and_submits_nothing(tmp_path, capsys):
 
 
 def test_local_runs_count_as_missing_for_slurm(tmp_path):
-    from core.slurm import states
+    from orchestrate.slurm import states
 
     jobs = _jobs(tmp_path)
     write_run_json(jobs[0], "running")  # a killed local run

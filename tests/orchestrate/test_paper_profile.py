@@ -5,12 +5,13 @@ step counts and dataset paths overridden."""
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from core.jobs import expand, load_profile
-from eval.pipeline import profile_path
+from orchestrate.jobs import expand
+from orchestrate.profile import load_profile, profile_path
 
 pytestmark = pytest.mark.slow
 
@@ -66,24 +67,24 @@ def test_paper_profile_configs_load_validate_and_start(tmp_path, monkeypatch):
     monkeypatch.chdir(Path(__file__).parents[2])  # config paths in the profile are repo-relative
     # AlexNet-227 refuses images whose short side is under 113 px: a mini-VOC of larger photos
     tiny_voc = minivoc.generate(tmp_path / "voc", n_images=24, size_range=(240, 320), workers=1)
-    raw = load_profile(profile_path("paper"))
-    paris = _paris_folder(tiny_voc, tmp_path / "paris")
-    variants = {  # the Table-1 networks read Paris StreetView, the others ImageNet
-        name: {**spec, "data": str(paris)} if "data" in spec else spec
-        for name, spec in raw.pretext["variants"].items()
-    }
-    pretext = {
-        **raw.pretext, "data": str(_image_folder(tiny_voc, tmp_path / "imagenet")),
-        "variants": variants,
-        "overrides": [f"mask.shapes_root={tiny_voc}"],  # stands in for VOC2012's silhouettes
-    }  # fmt: skip
-    transfer = {task: {**spec, "data": str(tiny_voc)} for task, spec in raw.transfer.items()}
-    evals = {**raw.eval, "inpainting": {**raw.eval["inpainting"], "data": str(paris)}}
     profile = load_profile(
         profile_path("paper"),
-        {"runs_root": str(tmp_path / "runs"), "data": str(tiny_voc), "seeds": [0],
-         "pretext": pretext, "transfer": transfer, "eval": evals},
+        {"runs_root": str(tmp_path / "runs"), "data": str(tiny_voc), "seeds": [0]},
+    )
+    paris = _paris_folder(tiny_voc, tmp_path / "paris")
+    variants = {  # the Table-1 networks read Paris StreetView, the others ImageNet
+        name: replace(spec, data=str(paris)) if spec.data else spec
+        for name, spec in profile.pretext.variants.items()
+    }
+    profile.pretext = replace(
+        profile.pretext, data=str(_image_folder(tiny_voc, tmp_path / "imagenet")),
+        variants=variants,
+        overrides=[f"mask.shapes_root={tiny_voc}"],  # stands in for VOC2012's silhouettes
     )  # fmt: skip
+    profile.transfer = {
+        t: replace(spec, data=str(tiny_voc)) for t, spec in profile.transfer.items()
+    }
+    profile.eval["inpainting"] = replace(profile.eval["inpainting"], data=str(paris))
     jobs = expand(profile)
     assert {(j.stage, j.task) for j in jobs} == {
         ("pretext", "pretext"), ("transfer", "classify"), ("transfer", "detect"),

@@ -1,10 +1,10 @@
 """Result tables built from recorded runs (pandas): the paper's Table 1 and Table 2.
 
-Every run folder written by :mod:`eval.pipeline` (local or SLURM executor) has a ``run.json`` that says
-what it is (stage, task, variant, seed, the command) and, once finished, a ``result.json`` with its
-flat metrics; a run that crashed has ``status: failed`` in ``run.json``. Tables are pure functions of
-those records, so every cell can be traced back to its run folders (``runs`` column of the long
-CSV).
+Every run folder written by :mod:`orchestrate.pipeline` (local or SLURM executor) has a
+``run.json`` that says what it is (stage, task, variant, seed, the command) and, once finished, a
+``result.json`` with its flat metrics; a run that crashed has ``status: failed`` in ``run.json``.
+Tables are pure functions of those records, so every cell can be traced back to its run folders
+(``runs`` column of the long CSV).
 
 Under a table compared with a baseline, its resolution (:func:`resolution_table`): per column the
 minimum detectable difference at the table's seeds and the seeds a ±2-point interval would take.
@@ -577,7 +577,7 @@ def resolution_markdown(res: pd.DataFrame) -> str:
         f"Pooled paired-seed std of the differences to {first['baseline']} of: "
         f"{', '.join(pooled) or 'no row'}. Minimum detectable Δ: the true difference a two-sided "
         f"paired t-test over the n seeds detects with {power}% power (noncentral t, "
-        f"`eval/tables.py::min_detectable_difference`); seeds for a half-width ≤ {target:g}: the "
+        f"`orchestrate/tables.py::min_detectable_difference`); seeds for a half-width ≤ {target:g}: the "
         "pooled std plugged into the t-interval."
     )
     return to_markdown(table) + "\n" + note + "\n"

@@ -1,12 +1,12 @@
-"""Pre-flight of a job graph (:mod:`core.jobs`): every job that would run is checked before any
-job starts or is submitted, and every problem is reported at once, grouped by cause.
+"""Pre-flight of a job graph (:mod:`orchestrate.jobs`): every job that would run is checked before
+any job starts or is submitted, and every problem is reported at once, grouped by cause.
 
 For each job, its own stage's ``parse_config(argv)`` reads the argv (unknown keys, wrong types,
-bad values); then each input the stage lists with ``input_checks(cfg)`` — data roots, split
-files, class lists, mask-shape sources, checkpoints — is checked by the stage's own check (the
-one its ``main`` makes), except what the graph writes itself (a pretext run folder read by a
-transfer job) and a built-in mini-VOC root that the pipeline generates before the jobs start.
-The SLURM executor adds its cluster checks (:func:`core.slurm.check_cluster`).
+bad values); then each input the stage lists with ``input_checks(cfg)`` (``core.stage_inputs``:
+data roots, split files, class lists, mask-shape sources, checkpoints) is checked by the stage's
+own check (the one its ``main`` makes), except what the graph writes itself (a pretext run folder
+read by a transfer job) and a built-in mini-VOC root that the pipeline generates before the jobs
+start. The SLURM executor adds its cluster checks (:func:`orchestrate.slurm.check_cluster`).
 
     problems = check_jobs(jobs, produced={j.run_dir for j in all_jobs}, source=profile.path)
     if problems:
@@ -23,7 +23,7 @@ import io
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -32,17 +32,6 @@ from typing import Any
 from core.cli import USER_ERRORS
 from core.config import ConfigError
 from core.data import is_builtin_root
-
-
-@dataclass(frozen=True)
-class Input:
-    """One input of a stage run, as its ``input_checks(cfg)`` lists it: the config key naming it,
-    its path, and the stage's own check of it (raises what the run would raise at start; reads
-    no image)."""
-
-    key: str
-    path: str
-    check: Callable[[], Any]
 
 
 @dataclass(frozen=True)
@@ -129,8 +118,9 @@ def check_job(
 
 
 def check_jobs(jobs: Iterable[Any], produced: Collection[str], source: str) -> list[Problem]:
-    """The problems of ``jobs`` (:class:`core.jobs.Job`); ``produced``: the run folders the graph
-    writes (not checked: they do not exist yet); ``source``: the profile, named for argv problems."""
+    """The problems of ``jobs`` (:class:`orchestrate.jobs.Job`); ``produced``: the run folders the
+    graph writes (not checked: they do not exist yet); ``source``: the profile, named for argv
+    problems."""
     produced = {os.path.normpath(d) for d in produced}
     modules: dict[str, ModuleType | str | None] = {}
     problems = []

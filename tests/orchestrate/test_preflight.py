@@ -1,6 +1,6 @@
-"""The pre-flight of a job graph (core/preflight.py) and the dry run (core/dry_run.py), local
-executor: every mistake of a profile found at once, grouped, before any job starts; the dry run
-prints the graph and writes nothing."""
+"""The pre-flight of a job graph (orchestrate/preflight.py) and the dry run
+(orchestrate/dry_run.py), local executor: every mistake of a profile found at once, grouped,
+before any job starts; the dry run prints the graph and writes nothing."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from mistake_profiles import mistakes_profile
 
-from core import preflight
 from core.cli import run_cli
-from core.dry_run import gpu_hours, print_graph
-from core.jobs import expand, load_profile, write_run_json
-from core.preflight import Problem, report
-from eval import pipeline
+from orchestrate import pipeline, preflight
+from orchestrate.dry_run import gpu_hours, print_graph
+from orchestrate.jobs import expand, write_run_json
+from orchestrate.preflight import Problem, report
+from orchestrate.profile import load_profile
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tree(*roots: Path) -> dict[str, tuple[int, int]]:
@@ -39,7 +39,7 @@ def tree(*roots: Path) -> dict[str, tuple[int, int]]:
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    """``python -m eval.pipeline ARGV`` in this process (its __main__: run_cli(main))."""
+    """``python -m orchestrate.pipeline ARGV`` in this process (its __main__: run_cli(main))."""
     with pytest.raises(SystemExit) as stop:
         run_cli(pipeline.main, argv)
     out, err = capsys.readouterr()
@@ -257,7 +257,7 @@ def test_paper_profile_stops_in_preflight_with_every_missing_root_once(capsys, m
     assert code == 2 and "start " not in out
     lines = err.splitlines()
     assert lines[0] == (
-        "error: eval/profiles/paper.yaml: 4 problems in the 64 jobs to run; nothing was started"
+        "error: orchestrate/profiles/paper.yaml: 4 problems in the 64 jobs to run; nothing was started"
     )
     assert lines[1] == "  missing files and folders:"
     roots = ["/datasets/imagenet", "/datasets/VOCdevkit/VOC2012", "/datasets/paris_streetview",
@@ -282,7 +282,7 @@ def test_make_table_runs_the_pipeline_with_the_dry_run_flag():
         cwd=REPO, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert run.stdout.strip().splitlines()[-1] == (
-        ".venv/bin/python -m eval.pipeline --profile paper --executor slurm "
+        ".venv/bin/python -m orchestrate.pipeline --profile paper --executor slurm "
         "--cluster slurm/clusters/example.yaml --dry-run"
     )
     plain = subprocess.run(["make", "--no-print-directory", "-n", "-o", "setup", "table"], cwd=REPO,
@@ -299,7 +299,7 @@ def test_paper_make_table_through_the_makefile_stops_with_exit_2():
     )  # fmt: skip
     assert run.returncode == 2
     assert run.stderr.startswith(
-        "error: eval/profiles/paper.yaml: 4 problems in the 64 jobs to run"
+        "error: orchestrate/profiles/paper.yaml: 4 problems in the 64 jobs to run"
     )
     assert "Traceback" not in run.stderr
     assert "[Makefile" in run.stderr and "Error 2" in run.stderr  # the recipe itself exited 2

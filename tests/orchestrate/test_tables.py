@@ -5,7 +5,7 @@ import json
 import pytest
 from scipy import stats
 
-from eval.tables import (
+from orchestrate.tables import (
     TABLE2_COLUMNS,
     build_table,
     collect_runs,
@@ -89,7 +89,7 @@ def test_bad_run_json_names_the_file(tmp_path):
 
 
 def test_table1_rows_read_prefixed_metrics_of_one_run(tmp_path):
-    from eval.tables import TABLE1_COLUMNS
+    from orchestrate.tables import TABLE1_COLUMNS
 
     result = {
         "mean_fill/l1": 0.2,

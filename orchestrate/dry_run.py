@@ -1,4 +1,4 @@
-"""The dry run of a job graph (:mod:`core.jobs`): each job's stage, run folder, dependencies,
+"""The dry run of a job graph (:mod:`orchestrate.jobs`): each job's stage, run folder, dependencies,
 resources and state, then the totals and the GPU-hours the jobs to run ask for. It reads run
 folders (and, for the SLURM executor, sacct / squeue) and writes nothing.
 
@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from core.jobs import SUBMITIT_DEFAULT_TIMEOUT_MIN, Job
+from orchestrate.jobs import SUBMITIT_DEFAULT_TIMEOUT_MIN, Job
 
-# core.jobs / core.slurm state -> what the dry run shows; anything else is "to run"
+# orchestrate.jobs / orchestrate.slurm state -> what the dry run shows; anything else is "to run"
 SHOWN = {"done": "done", "failed": "failed", "pending": "queued", "running": "running",
          "unknown": "unknown"}  # fmt: skip
 WOULD_RUN = ("to run", "failed")

@@ -1,4 +1,4 @@
-"""The profile -> job graph expansion (core.jobs): grids, resources and the cluster file, deps."""
+"""The profile -> job graph expansion (orchestrate.profile, orchestrate.jobs): grids, resources and the cluster file, deps."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from core.config import ConfigError
-from core.jobs import expand, load_profile
+from orchestrate.jobs import expand
+from orchestrate.profile import load_profile
 
 BASE = {
     "name": "g",
@@ -41,8 +42,8 @@ BASE = {
             "module": "eval.retrieval",
             "per": "profile",
             "args": ["checkpoints.a={checkpoint:rand}", "checkpoints.b={checkpoint:ce,mask.kind=central,loss.l2=1}"],
+            "figures": ["x.png"],
         },
-        "figures": {"x.png": "/r/x.png"},
     },
 }  # fmt: skip
 
@@ -55,7 +56,7 @@ def _load(tmp_path, spec, cluster=None):
 
 def test_grid_expands_into_variants_with_their_overrides_and_titles(tmp_path):
     profile = _load(tmp_path, BASE)
-    names = list(profile.pretext["variants"])
+    names = list(profile.pretext.variants)
     assert names == [
         "rand",
         "ce,mask.kind=central,loss.l2=0.5",
@@ -63,7 +64,7 @@ def test_grid_expands_into_variants_with_their_overrides_and_titles(tmp_path):
         "ce,mask.kind=random_block,loss.l2=0.5",
         "ce,mask.kind=random_block,loss.l2=1",
     ]
-    assert profile.pretext["variants"][names[2]]["title"] == "CE (mask.kind=central, loss.l2=1)"
+    assert profile.pretext.variants[names[2]].title == "CE (mask.kind=central, loss.l2=1)"
     jobs = {j.name: j for j in expand(profile)}
     job = jobs["pretext/pretext/ce,mask.kind=random_block,loss.l2=0.5/seed1"]
     assert job.run_dir == "/r/pretext/ce,mask.kind=random_block,loss.l2=0.5/seed1"
@@ -128,12 +129,17 @@ def _with(path: str, value):
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        (_with("frobnicate", 1), "unknown key(s) ['frobnicate']; valid keys: ['cluster', 'data'"),
-        (_with("pretext.variants.ce.grdi", {}), "pretext.variants.ce: unknown key(s) ['grdi']; valid keys: ['config', 'data', 'grid'"),
+        (_with("frobnicate", 1), "p.yaml: unknown key(s) ['frobnicate']; valid keys: name, runs_root, results_dir, data, seeds, pretext, transfer, eval, parallel, cluster"),
+        (_with("pretext.variants.ce.grdi", {}), "unknown key(s) ['pretext.variants.ce.grdi']; valid keys: pretext.variants.ce.title, pretext.variants.ce.config"),
         (_with("pretext.variants.ce.grid", {"mask.kind": []}), "pretext.variants.ce.grid: expected a mapping key -> non-empty list"),
         (_with("pretext.variants.ce.grid", {"seed": [0, 1]}), "use `seeds:`"),
-        (_with("pretext.resources", {"gpus_per_nod": 1}), "pretext.resources: unknown key(s) ['gpus_per_nod']; valid keys: ['cpus_per_task'"),
-        (_with("transfer.classify.resource", {}), "transfer.classify: unknown key(s) ['resource']"),
+        (_with("pretext.resources", {"gpus_per_nod": 1}), "unknown key(s) ['pretext.resources.gpus_per_nod']; valid keys: pretext.resources.timeout_min, pretext.resources.cpus_per_task"),
+        (_with("pretext.resources", {"timeout_min": "1h"}), "pretext.resources.timeout_min: expected an integer, got str '1h'"),
+        (_with("transfer.classify.resource", {}), "unknown key(s) ['transfer.classify.resource']; valid keys: transfer.classify.module"),
+        (_with("transfer.classify.per", "variants"), "transfer.classify.per: 'variants' is not one of ['variant', 'profile']"),
+        (_with("transfer.classify.figures", ["a.png"]), "transfer.classify.figures: only a `per: profile` task has one run"),
+        (_with("parallel", "two"), "parallel: expected an integer, got str 'two'"),
+        (_with("eval.figures", {"x.png": "/r/x.png"}), "unknown key(s) ['eval.figures.x.png']"),
         (_with("transfer.classify.variants", ["ce", "nope"]), "transfer.classify: names pretext variant 'nope'"),
         (_with("cluster", "/nonexistent/site.yaml"), "/nonexistent/site.yaml: config file not found"),
     ],
@@ -149,14 +155,24 @@ def test_bad_cluster_file(tmp_path):
     cluster.write_text("resources: {slurm_partition: x}\nstage: {}\n")
     with pytest.raises(
         ConfigError,
-        match=r"site.yaml: unknown key\(s\) \['stage'\]; valid keys: \['resources', 'stages'\]",
+        match=r"site.yaml: unknown key\(s\) \['stage'\]; valid keys: resources, stages$",
     ):
         _load(tmp_path, BASE, cluster=str(cluster))  # fmt: skip
+    cluster.write_text("stages: {pretext: {gpus: 1, slurm_partition: gpu}}\n")
+    with pytest.raises(ConfigError, match=r"site.yaml: unknown key\(s\) \['stages.pretext.gpus'\]"):
+        _load(tmp_path, BASE, cluster=str(cluster))
 
 
-@pytest.mark.parametrize("name", ["builtin", "paper", "ce_masks"])
+def test_a_tasks_figures_come_from_its_run_folder(tmp_path):
+    profile = _load(tmp_path, BASE)
+    assert profile.eval["retrieval"].figures == ["x.png"]
+    (job,) = [j for j in expand(profile) if j.task == "retrieval"]
+    assert job.run_dir == "/r/eval/retrieval/all/seed0"  # where the report copies x.png from
+
+
+@pytest.mark.parametrize("name", ["builtin", "paper", "ce_masks", "ablation"])
 def test_shipped_profiles_load_and_expand(name):
-    from eval.pipeline import profile_path
+    from orchestrate.profile import profile_path
 
     jobs = expand(load_profile(profile_path(name)))
     dirs = {j.run_dir for j in jobs}

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from core.config import ConfigError
-from core.jobs import expand, load_profile
-from eval.pipeline import run_pipeline
+from orchestrate.jobs import expand
+from orchestrate.local import run_pipeline
+from orchestrate.profile import load_profile
 
 STAGE = textwrap.dedent(
     """
@@ -76,7 +77,7 @@ def test_runs_missing_jobs_only_and_blocks_dependents_of_failures(profile, monke
     jobs = expand(profile)
     # Swap the pretext module for the fake stage (same argv handling).
     fake = [j.__class__(**{**j.__dict__, "module": "fakestages.stage"}) for j in jobs]
-    monkeypatch.setattr("eval.pipeline.expand", lambda p: fake)
+    monkeypatch.setattr("orchestrate.local.expand", lambda p: fake)
     states = run_pipeline(profile, parallel=2, out=sys.stderr)
     assert states["pretext/pretext/bad/seed0"] == "failed"
     assert states["transfer/classify/bad/seed0"] == "blocked"
@@ -102,7 +103,7 @@ def test_profile_errors(tmp_path):
 
 @pytest.mark.parametrize("name", ["builtin", "paper"])
 def test_shipped_profiles_expand(name):
-    from eval.pipeline import profile_path
+    from orchestrate.profile import profile_path
 
     jobs = expand(load_profile(profile_path(name)))
     assert any(j.stage == "pretext" for j in jobs) and any(j.stage == "transfer" for j in jobs)
@@ -111,14 +112,14 @@ def test_shipped_profiles_expand(name):
 
 
 def test_second_pipeline_on_the_same_runs_folder_is_refused(profile, tmp_path):
-    from eval.pipeline import PipelineBusy, runs_lock
+    from orchestrate.jobs import PipelineBusy, runs_lock
 
     busy = r"\.pipeline\.lock.*another pipeline \(pid \d+\)"
     with runs_lock(profile.runs_root), pytest.raises(PipelineBusy, match=busy):
         run_pipeline(profile, out=sys.stderr)
     # released on exit; a holder killed with -9 releases it too (the kernel drops flocks)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from eval.pipeline import runs_lock\n"
+        [sys.executable, "-c", "import sys, time; from orchestrate.jobs import runs_lock\n"
          f"with runs_lock({str(profile.runs_root)!r}):\n print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

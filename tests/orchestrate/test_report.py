@@ -13,12 +13,12 @@ from PIL import Image
 
 from core.cli import run_cli
 from core.features import LAYERS
-from core.jobs import Profile
-from eval.report import write_report
+from orchestrate.profile import Pretext, Profile, Task, Variant
+from orchestrate.report import write_report
 
 
 def record(root, stage, task, variant, seed, result):
-    # the pipeline's scheme (core.jobs.run_dir_for): <stage>/<task>/..., pretext/<variant>/...
+    # the pipeline's scheme (orchestrate.jobs.run_dir_for): <stage>/<task>/..., pretext/<variant>/...
     run_dir = root.joinpath(*([stage] if task == stage else [stage, task]), variant, f"seed{seed}")
     run_dir.mkdir(parents=True)
     info = {"stage": stage, "task": task, "variant": variant, "seed": seed, "status": "done"}
@@ -49,11 +49,16 @@ def test_report_writes_frozen_table_differences_and_figure(tmp_path, monkeypatch
     profile = Profile(
         name="t", runs_root=str(runs), results_dir=str(tmp_path / "results"), data="/nowhere",
         seeds=[0, 1, 2],
-        pretext={"config": "pretext/configs/builtin.yaml",
-                 "variants": {"random_init": {"title": "Random initialization"},
-                              "context_encoder": {"title": "Context encoder"}}},
-        eval={"frozen": {"module": "eval.frozen", "variants": ["random_init", "context_encoder"]}},
+        pretext=Pretext(config="pretext/configs/builtin.yaml",
+                        variants={"random_init": Variant(title="Random initialization"),
+                                  "context_encoder": Variant(title="Context encoder")}),
+        eval={"frozen": Task(module="eval.frozen", variants=["random_init", "context_encoder"]),
+              "inpainting": Task(module="eval.inpainting_bench", per="profile",
+                                 figures=["grid.png"])},
     )  # fmt: skip
+    grid = runs / "eval" / "inpainting" / "all" / "seed0" / "grid.png"  # the task's one run
+    grid.parent.mkdir(parents=True)
+    grid.write_bytes(b"a figure the run drew")
     monkeypatch.setenv("CE_TABLE_START", str(int(time.time()) - 150))  # as `make table` exports
     out = write_report(profile, 1.0, "make table")
 
@@ -83,13 +88,14 @@ def test_report_writes_frozen_table_differences_and_figure(tmp_path, monkeypatch
     )
     assert wall and 2.4 <= float(wall.group(1)) <= 3.0  # 150 s ago
     assert re.search(r"- machine: \S.*, x86_64|- machine: \S.*, \w+, \w+, \d+ CPUs", readme)
+    assert (out / "figures" / "grid.png").read_bytes() == b"a figure the run drew"
     png = np.asarray(Image.open(out / "figures" / "frozen_svm_layers.png"))
     assert png.shape[0] > 200 and png.std() > 0  # a drawn figure, not a blank canvas
 
 
 def test_training_curves_skip_runs_without_a_reconstruction_loss(tmp_path):
     """A supervised pretext run logs a classification loss only: no curve, no crash."""
-    from eval.report import training_curves
+    from orchestrate.report import training_curves
 
     rows = []
     for variant, record_keys in (("context_encoder", {"loss_rec": 0.1}), ("supervised", {})):
@@ -107,14 +113,14 @@ def resolution_profile(tmp_path):
     return Profile(
         name="t", runs_root=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"),
         data="/nowhere", seeds=[0, 1, 2],
-        pretext={"config": "pretext/configs/builtin.yaml",
-                 "variants": {"random_init": {"title": "Random initialization"},
-                              "autoencoder": {"title": "Autoencoder"},
-                              "context_encoder": {"title": "Context encoder"},
-                              "supervised": {"title": "Supervised"}}},
-        eval={"frozen": {"module": "eval.frozen",
-                         "variants": ["random_init", "autoencoder", "context_encoder",
-                                      "supervised"]}},
+        pretext=Pretext(config="pretext/configs/builtin.yaml",
+                        variants={"random_init": Variant(title="Random initialization"),
+                                  "autoencoder": Variant(title="Autoencoder"),
+                                  "context_encoder": Variant(title="Context encoder"),
+                                  "supervised": Variant(title="Supervised")}),
+        eval={"frozen": Task(module="eval.frozen",
+                             variants=["random_init", "autoencoder", "context_encoder",
+                                       "supervised"])},
     )  # fmt: skip
 
 
@@ -123,7 +129,7 @@ def test_report_states_the_resolution_under_each_compared_table(tmp_path, monkey
     (variances 1 and 4: pooled std sqrt(2.5) = 1.581, 4 dof); the supervised row (+20) is not
     pooled. MDE at n = 3: 3.2640 x 1.581 = 5.16; half-width 4.3027 x 1.581 / sqrt(3) = 3.93;
     ±2 points: 5 seeds (n = 4: 3.1824 x 1.581 / 2 = 2.52; n = 5: 2.7764 x 1.581 / sqrt(5) = 1.96)."""
-    from eval.report import cli, rerender
+    from orchestrate.report import cli, rerender
 
     monkeypatch.chdir(tmp_path)
     runs = tmp_path / "runs"
@@ -177,9 +183,11 @@ def test_report_states_the_resolution_under_each_compared_table(tmp_path, monkey
 def write_profile(tmp_path, profile):
     import yaml
 
+    from core.config import to_dict
+
     path = tmp_path / "profile.yaml"
     fields = ("name", "runs_root", "results_dir", "data", "seeds", "pretext", "eval")
-    path.write_text(yaml.safe_dump({k: getattr(profile, k) for k in fields}))
+    path.write_text(yaml.safe_dump({k: to_dict(profile)[k] for k in fields}))
     return path
 
 

@@ -1,4 +1,4 @@
-"""The SLURM executor of the job graph (:mod:`core.jobs`), through submitit.
+"""The SLURM executor of the job graph (:mod:`orchestrate.jobs`), through submitit.
 
 Jobs that wait for nothing just submitted go in job arrays (one per set of resources); a job that
 waits for jobs submitted or still running gets ``--dependency=afterok:<ids>`` with
@@ -9,7 +9,7 @@ dependency failed or is unknown waits for a later submit. Each job is ``StageJob
 on the time-limit / preemption signal submitit calls its ``checkpoint()``, which requeues the same
 call, and the stage resumes from its own checkpoint in its run folder. A job's id, log and
 submitit result pickle are kept in its ``run.json``; its state comes from sacct (through
-submitit), else squeue, else that pickle (:func:`core.jobs.job_state`).
+submitit), else squeue, else that pickle (:func:`orchestrate.jobs.job_state`).
 
 Before anything is submitted, :func:`check_cluster` asks SLURM whether it would take each set of
 resources (sinfo, ``sbatch --test-only``). A SLURM command that cannot reach the controller or
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from core.cli import UserError
-from core.jobs import (
+from orchestrate.jobs import (
     SUBMITIT_DEFAULT_TIMEOUT_MIN,
     Job,
     State,
@@ -43,7 +43,7 @@ from core.jobs import (
     read_run_json,
     write_run_json,
 )
-from core.preflight import Problem, one_line
+from orchestrate.preflight import Problem, one_line
 
 TO_SUBMIT = ("missing", "failed", "blocked")
 COMMAND_TIMEOUT_S = 120  # SLURM's commands retry an unreachable controller for up to a minute

@@ -3,8 +3,9 @@
 Everything here is read from run folders (``run.json`` + ``result.json`` + ``metrics.jsonl``), so
 the committed tables are the output of the recorded runs; ``*_runs.csv`` traces each cell to them.
 The tables alone can be re-rendered from a ``runs.csv`` without the run folders (``python -m
-eval.report --profile builtin --runs-csv results/runs.csv``): every cell, interval and resolution
-line comes from the recorded metrics; only the test-image intervals need the folders' scores.
+orchestrate.report --profile builtin --runs-csv results/runs.csv``): every cell, interval and
+resolution line comes from the recorded metrics; only the test-image intervals need the folders'
+scores.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import pandas as pd
 from core.atomic_io import atomic_save, atomic_write_text, read_jsonl
 from core.cli import ArgumentParser, UserError, run_cli
 from core.features import LAYERS
-from core.jobs import Profile, expand, load_profile
 from core.machine import cpu_model
-from eval.tables import (
+from orchestrate.jobs import expand, run_dir_for
+from orchestrate.profile import Profile, load_profile, profile_path
+from orchestrate.tables import (
     FROZEN_LAYER_COLUMNS,
     RETRIEVAL_COLUMNS,
     TABLE1_COLUMNS,
@@ -55,7 +57,7 @@ PACKAGES = (
 
 
 def table2_rows(profile: Profile) -> list[tuple[str, str]]:
-    return [(spec.get("title", name), name) for name, spec in profile.pretext["variants"].items()]
+    return [(spec.title or name, name) for name, spec in profile.pretext.variants.items()]
 
 
 BASELINE = "random_init"  # the row every other Table 2 / frozen-layer row is compared with
@@ -65,18 +67,18 @@ HALF_WIDTH_TARGET = 2.0  # points: the seeds a ±2-point interval would take
 
 
 def baseline_variant(profile: Profile) -> str | None:
-    return BASELINE if BASELINE in profile.pretext["variants"] else None
+    return BASELINE if BASELINE in profile.pretext.variants else None
 
 
 def self_supervised(rows: list[tuple[str, ...]], baseline: str | None) -> list[str]:
     """The variants whose resolution a table states: every row but the baseline and the upper
-    bound (their differences to the baseline are pooled, eval.tables.resolution_table)."""
+    bound (their differences to the baseline are pooled, orchestrate.tables.resolution_table)."""
     return [r[1] for r in rows if r[1] not in (baseline, UPPER_BOUND)]
 
 
 def frozen_rows(profile: Profile) -> list[tuple[str, str]]:
     """Table 2 rows that have frozen-feature runs (eval stage ``frozen``)."""
-    variants = profile.eval.get("frozen", {}).get("variants", [])
+    variants = profile.eval["frozen"].variants if "frozen" in profile.eval else []
     return [(title, name) for title, name in table2_rows(profile) if name in variants]
 
 
@@ -121,7 +123,7 @@ def frozen_svm_figure(runs: pd.DataFrame, rows: list[tuple[str, str]], path: Pat
 
 
 def table1_rows(profile: Profile) -> list[tuple[str, str]]:
-    rows = profile.eval.get("inpainting", {}).get("rows", {})
+    rows = profile.eval["inpainting"].rows if "inpainting" in profile.eval else {}
     return [(title, "all", f"{method}/") for method, title in rows.items()]
 
 
@@ -224,10 +226,8 @@ def write_tables(
         sections.insert(
             0, ("Table 1: semantic inpainting on held-out images (central masks)", t1, "")
         )
-    retrieval = [
-        (title, "all", f"{name}/pool5/")
-        for name, title in profile.eval.get("retrieval", {}).get("rows", {}).items()
-    ]
+    rows = profile.eval["retrieval"].rows if "retrieval" in profile.eval else {}
+    retrieval = [(title, "all", f"{name}/pool5/") for name, title in rows.items()]
     if retrieval:
         t3, t3_long = build_table(runs, RETRIEVAL_COLUMNS, retrieval)
         write_table(t3, t3_long, out, "retrieval", "Nearest-neighbour retrieval (FAISS, pool5)")
@@ -275,7 +275,7 @@ def table_lines(profile: Profile, sections: list[tuple[str, pd.DataFrame, str]])
         "test scores, `scores.npz`): a second 95% interval for the same Δ, for new test images as "
         "well as new seeds: the seed interval widened by the test-set variance the seeds share "
         f"({BOOTSTRAP_RESAMPLES} bootstrap resamples of the test images, the same for every method "
-        "and seed, each AP recomputed; `eval/tables.py::combined_interval`). It is never narrower "
+        "and seed, each AP recomputed; `orchestrate/tables.py::combined_interval`). It is never narrower "
         "than the seed interval; the interval right after `Δ` is always the seed-only one.",
         "",
     ]
@@ -286,15 +286,18 @@ def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path
     out = Path(profile.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     # only this profile's run folders: another profile may share its runs root (PROFILE=ablation)
+    jobs = expand(profile)
     runs = collect_runs(profile.runs_root)
     if not runs.empty:
-        runs = runs[runs["run_dir"].isin({str(Path(j.run_dir)) for j in expand(profile)})]
+        runs = runs[runs["run_dir"].isin({str(Path(j.run_dir)) for j in jobs})]
     sections = write_tables(runs, profile, out, ImageBootstrap(BOOTSTRAP_RESAMPLES))
     figures = out / "figures"
     training_curves(runs, figures / "training_curves.png")
     frozen_svm_figure(runs, frozen_rows(profile), figures / "frozen_svm_layers.png")
-    for name, rel in profile.eval.get("figures", {}).items():
-        copy_figure(Path(rel), figures / name)
+    for (stage, task), spec in profile.tasks().items():
+        for name in spec.figures:  # files the task's one run (per: profile) wrote
+            run_dir = run_dir_for(profile.runs_root, stage, task, "all", 0)
+            copy_figure(Path(run_dir) / name, figures / name)
     atomic_write_text(out / "runs.csv", runs.to_csv(index=False))
 
     lines = [
@@ -329,7 +332,9 @@ def rerender(profile: Profile, runs_csv: Path) -> Path:
         raise UserError(f"{runs_csv}: cannot read a runs table ({err})") from err
     missing = {"stage", "task", "variant", "seed", "run_dir", "status"} - set(runs.columns)
     if missing:
-        raise UserError(f"{runs_csv}: not a runs.csv of eval.report, missing {sorted(missing)}")
+        raise UserError(
+            f"{runs_csv}: not a runs.csv of orchestrate.report, missing {sorted(missing)}"
+        )
     out = Path(profile.results_dir)
     sections = write_tables(runs, profile, out, bootstrap=None)
     readme = out / "README.md"
@@ -337,7 +342,7 @@ def rerender(profile: Profile, runs_csv: Path) -> Path:
     provenance = old[old.index(PROVENANCE) :].rstrip("\n").split("\n") if PROVENANCE in old else [
         PROVENANCE, ""]  # fmt: skip
     note = (f"- tables re-rendered from `{runs_csv}` at commit {git_commit()} "
-            "(`python -m eval.report`; no run was re-run, the runs above are unchanged)")  # fmt: skip
+            "(`python -m orchestrate.report`; no run was re-run, the runs above are unchanged)")  # fmt: skip
     atomic_write_text(readme, "\n".join([*table_lines(profile, sections), *provenance, note, ""]))
     return out
 
@@ -347,8 +352,6 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="builtin", help="builtin | paper | a YAML path")
     parser.add_argument("--runs-csv", required=True, type=Path, help="e.g. results/runs.csv")
     args = parser.parse_args(argv)
-    from eval.pipeline import profile_path  # pipeline imports this module lazily too
-
     out = rerender(load_profile(profile_path(args.profile)), args.runs_csv)
     print(f"tables of {out} re-rendered from {args.runs_csv}")
 
