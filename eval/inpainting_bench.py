@@ -52,6 +52,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,6 @@ from eval.index import build_index, search
 
 log = logging.getLogger(__name__)
 
-METHODS = ("mean_fill", "nn_hog", "nn_ce", "telea", "ce_l2", "ce_l2_adv")
 NEEDS = {"nn_ce": "nn_features", "ce_l2": "ce_l2", "ce_l2_adv": "ce_l2_adv"}  # method -> key
 DEFAULT_SIZE, DEFAULT_OVERLAP = 64, 4
 GRID = "inpainting_grid.png"
@@ -198,6 +198,71 @@ class Config:
 FREE_KEYS = {"force", "device", "cache_dir"}
 
 
+# ---- the methods: one fill function each, over what the bench has read ------------------------
+
+
+@dataclass
+class Bench:
+    """What the fill methods read: the held-out images (uint8 [N, 3, S, S]; ``truth``: in [0, 1]),
+    their ids and intake counts, the hole, the fill mean, the donors (uint8 [M, 3, S, S] or None,
+    NN-inpainting) and the loaded checkpoints (key -> (model, meta))."""
+
+    cfg: Config
+    images: torch.Tensor
+    truth: torch.Tensor
+    ids: list[str]
+    intake: dict[str, float]
+    hole: np.ndarray
+    mean: list[float]
+    database: torch.Tensor | None
+    models: dict[str, tuple[ContextEncoder, dict[str, Any]]]
+    device: torch.device
+
+
+def fill_mean(b: Bench) -> torch.Tensor:
+    return mean_fill(b.images, b.hole, b.mean)
+
+
+def fill_nn_hog(b: Bench) -> torch.Tensor:
+    qf = hog_features(mean_fill(b.images, b.hole, b.mean), b.cfg.hog_cell)
+    dbf = hog_features(mean_fill(b.database, b.hole, b.mean), b.cfg.hog_cell)
+    return nn_inpaint(b.images, qf, b.database, dbf, b.hole)[0]
+
+
+def fill_nn_ce(b: Bench) -> torch.Tensor:
+    cfg = b.cfg
+    model, meta = b.models["nn_features"]
+    qf = layer_features(
+        model, b.images, ("pool5",), None, b.hole, meta["data_mean"], cfg.batch_size, b.device
+    )["pool5"]
+    db = extract_features(
+        cfg.nn_features, cfg.data, cfg.train_split, "pool5", b.hole, cfg.cache_dir,
+        cfg.batch_size, b.device, cfg.images,
+    )  # fmt: skip
+    return nn_inpaint(b.images, l2_normalize(qf), b.database, l2_normalize(db.features), b.hole)[0]
+
+
+def fill_telea(b: Bench) -> torch.Tensor:
+    return telea_inpaint(b.images, b.hole, b.cfg.telea_radius)
+
+
+def fill_ce(b: Bench, key: str) -> torch.Tensor:
+    model, meta = b.models[key]
+    return ce_inpaint(model, b.images, b.hole, meta["data_mean"], b.cfg.batch_size, b.device)
+
+
+# method -> its fill function, in the grid's column order
+FILLS = {
+    "mean_fill": fill_mean,
+    "nn_hog": fill_nn_hog,
+    "nn_ce": fill_nn_ce,
+    "telea": fill_telea,
+    "ce_l2": partial(fill_ce, key="ce_l2"),
+    "ce_l2_adv": partial(fill_ce, key="ce_l2_adv"),
+}
+METHODS = tuple(FILLS)
+
+
 def resolve(cfg: Config) -> Config:
     """Fill ``nn_features`` and ``methods``; check that every method has what it needs."""
     if not cfg.nn_features and cfg.ce_l2:
@@ -229,9 +294,7 @@ def input_checks(cfg: Config) -> list[Input]:
     """The run's inputs with the checks main makes of them (orchestrate.preflight): the checkpoints of
     the methods run, the held-out split and, where a method reads it, the training split."""
     cfg = resolve(cfg)
-    keys = [m for m in ("ce_l2", "ce_l2_adv") if m in cfg.methods]
-    keys += ["nn_features"] if "nn_ce" in cfg.methods else []
-    checks = [Input(k, getattr(cfg, k), lambda k=k: table1_model(cfg, k)) for k in keys]
+    checks = [Input(k, getattr(cfg, k), lambda k=k: table1_model(cfg, k)) for k in table1_keys(cfg)]
     splits = ["split"]
     if "ce_l2" not in cfg.methods or {"nn_hog", "nn_ce"} & set(cfg.methods):  # the mean, donors
         splits.append("train_split")
@@ -247,42 +310,47 @@ def stack(images: Any, n: int | None = None) -> torch.Tensor:
     return torch.stack([images[i] for i in range(n)])
 
 
-def main(cfg: Config) -> dict[str, float]:
-    """Table 1 on ``cfg.split``; returns (and writes to result.json) the flat metrics."""
-    cfg = resolve(cfg)
-    run_dir = Path(cfg.run_dir)
-    start = time.perf_counter()
-    device = pick_device(cfg.device)
-    models = {m: table1_model(cfg, m) for m in ("ce_l2", "ce_l2_adv") if m in cfg.methods}
-    if "nn_ce" in cfg.methods:
-        models["nn_features"] = table1_model(cfg, "nn_features")
+# ---- the steps of main ------------------------------------------------------------------------
+
+
+def table1_keys(cfg: Config) -> list[str]:
+    """The checkpoint keys the methods of ``cfg`` read (ce_l2, ce_l2_adv, nn_features)."""
+    keys = [m for m in ("ce_l2", "ce_l2_adv") if m in cfg.methods]
+    return keys + (["nn_features"] if "nn_ce" in cfg.methods else [])
+
+
+def input_size(cfg: Config, models: dict[str, tuple[ContextEncoder, dict]]) -> int:
+    """``image_size``, else the checkpoints' one input size (DEFAULT_SIZE without checkpoints)."""
     sizes = {m.input_size for m, _ in models.values()}
     if len(sizes) > 1 or (cfg.image_size and sizes and cfg.image_size not in sizes):
         raise ConfigError(
             f"checkpoints take different input sizes {sorted(sizes)} (image_size={cfg.image_size})"
         )
-    size = cfg.image_size or (sizes.pop() if sizes else DEFAULT_SIZE)
-    if cfg.overlap < 0:
-        ref = models.get("ce_l2") or models.get("ce_l2_adv")
-        cfg.overlap = (
-            ref[1]["config"].get("mask", {}).get("overlap", DEFAULT_OVERLAP)
-            if ref
-            else DEFAULT_OVERLAP
-        )
-    # provenance of every checkpoint read (path, sha256): a re-run from other weights is refused
-    sources = {name: {k: meta[k] for k in ("path", "sha256")} for name, (_, meta) in models.items()}
-    done = run_folder.open_run(run_dir, cfg, FREE_KEYS, sources)
-    if done is not None:
-        return done
-    hole = central_mask(size, cfg.overlap)
+    return cfg.image_size or (sizes.pop() if sizes else DEFAULT_SIZE)
+
+
+def trained_overlap(models: dict[str, tuple[ContextEncoder, dict]]) -> int:
+    """The ce_l2 (else ce_l2_adv) checkpoint's mask.overlap; DEFAULT_OVERLAP without one."""
+    ref = models.get("ce_l2") or models.get("ce_l2_adv")
+    return (
+        ref[1]["config"].get("mask", {}).get("overlap", DEFAULT_OVERLAP) if ref else DEFAULT_OVERLAP
+    )
+
+
+def score_regions(size: int, hole: np.ndarray) -> dict[str, torch.Tensor]:
+    """The regions scored: the hole, and the whole central S/2 square (overlap band included)."""
     lo, hi = central_square(size)
     center = torch.zeros(size, size, dtype=torch.bool)
     center[lo:hi, lo:hi] = True
-    regions = {"hole": torch.from_numpy(hole), "center": center}
+    return {"hole": torch.from_numpy(hole), "center": center}
+
+
+def read_bench(cfg: Config, size: int, models: dict, device: torch.device) -> Bench:
+    """The held-out images, their hole, the fill mean and (NN-inpainting) the donor images."""
+    hole = central_mask(size, cfg.overlap)
     test_set = split_images(cfg.data, cfg.split, size, cfg.images)
     intake = test_set.intake("split")
     images = stack(test_set, cfg.max_images)
-    ids = test_set.ids[: len(images)]
     needs_db = {"nn_hog", "nn_ce"} & set(cfg.methods)
     train_set = None
     if "ce_l2" not in models or needs_db:  # the mean's source, NN-inpainting's donors
@@ -290,64 +358,74 @@ def main(cfg: Config) -> dict[str, float]:
         intake.update(train_set.intake("train_split"))
     # the mean the context encoder was trained with (§3.3), else the training split's
     mean = models["ce_l2"][1]["data_mean"] if "ce_l2" in models else dataset_mean(train_set)
-    truth = images.float() / 255
     database = stack(train_set) if needs_db else None
+    ids = test_set.ids[: len(images)]
+    return Bench(
+        cfg, images, images.float() / 255, ids, intake, hole, mean, database, models, device
+    )
+
+
+def method_scores(method: str, filled: torch.Tensor, truth: torch.Tensor, regions: dict) -> dict:
+    """``<method>/{l1,l2,psnr,psnr_pooled}_{hole,center}`` and the main columns ``<method>/l1|l2|psnr``."""
+    result = {}
+    for name, region in regions.items():
+        for key, value in region_scores(filled, truth, region).items():
+            result[f"{method}/{key}_{name}"] = value
+    for key in ("l1", "l2", "psnr"):  # the main columns: the hole, per-image averaging
+        result[f"{method}/{key}"] = result[f"{method}/{key}_hole"]
+    return result
+
+
+def write_grid(run_dir: Path, b: Bench, filled: dict[str, torch.Tensor], rows: int) -> None:
+    """inpainting_grid.png (masked input | each method | truth) and inpainting_grid.json."""
+    rows = min(rows, len(b.images))
+    if not rows:
+        return
+    masked = b.truth[:rows].clone()
+    masked[:, :, torch.from_numpy(b.hole)] = 1.0  # the hole in white
+    columns = [masked, *(filled[m][:rows] for m in b.cfg.methods), b.truth[:rows]]
+    names = ["masked_input", *b.cfg.methods, "truth"]
+    save_grid(run_folder.output_path(run_dir, GRID), tuple(columns), labels=names)
+    atomic_write_json(
+        run_folder.output_path(run_dir, "inpainting_grid.json"),
+        {"columns": names, "ids": b.ids[:rows]},
+    )
+
+
+def main(cfg: Config) -> dict[str, float]:
+    """Table 1 on ``cfg.split``; returns (and writes to result.json) the flat metrics."""
+    cfg = resolve(cfg)
+    run_dir = Path(cfg.run_dir)
+    start = time.perf_counter()
+    device = pick_device(cfg.device)
+    models = {key: table1_model(cfg, key) for key in table1_keys(cfg)}
+    size = input_size(cfg, models)
+    if cfg.overlap < 0:
+        cfg.overlap = trained_overlap(models)
+    # provenance of every checkpoint read (path, sha256): a re-run from other weights is refused
+    sources = {name: {k: meta[k] for k in ("path", "sha256")} for name, (_, meta) in models.items()}
+    done = run_folder.open_run(run_dir, cfg, FREE_KEYS, sources)
+    if done is not None:
+        return done
+    b = read_bench(cfg, size, models, device)
     run_meta = {"task": "inpainting_bench", "data": str(cfg.data), "image_size": size}
     run_folder.start(run_dir, cfg, run_meta, sources)
 
+    regions = score_regions(size, b.hole)
     filled: dict[str, torch.Tensor] = {}
     result: dict[str, float] = {}
     for method in cfg.methods:
         t0 = time.perf_counter()
-        if method == "mean_fill":
-            filled[method] = mean_fill(images, hole, mean)
-        elif method == "nn_hog":
-            qf = hog_features(mean_fill(images, hole, mean), cfg.hog_cell)
-            dbf = hog_features(mean_fill(database, hole, mean), cfg.hog_cell)
-            filled[method] = nn_inpaint(images, qf, database, dbf, hole)[0]
-        elif method == "nn_ce":
-            model, meta = models["nn_features"]
-            qf = layer_features(
-                model, images, ("pool5",), None, hole, meta["data_mean"], cfg.batch_size, device
-            )["pool5"]
-            db = extract_features(
-                cfg.nn_features, cfg.data, cfg.train_split, "pool5", hole, cfg.cache_dir,
-                cfg.batch_size, device, cfg.images,
-            )  # fmt: skip
-            filled[method] = nn_inpaint(
-                images, l2_normalize(qf), database, l2_normalize(db.features), hole
-            )[0]
-        elif method == "telea":
-            filled[method] = telea_inpaint(images, hole, cfg.telea_radius)
-        else:
-            model, meta = models[method]
-            filled[method] = ce_inpaint(
-                model, images, hole, meta["data_mean"], cfg.batch_size, device
-            )
-        for name, region in regions.items():
-            for key, value in region_scores(filled[method], truth, region).items():
-                result[f"{method}/{key}_{name}"] = value
-        for key in ("l1", "l2", "psnr"):  # the main columns: the hole, per-image averaging
-            result[f"{method}/{key}"] = result[f"{method}/{key}_hole"]
+        filled[method] = FILLS[method](b)
+        result.update(method_scores(method, filled[method], b.truth, regions))
         result[f"{method}/time_s"] = time.perf_counter() - t0
         log.info(
             "%s: %s", method, {k: round(v, 4) for k, v in result.items() if k.startswith(method)}
         )
-    result.update(n_images=float(len(images)), overlap=float(cfg.overlap), image_size=float(size))
-    result.update(intake)
+    result.update(n_images=float(len(b.images)), overlap=float(cfg.overlap), image_size=float(size))
+    result.update(b.intake)
     result["time_s"] = time.perf_counter() - start
-
-    rows = min(cfg.grid_rows, len(images))
-    if rows:
-        masked = truth[:rows].clone()
-        masked[:, :, torch.from_numpy(hole)] = 1.0  # the hole in white
-        columns = [masked, *(filled[m][:rows] for m in cfg.methods), truth[:rows]]
-        names = ["masked_input", *cfg.methods, "truth"]
-        save_grid(run_folder.output_path(run_dir, GRID), tuple(columns), labels=names)
-        atomic_write_json(
-            run_folder.output_path(run_dir, "inpainting_grid.json"),
-            {"columns": names, "ids": ids[:rows]},
-        )
+    write_grid(run_dir, b, filled, cfg.grid_rows)
     return run_folder.finish(run_dir, result, run_meta)
 
 

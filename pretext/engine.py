@@ -148,21 +148,82 @@ def truncate_metrics(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 
+def step_loader(t: Training, run: Run, total: int) -> Any:
+    """The method's batches of steps ``t.step .. total - 1`` (this rank's part of each)."""
+    cfg, env = run.cfg, run.env
+    sampler = StepBatchSampler(
+        len(t.method.train_images), cfg.optim.batch_size, cfg.seed, t.step, total, env.rank,
+        env.world_size,
+    )  # fmt: skip
+    return make_loader(
+        t.method.items(), sampler, cfg.data.num_workers, pin_memory=run.device.type == "cuda"
+    )
+
+
+def one_step(t: Training, train_step: TrainStep, batch: Any, run: Run) -> dict[str, float]:
+    """One optimisation step at ``t.step``'s learning rate; ``t.step`` and ``t.elapsed`` advanced.
+    A non-finite loss raises FloatingPointError naming the step and the last good checkpoint."""
+    set_learning_rates(t, run.cfg)
+    t0 = time.perf_counter()
+    if t.step == run.cfg.fail_at_step:
+        train_step.poison = True
+    losses = train_step(*batch)
+    if not math.isfinite(losses["loss"]):
+        raise FloatingPointError(
+            f"{run.run_dir}: non-finite loss {losses['loss']} at step {t.step}; stopped "
+            f"without saving. The last good checkpoint is {run.ckpt_path} "
+            f"(step {load_checkpoint(run.ckpt_path)['step']})"
+        )
+    t.elapsed += time.perf_counter() - t0
+    t.step += 1
+    return losses
+
+
+class Throughput:
+    """Images per second between two log lines."""
+
+    def __init__(self) -> None:
+        self.since, self.images = time.perf_counter(), 0
+
+    def per_s(self) -> float:
+        """The rate since the last call (or since created), and start counting afresh."""
+        now = time.perf_counter()
+        rate = self.images / max(now - self.since, 1e-9)
+        self.since, self.images = now, 0
+        return rate
+
+
+def log_losses(
+    t: Training, run: Run, losses: dict[str, float], images_per_s: float, events: tb.EventLog
+) -> None:
+    """One metrics.jsonl line (and its TensorBoard scalars) for the step just taken."""
+    record = {
+        "step": t.step,
+        "lr": lr_at(t.step - 1, run.cfg.optim),
+        **losses,
+        "images_per_s": images_per_s,
+        "train_time_s": t.elapsed,
+    }
+    append_jsonl(run.run_dir / "metrics.jsonl", record)
+    events.scalars(t.step, {k: v for k, v in record.items() if k != "step"}, "train/")
+
+
+def log_snapshot(t: Training, run: Run, events: tb.EventLog) -> None:
+    """The method's validation scalars and images (``Method.snapshot``) as TensorBoard events."""
+    scalars, images = t.method.snapshot(run.device, t.mean)
+    events.scalars(t.step, scalars, "val/")
+    for tag, image in images.items():
+        events.image(f"val/{tag}", image, t.step)
+
+
 def train_steps(t: Training, train_step: TrainStep, run: Run, total: int) -> None:
     """Steps ``t.step .. total - 1`` on the method's batches; logs (rank 0) every ``log_every``
     steps and checkpoints every ``checkpoint_every`` and at the end. A non-finite loss stops the
     run without saving (FloatingPointError naming the step and the last good checkpoint)."""
     cfg, env = run.cfg, run.env
-    method = t.method
-    sampler = StepBatchSampler(
-        len(method.train_images), cfg.optim.batch_size, cfg.seed, t.step, total, env.rank,
-        env.world_size,
-    )  # fmt: skip
-    loader = make_loader(
-        method.items(), sampler, cfg.data.num_workers, pin_memory=run.device.type == "cuda"
-    )
+    loader = step_loader(t, run, total)
     t.model.train()
-    method.net.train()
+    t.method.net.train()
     bar = tqdm(
         total=total,
         initial=t.step,
@@ -174,47 +235,22 @@ def train_steps(t: Training, train_step: TrainStep, run: Run, total: int) -> Non
     # TensorBoard (rank 0): the steps after t.step written afresh (those of a run stopped after
     # its checkpoint dropped, as in metrics.jsonl); closed, i.e. flushed, however the loop ends
     events = tb.EventLog(run.run_dir, env.is_main and cfg.log.tensorboard, first_step=t.step + 1)
-    t_last, n_last = time.perf_counter(), 0
+    throughput = Throughput()
     batches = iter(loader)  # draws the loader's base seed from the global torch RNG
     if t.rng is not None:  # resumed: undo that draw (an uninterrupted run made it at step 0 only),
         set_rng_state(t.rng)  # so dropout continues the saved stream
         t.rng = None
     with contextlib.closing(events):
         for batch in batches:
-            set_learning_rates(t, cfg)
-            t0 = time.perf_counter()
-            if t.step == cfg.fail_at_step:
-                train_step.poison = True
-            losses = train_step(*batch)
-            if not math.isfinite(losses["loss"]):
-                raise FloatingPointError(
-                    f"{run.run_dir}: non-finite loss {losses['loss']} at step {t.step}; stopped "
-                    f"without saving. The last good checkpoint is {run.ckpt_path} "
-                    f"(step {load_checkpoint(run.ckpt_path)['step']})"
-                )
-            t.elapsed += time.perf_counter() - t0
-            t.step += 1
-            n_last += len(batch[0]) * env.world_size
+            losses = one_step(t, train_step, batch, run)
+            throughput.images += len(batch[0]) * env.world_size
             bar.update(1)
             if env.is_main and (t.step % cfg.log_every == 0 or t.step == total):
-                now = time.perf_counter()
-                record = {
-                    "step": t.step,
-                    "lr": lr_at(t.step - 1, cfg.optim),
-                    **losses,
-                    "images_per_s": n_last / max(now - t_last, 1e-9),
-                    "train_time_s": t.elapsed,
-                }
-                append_jsonl(run.run_dir / "metrics.jsonl", record)
-                events.scalars(t.step, {k: v for k, v in record.items() if k != "step"}, "train/")
+                log_losses(t, run, losses, throughput.per_s(), events)
                 bar.set_postfix(loss=f"{losses['loss']:.4f}")
-                t_last, n_last = now, 0
             every = cfg.log.images_every
             if events.enabled and every > 0 and (t.step % every == 0 or t.step == total):
-                scalars, images = method.snapshot(run.device, t.mean)
-                events.scalars(t.step, scalars, "val/")
-                for tag, image in images.items():
-                    events.image(f"val/{tag}", image, t.step)
+                log_snapshot(t, run, events)
             if t.step % cfg.checkpoint_every == 0 or t.step == total:
                 save(t, run)
                 events.flush()

@@ -224,21 +224,17 @@ def lr_factor(epoch_pos: float, cfg: FinetuneConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def finetune(
-    model: Classifier,
-    train: Dataset,
-    cfg: Config,
-    run_dir: Path,
-    generator: torch.Generator,
-    events: tb.EventLog | None = None,
-) -> None:
-    fc = cfg.finetune
-    if fc.rescale:
-        batch = torch.stack([train[i][0] for i in range(min(fc.rescale_batch, len(train)))])
-        x = to_unit_range(batch)
-        model.eval()
-        stats = rescale_layers(model.new_layers, lambda: model(x))
-        log.info("data-dependent init: per-layer (mean, std) after rescaling %s", stats)
+def rescale_new_layers(model: Classifier, train: Dataset, n: int) -> None:
+    """Krähenbühl et al.'s data-dependent init of the head on the first ``n`` training views."""
+    batch = torch.stack([train[i][0] for i in range(min(n, len(train)))])
+    x = to_unit_range(batch)
+    model.eval()
+    stats = rescale_layers(model.new_layers, lambda: model(x))
+    log.info("data-dependent init: per-layer (mean, std) after rescaling %s", stats)
+
+
+def make_optimizer(model: Classifier, fc: FinetuneConfig) -> torch.optim.Optimizer:
+    """Adam or SGD over the head (lr) and the encoder (lr * encoder_lr_mult; 0: frozen)."""
     groups = [
         {"params": list(model.head.parameters()), "lr": fc.lr},
         {"params": list(model.encoder.parameters()), "lr": fc.lr * fc.encoder_lr_mult},
@@ -247,9 +243,59 @@ def finetune(
         groups = groups[:1]
         model.encoder.requires_grad_(False)
     if fc.optimizer == "adam":
-        opt = torch.optim.Adam(groups, lr=fc.lr, weight_decay=fc.weight_decay)
-    else:
-        opt = torch.optim.SGD(groups, lr=fc.lr, momentum=fc.momentum, weight_decay=fc.weight_decay)
+        return torch.optim.Adam(groups, lr=fc.lr, weight_decay=fc.weight_decay)
+    return torch.optim.SGD(groups, lr=fc.lr, momentum=fc.momentum, weight_decay=fc.weight_decay)
+
+
+def train_epoch(
+    model: Classifier,
+    loader: DataLoader,
+    opt: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    fc: FinetuneConfig,
+    bar: tqdm,
+    where: str,
+) -> tuple[float, float]:
+    """One pass over ``loader``. Returns (mean loss per image, the head's lr of the last step);
+    a non-finite loss raises FloatingPointError naming ``where``."""
+    model.train()
+    if fc.encoder_lr_mult == 0:
+        model.encoder.eval()
+    total, count = 0.0, 0
+    for images, labels, diff in loader:
+        logits = model(to_unit_range(images))
+        # difficult-only entries are neither positive nor negative (VOC07 protocol)
+        weight = 1.0 - diff
+        loss = F.binary_cross_entropy_with_logits(logits, labels, weight, reduction="sum")
+        loss = loss / len(images)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if fc.clip_grad > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), fc.clip_grad)
+        opt.step()
+        lr = opt.param_groups[0]["lr"]  # the head's lr of this step (logged: the epoch's last)
+        schedule.step()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"{where}; lower finetune.lr")
+        total, count = total + loss.item() * len(images), count + len(images)
+        bar.update(1)
+    return total / count, lr
+
+
+def finetune(
+    model: Classifier,
+    train: Dataset,
+    cfg: Config,
+    run_dir: Path,
+    generator: torch.Generator,
+    events: tb.EventLog | None = None,
+) -> None:
+    """Train ``model`` end to end for ``finetune.epochs``; one metrics.jsonl line (and event) an
+    epoch."""
+    fc = cfg.finetune
+    if fc.rescale:
+        rescale_new_layers(model, train, fc.rescale_batch)
+    opt = make_optimizer(model, fc)
     loader = DataLoader(
         train,
         batch_size=fc.batch_size,
@@ -268,31 +314,10 @@ def finetune(
         total=steps, desc=f"finetune {run_dir.name}", disable=not cfg.progress, file=sys.stderr
     )
     for epoch in range(fc.epochs):
-        model.train()
-        if fc.encoder_lr_mult == 0:
-            model.encoder.eval()
-        total, count = 0.0, 0
-        for images, labels, diff in loader:
-            logits = model(to_unit_range(images))
-            # difficult-only entries are neither positive nor negative (VOC07 protocol)
-            weight = 1.0 - diff
-            loss = F.binary_cross_entropy_with_logits(logits, labels, weight, reduction="sum")
-            loss = loss / len(images)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if fc.clip_grad > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), fc.clip_grad)
-            opt.step()
-            lr = opt.param_groups[0]["lr"]  # the head's lr of this step (logged: the epoch's last)
-            schedule.step()
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(
-                    f"{run_dir}: non-finite fine-tuning loss at epoch {epoch}; lower finetune.lr"
-                )
-            total, count = total + loss.item() * len(images), count + len(images)
-            bar.update(1)
-        bar.set_postfix(loss=f"{total / count:.4f}")
-        record = {"loss": total / count, "lr": lr}
+        where = f"{run_dir}: non-finite fine-tuning loss at epoch {epoch}"
+        loss, lr = train_epoch(model, loader, opt, schedule, fc, bar, where)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        record = {"loss": loss, "lr": lr}
         append_jsonl(run_dir / "metrics.jsonl", {"mode": "finetune", "epoch": epoch + 1, **record})
         if events is not None:
             events.scalars(epoch + 1, record, "finetune/")
@@ -374,6 +399,57 @@ def input_checks(cfg: Config) -> list[Input]:
     ]
 
 
+@dataclass
+class Views:
+    """A run's images, decoded once: training views with augmentation (fine-tuning), training
+    and test eval views (probes, testing)."""
+
+    train_aug: DecodedViews
+    train_eval: DecodedViews
+    test: DecodedViews
+
+
+def read_views(cfg: Config, root: Path, size: int, classes: tuple[str, ...]) -> Views:
+    """The images, read through the intake rule (core.images) before anything is written."""
+    rule = (cfg.images.skip_bad, cfg.images.strict)
+    return Views(
+        DecodedViews(VOCClassification(root, cfg.train_split, size, True, classes, *rule)),
+        DecodedViews(VOCClassification(root, cfg.train_split, size, False, classes, *rule)),
+        DecodedViews(VOCClassification(root, cfg.test_split, size, False, classes, *rule)),
+    )
+
+
+# mode -> the frozen layer its linear probe reads: the encoder output / the channel-wise FC's
+PROBES = {"linear_pool5": "pool5", "linear_fc": "bottleneck"}
+
+
+def finetune_and_test(
+    cfg: Config,
+    classes: tuple[str, ...],
+    views: Views,
+    run_dir: Path,
+    generator: torch.Generator,
+    events: tb.EventLog,
+    test_scores: dict[str, np.ndarray],
+) -> dict[str, float]:
+    """Fine-tune a fresh copy of the encoder with a new head; its AP metrics on the test views
+    (its scores into ``test_scores["finetune_mAP"]``)."""
+    net = Classifier(_fresh_encoder(cfg.checkpoint), len(classes), cfg.finetune)
+    finetune(net, views.train_aug, cfg, run_dir, generator, events)
+    scores, labels, diff = predict(
+        net, views.test, 128, cfg.test_flip, "finetune test", cfg.progress
+    )
+    test_scores["finetune_mAP"] = scores
+    return ap_metrics("finetune", scores, labels, diff, classes, cfg.ap_mode)
+
+
+def save_scores(run_dir: Path, cfg: Config, test: DecodedViews, test_scores: dict) -> None:
+    """scores.npz (core.image_scores): the test scores behind ``mAP`` and each ``<mode>_mAP``."""
+    test_scores["mAP"] = test_scores[f"{cfg.modes[0]}_mAP"]
+    labels, diff = test.base.labels.numpy(), test.base.difficult_only.numpy()
+    image_scores.save(run_dir, test.base.ids, labels, diff, cfg.ap_mode, test_scores)
+
+
 def main(cfg: Config) -> dict[str, float]:
     """Run (or return the recorded result of) the classification transfer in ``cfg.run_dir``."""
     if not cfg.modes:
@@ -390,36 +466,30 @@ def main(cfg: Config) -> dict[str, float]:
     meta = {"task": "classify", "source": source, "seed": cfg.seed, "data": str(root),
             "classes": list(classes), "image_size": size}  # fmt: skip
     t0 = time.perf_counter()
-    # the images, read through the intake rule before anything is written
-    rule = (cfg.images.skip_bad, cfg.images.strict)
-    train_aug = DecodedViews(VOCClassification(root, cfg.train_split, size, True, classes, *rule))
-    train_eval = DecodedViews(VOCClassification(root, cfg.train_split, size, False, classes, *rule))
-    test = DecodedViews(VOCClassification(root, cfg.test_split, size, False, classes, *rule))
+    views = read_views(cfg, root, size, classes)
     run_folder.start(run_dir, cfg, meta, {"checkpoint": source})
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a restarted run logs afresh
     events = tb.EventLog(run_dir, cfg.log.tensorboard)  # and so do its event files
 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    log.info("%d train / %d test images, %d classes", len(train_aug), len(test), len(classes))
-
+    log.info("%d train / %d test images, %d classes", len(views.train_aug), len(views.test),
+             len(classes))  # fmt: skip
     result: dict[str, float] = {}
     test_scores: dict[str, np.ndarray] = {}  # metric -> test scores (core.image_scores)
     for mode in cfg.modes:
         t_mode = time.perf_counter()
         if mode == "finetune":
-            net = Classifier(_fresh_encoder(cfg.checkpoint), len(classes), cfg.finetune)
-            finetune(net, train_aug, cfg, run_dir, generator, events)
-            scores, labels, diff = predict(
-                net, test, 128, cfg.test_flip, "finetune test", cfg.progress
+            metrics = finetune_and_test(
+                cfg, classes, views, run_dir, generator, events, test_scores
             )
-            result.update(ap_metrics("finetune", scores, labels, diff, classes, cfg.ap_mode))
-            test_scores["finetune_mAP"] = scores
-        else:  # linear_pool5 / linear_fc: the encoder output / the channel-wise FC's
-            layer = "pool5" if mode == "linear_pool5" else "bottleneck"
-            result.update(
-                linear_probe(mode, model, layer, train_eval, test, cfg, classes, test_scores)
+            result.update(metrics)
+        else:
+            train, test = views.train_eval, views.test
+            metrics = linear_probe(
+                mode, model, PROBES[mode], train, test, cfg, classes, test_scores
             )
+            result.update(metrics)
         result[f"{mode}_time_s"] = time.perf_counter() - t_mode
         log.info("%s: mAP %.4f", mode, result[f"{mode}_mAP"])
         append_jsonl(run_dir / "metrics.jsonl", {"mode": mode, "mAP": result[f"{mode}_mAP"]})
@@ -427,11 +497,9 @@ def main(cfg: Config) -> dict[str, float]:
         events.scalars(step, {f"{mode}_mAP": result[f"{mode}_mAP"]}, "test/")
     events.close()
     result = {"mAP": result[f"{cfg.modes[0]}_mAP"], **result}
-    result.update(train_eval.base.intake("train") | test.base.intake("test"))
+    result.update(views.train_eval.base.intake("train") | views.test.base.intake("test"))
     result["time_s"] = time.perf_counter() - t0
-    test_scores["mAP"] = test_scores[f"{cfg.modes[0]}_mAP"]
-    labels, diff = test.base.labels.numpy(), test.base.difficult_only.numpy()
-    image_scores.save(run_dir, test.base.ids, labels, diff, cfg.ap_mode, test_scores)
+    save_scores(run_dir, cfg, views.test, test_scores)
     return run_folder.finish(run_dir, result, {**meta, "elapsed_s": result["time_s"]})
 
 

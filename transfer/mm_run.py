@@ -159,6 +159,85 @@ def input_checks(cfg: MMConfig, seg_task: str) -> list[Input]:
     ]
 
 
+def mm_config(
+    cfg: MMConfig,
+    source: dict[str, Any],
+    work_dir: Path,
+    resume_from: Path | None,
+    configure: Callable[[Any], None],
+) -> Any:
+    """The mm config file with what depends on the run filled in: the backbone checkpoint, the
+    task's part (``configure``), loaders, one test evaluation after training, the optimiser and
+    schedule (:func:`set_schedule`), the work dir and what to resume from."""
+    from mmengine.config import Config as MMEngineConfig
+
+    mm = MMEngineConfig.fromfile(cfg.mm_config)
+    mm.model.backbone.update(
+        checkpoint=source["path"], arch=source["arch"], frozen_stages=cfg.frozen_stages
+    )
+    configure(mm)
+    mm.train_dataloader.batch_size = cfg.batch_size
+    for loader in ("train_dataloader", "test_dataloader"):
+        mm[loader].num_workers = cfg.num_workers
+        mm[loader].persistent_workers = cfg.num_workers > 0
+    # One evaluation, on the test split, after training (no validation loop in between).
+    mm.val_dataloader = mm.val_evaluator = mm.val_cfg = None
+    mm.train_cfg = dict(type="IterBasedTrainLoop", max_iters=cfg.max_iters, val_interval=10**9)
+    set_schedule(mm, cfg)
+    mm.default_hooks.checkpoint = None  # mm_resume.ResumeHook saves plain-data checkpoints
+    mm.default_hooks.pop("visualization", None)  # no images written
+    mm.work_dir = str(work_dir)
+    mm.randomness = dict(seed=cfg.seed, deterministic=False)
+    mm.resume = resume_from is not None
+    mm.load_from = str(resume_from) if resume_from is not None else None
+    mm.launcher = "none"
+    return mm
+
+
+def set_schedule(mm: Any, cfg: MMConfig) -> None:
+    """The optimiser (the encoder's lr scaled by ``backbone_lr_mult``), a linear warm-up over
+    ``warmup_iters`` then cosine decay to 1% of ``lr``."""
+    if cfg.optimizer == "adamw":
+        mm.optim_wrapper.optimizer = dict(type="AdamW", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        mm.optim_wrapper.optimizer = dict(
+            type="SGD", lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay
+        )
+    if cfg.backbone_lr_mult != 1.0:
+        mm.optim_wrapper.paramwise_cfg = dict(
+            custom_keys={"backbone": dict(lr_mult=cfg.backbone_lr_mult)}
+        )
+    warmup = min(cfg.warmup_iters, cfg.max_iters)
+    schedule = [dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=warmup)]
+    schedule.append(dict(type="CosineAnnealingLR", by_epoch=False, begin=warmup,
+                         end=cfg.max_iters, eta_min=cfg.lr * 0.01))  # fmt: skip
+    mm.param_scheduler = schedule if warmup > 0 else schedule[1:]
+
+
+def train_and_test(
+    task: str, cfg: MMConfig, mm: Any, run_dir: Path, t0: float
+) -> tuple[dict, float]:
+    """Train with mmengine's Runner (our progress, resume and TensorBoard hooks), then evaluate
+    once on the test split. Returns (the evaluator's metrics, training seconds over resumes)."""
+    from transfer import mm_resume
+
+    runner = mm_resume.DataOnlyRunner.from_cfg(mm)
+    runner.register_hook(
+        ProgressHook(
+            run_dir / "metrics.jsonl", cfg.max_iters, f"{task} {run_dir.name}", cfg.progress
+        )
+    )
+    resume = mm_resume.ResumeHook(Path(mm.work_dir), cfg.checkpoint_every, cfg.max_iters, t0)
+    runner.register_hook(resume)
+    if cfg.log.tensorboard:
+        from transfer.mm_tensorboard import TensorboardHook
+
+        runner.register_hook(TensorboardHook(run_dir, cfg.max_iters, cfg.checkpoint_every))
+    runner.train()
+    test_metrics = runner.test()
+    return {k: float(v) for k, v in test_metrics.items()}, resume.elapsed_s()
+
+
 def run(
     task: str,
     cfg: MMConfig,
@@ -189,61 +268,12 @@ def run(
     if resume_from is None:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     t0 = time.perf_counter()
-
-    from mmengine.config import Config as MMEngineConfig
-
-    mm = MMEngineConfig.fromfile(cfg.mm_config)
-    mm.model.backbone.update(
-        checkpoint=source["path"], arch=source["arch"], frozen_stages=cfg.frozen_stages
-    )
-    configure(mm, cfg, root, classes, channels, geometry)
-    mm.train_dataloader.batch_size = cfg.batch_size
-    for loader in ("train_dataloader", "test_dataloader"):
-        mm[loader].num_workers = cfg.num_workers
-        mm[loader].persistent_workers = cfg.num_workers > 0
-    # One evaluation, on the test split, after training (no validation loop in between).
-    mm.val_dataloader = mm.val_evaluator = mm.val_cfg = None
-    mm.train_cfg = dict(type="IterBasedTrainLoop", max_iters=cfg.max_iters, val_interval=10**9)
-    if cfg.optimizer == "adamw":
-        mm.optim_wrapper.optimizer = dict(type="AdamW", lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        mm.optim_wrapper.optimizer = dict(
-            type="SGD", lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay
-        )
-    if cfg.backbone_lr_mult != 1.0:
-        mm.optim_wrapper.paramwise_cfg = dict(
-            custom_keys={"backbone": dict(lr_mult=cfg.backbone_lr_mult)}
-        )
-    warmup = min(cfg.warmup_iters, cfg.max_iters)
-    schedule = [dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=warmup)]
-    schedule.append(dict(type="CosineAnnealingLR", by_epoch=False, begin=warmup,
-                         end=cfg.max_iters, eta_min=cfg.lr * 0.01))  # fmt: skip
-    mm.param_scheduler = schedule if warmup > 0 else schedule[1:]
-    mm.default_hooks.checkpoint = None  # mm_resume.ResumeHook saves plain-data checkpoints
-    mm.default_hooks.pop("visualization", None)  # no images written
-    mm.work_dir = str(work_dir)
-    mm.randomness = dict(seed=cfg.seed, deterministic=False)
-    mm.resume = resume_from is not None
-    mm.load_from = str(resume_from) if resume_from is not None else None
-    mm.launcher = "none"
-
-    runner = mm_resume.DataOnlyRunner.from_cfg(mm)
-    runner.register_hook(
-        ProgressHook(
-            run_dir / "metrics.jsonl", cfg.max_iters, f"{task} {run_dir.name}", cfg.progress
-        )
-    )
-    resume = mm_resume.ResumeHook(work_dir, cfg.checkpoint_every, cfg.max_iters, t0)
-    runner.register_hook(resume)
-    if cfg.log.tensorboard:
-        from transfer.mm_tensorboard import TensorboardHook
-
-        runner.register_hook(TensorboardHook(run_dir, cfg.max_iters, cfg.checkpoint_every))
-    runner.train()
-    test_metrics = runner.test()
-    result = metrics({k: float(v) for k, v in test_metrics.items()})
+    mm = mm_config(cfg, source, work_dir, resume_from,
+                   lambda mm: configure(mm, cfg, root, classes, channels, geometry))  # fmt: skip
+    test_metrics, elapsed = train_and_test(task, cfg, mm, run_dir, t0)
+    result = metrics(test_metrics)
     if seg_task == "Main":
         result["unknown_class_objects_skipped"] = float(unknown)
-    result["time_s"] = resume.elapsed_s()
+    result["time_s"] = elapsed
     append_jsonl(run_dir / "metrics.jsonl", {"iter": cfg.max_iters, "test": result})
     return run_folder.finish(run_dir, result, {**meta, "elapsed_s": result["time_s"]})
