@@ -30,6 +30,8 @@ from orchestrate.profile import Profile, load_profile, profile_path
 from orchestrate.tables import (
     FROZEN_LAYER_COLUMNS,
     RETRIEVAL_COLUMNS,
+    SINGLE_LABEL_COLUMNS,
+    SINGLE_LABEL_LAYER_COLUMNS,
     TABLE1_COLUMNS,
     TABLE2_COLUMNS,
     ImageBootstrap,
@@ -76,10 +78,15 @@ def self_supervised(rows: list[tuple[str, ...]], baseline: str | None) -> list[s
     return [r[1] for r in rows if r[1] not in (baseline, UPPER_BOUND)]
 
 
+def task_rows(profile: Profile, task: str) -> list[tuple[str, str]]:
+    """Table 2 rows that have runs of the eval task ``task``."""
+    variants = profile.eval[task].variants if task in profile.eval else []
+    return [(title, name) for title, name in table2_rows(profile) if name in variants]
+
+
 def frozen_rows(profile: Profile) -> list[tuple[str, str]]:
     """Table 2 rows that have frozen-feature runs (eval stage ``frozen``)."""
-    variants = profile.eval["frozen"].variants if "frozen" in profile.eval else []
-    return [(title, name) for title, name in table2_rows(profile) if name in variants]
+    return task_rows(profile, "frozen")
 
 
 def frozen_svm_figure(runs: pd.DataFrame, rows: list[tuple[str, str]], path: Path) -> bool:
@@ -220,6 +227,13 @@ def write_tables(
             title = "Frozen features: low-shot VOC07 SVM, k positives per class"
             compared("frozen_lowshot", lowshot, frozen_rows(profile), title,
                      f"{title} (layer chosen by cross-validation)")  # fmt: skip
+    if rows := task_rows(profile, "single_label"):
+        compared("single_label", SINGLE_LABEL_COLUMNS, rows,
+                 "Single-label protocols: top-1 / top-5 on val (layer chosen on held-out train)",
+                 "Single-label protocols: linear probe and kNN, val top-1 / top-5")  # fmt: skip
+        compared("single_label_layers", SINGLE_LABEL_LAYER_COLUMNS, rows,
+                 "Single-label linear probe: val top-1 per layer",
+                 "Single-label linear probe: val top-1 per layer (Zhang et al. 2017, Table 2)")  # fmt: skip
     if table1_rows(profile):
         t1, t1_long = build_table(runs, TABLE1_COLUMNS, table1_rows(profile))
         write_table(t1, t1_long, out, "table1_inpainting", "Table 1: inpainting, central masks")

@@ -119,6 +119,8 @@ def test_run_folder_from_before_the_eq1_fix_is_not_taken_for_an_eq1_run(tmp_path
     old = to_dict(cfg)
     del old["mask"]["overlap_loss"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    (tmp_path / "checkpoints").mkdir()  # a run of that time that trained (a folder holding no
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")  # output may restart: run_folder)
     with pytest.raises(ConfigError, match="mask.overlap_loss: 'on' -> 'off'"):
         open_run_folder(tmp_path, cfg)
     band = parse_config(["--config", "pretext/configs/builtin.yaml", f"run_dir={tmp_path}",

@@ -28,6 +28,8 @@ ONE_ITERATION = {
     "eval.inpainting_bench": ["max_images=4"],
     "eval.retrieval": ["approx=[hnsw]"],
     "eval.frozen": ["svm.costs=[0.1,1.0]"],
+    "eval.single_label": ["linear.epochs=1", "linear.batch_size=8", "linear.lrs=[0.01]",
+                          "num_workers=0", "knn.k=2"],
 }  # fmt: skip
 
 
@@ -76,8 +78,9 @@ def test_paper_profile_configs_load_validate_and_start(tmp_path, monkeypatch):
         name: replace(spec, data=str(paris)) if spec.data else spec
         for name, spec in profile.pretext.variants.items()
     }
+    imagenet = _image_folder(tiny_voc, tmp_path / "imagenet")
     profile.pretext = replace(
-        profile.pretext, data=str(_image_folder(tiny_voc, tmp_path / "imagenet")),
+        profile.pretext, data=str(imagenet),
         variants=variants,
         overrides=[f"mask.shapes_root={tiny_voc}"],  # stands in for VOC2012's silhouettes
     )  # fmt: skip
@@ -85,10 +88,12 @@ def test_paper_profile_configs_load_validate_and_start(tmp_path, monkeypatch):
         t: replace(spec, data=str(tiny_voc)) for t, spec in profile.transfer.items()
     }
     profile.eval["inpainting"] = replace(profile.eval["inpainting"], data=str(paris))
+    profile.eval["single_label"] = replace(profile.eval["single_label"], data=str(imagenet))
     jobs = expand(profile)
     assert {(j.stage, j.task) for j in jobs} == {
         ("pretext", "pretext"), ("transfer", "classify"), ("transfer", "detect"),
         ("transfer", "segment"), ("eval", "inpainting"), ("eval", "retrieval"), ("eval", "frozen"),
+        ("eval", "single_label"),
     }  # fmt: skip
     # one job of each (stage, task), plus the pretext runs the chosen ones read
     chosen = [j for j in jobs if j.variant in ("context_encoder", "all")]
@@ -120,5 +125,8 @@ def test_paper_profile_configs_load_validate_and_start(tmp_path, monkeypatch):
         if job.task == "inpainting":  # Table 1 on the held-out Paris folder, both regions
             assert result["image_size"] == 128 and result["n_images"] == 4
             assert {"ce_l2/psnr_hole", "ce_l2_adv/psnr_center", "nn_ce/l2_center"} <= set(result)
+        if job.task == "single_label":  # Zhang et al.'s conv1..conv5 linear table, on val
+            assert {f"linear_conv{i}_top1" for i in range(1, 6)} <= set(result)
+            assert result["num_classes"] == 2 and result["n_val"] > 0
         if job.module in ("transfer.detect", "transfer.segment"):
             assert "optimizer: sgd" in meta.read_text() and "max_iters: 1" in meta.read_text()

@@ -257,7 +257,7 @@ def test_paper_profile_stops_in_preflight_with_every_missing_root_once(capsys, m
     assert code == 2 and "start " not in out
     lines = err.splitlines()
     assert lines[0] == (
-        "error: orchestrate/profiles/paper.yaml: 4 problems in the 64 jobs to run; nothing was started"
+        "error: orchestrate/profiles/paper.yaml: 4 problems in the 76 jobs to run; nothing was started"
     )
     assert lines[1] == "  missing files and folders:"
     roots = ["/datasets/imagenet", "/datasets/VOCdevkit/VOC2012", "/datasets/paris_streetview",
@@ -266,6 +266,7 @@ def test_paper_profile_stops_in_preflight_with_every_missing_root_once(capsys, m
     for root in roots:  # once: the heading; the reasons below it do not repeat it
         assert err.count(root) == 1, root
     assert "data.root: image folder not found [12 jobs: pretext/pretext/random_init/seed0" in err
+    assert "data: data folder not found [12 jobs: eval/single_label/random_init/seed0" in err
     assert (
         "mask.shapes_root: mask.shapes_root is not a folder [3 jobs: pretext/pretext/context_e"
         in err
@@ -299,7 +300,7 @@ def test_paper_make_table_through_the_makefile_stops_with_exit_2():
     )  # fmt: skip
     assert run.returncode == 2
     assert run.stderr.startswith(
-        "error: orchestrate/profiles/paper.yaml: 4 problems in the 64 jobs to run"
+        "error: orchestrate/profiles/paper.yaml: 4 problems in the 76 jobs to run"
     )
     assert "Traceback" not in run.stderr
     assert "[Makefile" in run.stderr and "Error 2" in run.stderr  # the recipe itself exited 2
@@ -325,10 +326,10 @@ def test_dry_run_prints_the_graph_and_writes_nothing(name, capsys, monkeypatch):
     commands = [line.strip() for line in lines if line.startswith("      python -m")]
     assert commands == [f"python -m {j.module} {' '.join(j.argv)}" for j in jobs]
     if name == "paper":
-        # pretext 14 x 48 h, transfer 36 x 12 h, frozen 12 x 4 h, inpainting + retrieval 2 x 4 h
-        # (1 GPU each): 672 + 432 + 48 + 8
+        # pretext 14 x 48 h, transfer 36 x 12 h, frozen 12 x 4 h, single-label 12 x 24 h,
+        # inpainting + retrieval 2 x 4 h (1 GPU each): 672 + 432 + 48 + 288 + 8
         assert lines[-1] == (
-            "total: 64 jobs (64 to run); the 64 to run (or to run again) ask for 1,160.0 "
+            "total: 76 jobs (76 to run); the 76 to run (or to run again) ask for 1,448.0 "
             "GPU-hours (time limit x GPUs x nodes)"
         )
         first = rows[0]

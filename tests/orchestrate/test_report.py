@@ -218,3 +218,39 @@ def test_report_shows_the_seeds_and_images_interval_from_recorded_scores(tmp_pat
     long = pd.read_csv(out / "table2_transfer_runs.csv")
     row = long[(long["row"] == "Supervised") & long["column"].str.startswith("Frozen SVM")]
     assert row["image_var"].iloc[0] > 0 and row["comb_low"].iloc[0] <= row["ci_low"].iloc[0]
+
+
+def test_report_writes_the_single_label_tables_per_layer(tmp_path, monkeypatch):
+    """A profile with an eval.single_label task (the paper profile's ImageNet linear table, Zhang
+    et al. 2017): top-1 / top-5 with Δ to random init, and val top-1 per layer conv1..bottleneck."""
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    for seed in range(3):
+        for variant, gain in (("random_init", 0.0), ("context_encoder", 0.1)):
+            per_layer = {f"linear_{layer}_top1": 0.2 + gain * i / 5 + 0.01 * seed
+                         for i, layer in enumerate(LAYERS)}  # fmt: skip
+            best = per_layer["linear_conv5_top1"]
+            record(runs, "eval", "single_label", variant, seed,
+                   {**per_layer, "linear_top1": best, "linear_top5": best + 0.3,
+                    "knn_top1": best - 0.05, "knn_top5": best + 0.2})  # fmt: skip
+            record(runs, "pretext", "pretext", variant, seed, {"train_time_s": 60.0})
+    variants = ["random_init", "context_encoder"]
+    profile = Profile(
+        name="t", runs_root=str(runs), results_dir=str(tmp_path / "results"), data="/nowhere",
+        seeds=[0, 1, 2],
+        pretext=Pretext(config="pretext/configs/builtin.yaml",
+                        variants={"random_init": Variant(title="Random initialization"),
+                                  "context_encoder": Variant(title="Context encoder")}),
+        eval={"single_label": Task(module="eval.single_label", variants=variants)},
+    )  # fmt: skip
+    out = write_report(profile, 1.0, "make table")
+    table = pd.read_csv(out / "single_label.csv").set_index("Method")
+    # conv5 (i = 4): random 20 / 21 / 22, CE 28 / 29 / 30 -> Δ +8.0 exactly on every seed
+    assert table.loc["Random initialization", "Linear top-1 (%)"] == "21.0 ± 1.0 (n=3)"
+    assert table.loc["Context encoder", "Linear top-1 (%)"].startswith(
+        "29.0 ± 1.0 (n=3); Δ +8.0 [+8.0, +8.0]*"
+    )
+    layers = pd.read_csv(out / "single_label_layers.csv").set_index("Method")
+    assert list(layers.columns) == [f"{layer} linear top-1 (%)" for layer in LAYERS]
+    assert layers.loc["Context encoder", "conv1 linear top-1 (%)"].startswith("21.0 ± 1.0 (n=3)")
+    assert "Single-label linear probe: val top-1 per layer" in (out / "README.md").read_text()
