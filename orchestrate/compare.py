@@ -53,13 +53,15 @@ def cell(r: pd.Series) -> str:
 
 def compare(a: Path, b: Path, names: tuple[str, str]) -> tuple[str, dict[str, int]]:
     """(markdown, counts {'same', 'differ'}) over every cell both folders hold."""
-    lines = [f"# The same conclusions on {names[0]} and {names[1]}?", ""]
-    lines += [
+    header = [
+        f"# The same conclusions on {names[0]} and {names[1]}?",
+        "",
         f"Δ to the baseline row with its 95% interval over seeds, from `{a}` ({names[0]}) and "
         f"`{b}` ({names[1]}); *ahead* / *behind*: the interval excludes 0. Written by "
         "`python -m orchestrate.compare`.",
         "",
     ]
+    lines: list[str] = []
     counts = {"same": 0, "differ": 0}
     for table in TABLES:
         ra, rb = compared(a, table), compared(b, table)
@@ -80,8 +82,8 @@ def compare(a: Path, b: Path, names: tuple[str, str]) -> tuple[str, dict[str, in
         lines.append("")
     total = counts["same"] + counts["differ"]
     share = counts["same"] / total if total else math.nan
-    lines.insert(4, f"{counts['same']} of {total} cells ({share:.0%}) reach the same conclusion.\n")
-    return "\n".join(lines), counts
+    header.append(f"{counts['same']} of {total} cells ({share:.0%}) reach the same conclusion.\n")
+    return "\n".join(header + lines), counts
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
