@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from core import features
+from core.cli import UserError
 from core.features import LAYERS
 from eval import single_label
 from eval.knn import knn_topk
@@ -180,3 +181,27 @@ def test_finetune_protocol_records_its_subset(make_checkpoint, tmp_path):
     for name in ("finetune20", "finetune100"):
         assert 0 <= result[f"{name}_top1"] <= result[f"{name}_top5"] == 1.0
     assert result["finetune100_top1"] > 0.9  # colour classes: learnt from all labels
+
+
+def test_odd_image_modes_are_converted_and_counted_or_refused_when_strict(
+    make_checkpoint, tmp_path
+):
+    """The stage reads its folders through the one intake rule (core.images): a greyscale train
+    image and an RGBA val image are converted and counted in result.json; strict refuses them."""
+    data = class_folder(tmp_path / "data")
+    Image.open(data / "train" / "class0" / "0.png").convert("L").save(
+        data / "train" / "class0" / "0.png"
+    )
+    Image.open(data / "val" / "class1" / "0.png").convert("RGBA").save(
+        data / "val" / "class1" / "0.png"
+    )
+    ckpt = make_checkpoint(tmp_path / "ck.pt", seed=0)
+    argv = [f"checkpoint={ckpt}", f"data={data}", f"cache_dir={tmp_path / 'cache'}", "knn.k=5",
+            "protocols=[knn]", "device=cpu"]  # fmt: skip
+    result = single_label.main(single_label.parse_config([*argv, f"run_dir={tmp_path / 'a'}"]))
+    assert result["images/train/converted/L"] == 1 and result["images/val/converted/RGBA"] == 1
+    assert result["images/train/used"] == result["n_train"] == 30
+    strict = single_label.parse_config([*argv, f"run_dir={tmp_path / 'b'}", "images.strict=true"])
+    with pytest.raises(UserError, match="0.png"):
+        single_label.main(strict)
+    assert not (tmp_path / "b" / "result.json").exists()
