@@ -61,8 +61,8 @@ def test_supervised_learns_and_loads_through_the_transfer_path(tiny_train_args, 
         4,
     )
     cfg = classify.Config(checkpoint=str(run_dir), arch="small64")
-    source, model = classify.load_pretext(cfg)  # transfer.classify's loader
-    assert source.method == "supervised"
+    pre, model = classify.read_checkpoint(cfg)  # transfer.classify's loader
+    assert pre.method == "supervised"
     untrained = model_from_checkpoint({**state, "model": _fresh(state)}).encoder.state_dict()
     trained = model.encoder.state_dict()
     assert trained.keys() == untrained.keys()

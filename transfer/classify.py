@@ -135,7 +135,7 @@ class DecodedViews(Dataset):
 # ---- models ------------------------------------------------------------------------------------
 
 
-def load_pretext(cfg: Config) -> tuple[Pretrained, nn.Module]:
+def read_checkpoint(cfg: Config) -> tuple[Pretrained, nn.Module]:
     """(the checkpoint, its whole network); the encoder must be AlexNet-style."""
     pre = Pretrained.load(cfg.checkpoint, cfg.arch)
     return pre, pre.alexnet_network("classification transfer")
@@ -355,7 +355,7 @@ def check_data(cfg: Config) -> tuple[Path, tuple[str, ...]]:
 def input_checks(cfg: Config) -> list[Input]:
     """The run's inputs with the checks main makes of them (orchestrate.preflight)."""
     return [
-        Input("checkpoint", cfg.checkpoint, lambda: load_pretext(cfg)),
+        Input("checkpoint", cfg.checkpoint, lambda: read_checkpoint(cfg)),
         Input("data", cfg.data, lambda: check_data(cfg)),
     ]
 
@@ -419,7 +419,7 @@ def main(cfg: Config) -> dict[str, float]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run_dir)
-    pre, model = load_pretext(cfg)
+    pre, model = read_checkpoint(cfg)
     source = pre.source
     done = run_folder.open_run(run_dir, cfg, FREE_KEYS, {"checkpoint": source})
     if done is not None:

@@ -15,7 +15,7 @@ def network(checkpoint):
     return Pretrained.load(checkpoint).network().eval()
 
 
-def voc_images(root, split, size):
+def eval_views(root, split, size):
     return open_split(root, split, size, False)
 
 
@@ -28,7 +28,7 @@ def test_cache_reloads_identical_features_without_recomputing(
 ):
     first = extract_features(tiny_ckpt, tiny_voc, "val", "pool5", cache_dir=tmp_path)
     assert first.features.dtype == np.float32 and first.features.shape[1] == 96 * 4 * 4
-    assert first.ids == voc_images(tiny_voc, "val", 64).ids
+    assert first.ids == eval_views(tiny_voc, "val", 64).ids
 
     def boom(*args, **kwargs):
         raise AssertionError("recomputed although cached")
@@ -39,7 +39,7 @@ def test_cache_reloads_identical_features_without_recomputing(
     assert again.ids == first.ids
     # what was cached is what the network computes
     model = network(tiny_ckpt)
-    direct = encode_images(model, voc_images(tiny_voc, "val", 64), ckpt_mean, "pool5")
+    direct = encode_images(model, eval_views(tiny_voc, "val", 64), ckpt_mean, "pool5")
     np.testing.assert_allclose(first.features, direct, rtol=1e-5, atol=1e-6)
 
 
@@ -59,7 +59,7 @@ def test_bottleneck_from_cached_pool5_equals_direct_forward(
 ):
     got = extract_features(tiny_ckpt, tiny_voc, "val", "bottleneck", cache_dir=tmp_path)
     model = network(tiny_ckpt)
-    direct = encode_images(model, voc_images(tiny_voc, "val", 64), ckpt_mean, "bottleneck")
+    direct = encode_images(model, eval_views(tiny_voc, "val", 64), ckpt_mean, "bottleneck")
     np.testing.assert_allclose(got.features, direct, rtol=1e-4, atol=1e-5)
 
 

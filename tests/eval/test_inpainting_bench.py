@@ -172,18 +172,18 @@ def test_bench_on_an_image_folder_equals_the_same_images_in_voc_layout(
             assert out[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
-def test_split_images_forms_and_a_clear_error(tiny_voc, tmp_path):
-    def split_images(root, split, size):
+def test_open_split_forms_and_a_clear_error(tiny_voc, tmp_path):
+    def views(root, split, size):
         return open_split(root, split, size, False)
 
     root = _copy_split(tiny_voc, "val", tmp_path / "imgs" / "val", nested=True).parent
-    nested = split_images(root, "val", 64)
+    nested = views(root, "val", 64)
     assert all(i.startswith(("class0/", "class1/")) for i in nested.ids)
-    assert len(split_images(root, "", 64)) == len(nested)
-    assert len(split_images(root, str(root / "val"), 64)) == len(nested)
+    assert len(views(root, "", 64)) == len(nested)
+    assert len(views(root, str(root / "val"), 64)) == len(nested)
     # a split file of VOC ids inside a VOC root
     (tmp_path / "ids.txt").write_text("000001\n000002\n")
-    listed = split_images(tiny_voc, str(tmp_path / "ids.txt"), 64)
+    listed = views(tiny_voc, str(tmp_path / "ids.txt"), 64)
     assert listed.ids == ["000001", "000002"] and listed.files[0].endswith("JPEGImages/000001.jpg")
     with pytest.raises(FileNotFoundError, match=r"split 'nope' of .* not found: expected a folder"):
-        split_images(root, "nope", 64)
+        views(root, "nope", 64)
