@@ -136,15 +136,6 @@ def class_folder(data: str | Path, split: str) -> Path:
     return folder
 
 
-def open_images(
-    folder: Path, size: int, train: bool, rule: ImagesConfig | None = None
-) -> ImageFolderImages:
-    """Every image under ``folder`` (sorted; the train view or the eval view) under the intake
-    ``rule``: the one place this stage opens images (``core.images`` decides which files and modes
-    pass)."""
-    return open_split(folder, ".", size, train, rule=rule)
-
-
 def labelled_images(
     data: str | Path,
     split: str,
@@ -156,7 +147,7 @@ def labelled_images(
     """(images, int labels [N], classes): every image under ``<data>/<split>/<class>/``; ``classes``
     (train's) fixes the label of each class name."""
     folder = class_folder(data, split)
-    images = open_images(folder, size, train, rule)
+    images = open_split(folder, ".", size, train, rule=rule)  # every image under it, sorted
     names = folder_class_labels(images.ids)
     if names is None:
         raise UserError(f"{folder}: images must be in class subfolders (<class>/<image>)")
@@ -335,7 +326,7 @@ def main(cfg: Config) -> dict[str, float]:
 
         def linear() -> dict[str, Any]:
             t1 = time.perf_counter()
-            augmented = open_images(train_images.root, size, True, rule)
+            augmented = open_split(train_images.root, ".", size, True, rule=rule)
             out = linear_protocol(model, augmented, train, ytr, val, yval, fit, held, n, cfg)
             return {"result": {**out, "linear_s": time.perf_counter() - t1}}
 
@@ -355,7 +346,7 @@ def main(cfg: Config) -> dict[str, float]:
             def finetune(name: str = name, rows: np.ndarray = rows) -> dict[str, Any]:
                 t1 = time.perf_counter()
                 augmented = LabelledRows(
-                    open_images(train_images.root, size, True, rule), ytr, rows
+                    open_split(train_images.root, ".", size, True, rule=rule), ytr, rows
                 )
                 acc = finetune_topk(model.encoder, augmented, val_pairs, n, cfg.finetune, cfg.seed,
                                     pick_device(cfg.device))  # fmt: skip
