@@ -33,7 +33,7 @@ import pickle
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -122,13 +122,18 @@ def require_plain_data(value: Any, where: str) -> None:
         )
 
 
-def read_tensor_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+def read_tensor_file(
+    path: str | Path, map_location: str | torch.device = "cpu", data: BinaryIO | None = None
+) -> Any:
     """``torch.load`` with the restricted unpickler: tensors and plain values only, never code.
 
+    ``data``: the file's bytes already read (core.pretrained reads a file once), else ``path``.
     Raises :class:`CheckpointError` (one line naming ``path``) for a file that would import or call
     any other Python object (nothing of it is run) and for a damaged or foreign file."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(
+            path if data is None else data, map_location=map_location, weights_only=True
+        )
     except pickle.UnpicklingError as err:
         text = str(err)
         found = re.search(r"GLOBAL (\S+)", text)
@@ -159,7 +164,11 @@ def remove_stale_temp_files(path: str | Path) -> list[Path]:
     return stale
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", data: BinaryIO | None = None
+) -> dict[str, Any]:
+    """The checkpoint dict of a .pt file or a run folder (its checkpoints/last.pt), checked for
+    :data:`FORMAT` and a known arch (CheckpointError otherwise); ``data``: its bytes, read."""
     path = Path(path)
     if path.is_dir():
         candidate = path / "checkpoints" / "last.pt"
@@ -168,7 +177,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         path = candidate
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    state = read_tensor_file(path, map_location)
+    state = read_tensor_file(path, map_location, data)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
@@ -191,32 +200,6 @@ def model_from_checkpoint(
             f"{path}: weights do not match arch {state['arch']!r} ({str(err).splitlines()[0]})"
         ) from err
     return model
-
-
-def load_encoder(
-    path: str | Path, expected_arch: str | None = None
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The pretrained encoder of a pretext checkpoint, and its metadata.
-
-    Returns (encoder, meta) with meta = {method, arch, step, data_mean, sha256, path, input_size}.
-    ``expected_arch``: raise :class:`CheckpointError` if the checkpoint is of another architecture.
-    """
-    state = load_checkpoint(path)
-    if expected_arch is not None and state["arch"] != expected_arch:
-        raise CheckpointError(
-            f"{path}: checkpoint arch is {state['arch']!r}, but {expected_arch!r} was asked for"
-        )
-    model = model_from_checkpoint(state, path)
-    meta = {
-        "method": state["method"],
-        "arch": state["arch"],
-        "step": state["step"],
-        "data_mean": state["data_mean"],
-        "input_size": model.input_size,
-        "path": str(path),
-        "sha256": file_sha256(resolve_checkpoint_path(path)),
-    }
-    return model.encoder, meta
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:

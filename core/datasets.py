@@ -232,7 +232,10 @@ class ImageFolderImages(ImageFiles):
 class VOCClassification(VOCImages):
     """VOC multi-label classification. Item: (uint8 [3, S, S], labels float [C], difficult_only
     float [C]): labels[c] = 1 when class c has a non-difficult object, difficult_only[c] = 1 when
-    it appears only as difficult objects (the VOC07 protocol ignores those entries)."""
+    it appears only as difficult objects (the VOC07 protocol ignores those entries): the one VOC
+    label convention of the suite (core.classifier.multilabel_bce)."""
+
+    multi_label = True
 
     def __init__(
         self,
@@ -265,3 +268,58 @@ class VOCClassification(VOCImages):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
         i, image = self.load(index)
         return self.view(image), self.labels[i], self.difficult_only[i]
+
+
+class LabelError(UserError):
+    """A labelled data set that cannot give labels (a flat folder, an unknown class)."""
+
+
+def no_class_subfolders(root: Path) -> LabelError:
+    return LabelError(
+        f"{root}: no class subfolders (method=supervised with data.format=folder "
+        "reads <root>/<class>/<image>, e.g. ImageNet train/<wnid>/*.JPEG)"
+    )
+
+
+class ImageFolderClasses(ImageFolderImages):
+    """``<root>/<class>/**/<image>``. Item: (uint8 [3, S, S], int64 class index).
+
+    ``class_names``: default the sorted names of the class subfolders; given (the train set's, for
+    a val folder), a subfolder not among them is an error.
+    """
+
+    multi_label = False
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int,
+        train: bool,
+        skip_bad: bool = False,
+        class_names: tuple[str, ...] | None = None,
+        strict: bool = False,
+    ):
+        super().__init__(root, image_size, train, skip_bad, strict)
+        rel = [Path(f).relative_to(self.root) for f in self.files]
+        flat = [r for r in rel if len(r.parts) == 1]
+        if len(flat) == len(rel):
+            raise no_class_subfolders(self.root)
+        if flat:
+            raise LabelError(
+                f"{self.root}: {flat[0]} is not in a class subfolder ({len(flat)} such images); "
+                "method=supervised reads <root>/<class>/<image>"
+            )
+        found = tuple(sorted({r.parts[0] for r in rel}))
+        self.class_names = found if class_names is None else tuple(class_names)
+        unknown = sorted(set(found) - set(self.class_names))
+        if unknown:
+            raise LabelError(
+                f"{self.root}: class subfolder(s) {unknown[:5]} are not among the "
+                f"{len(self.class_names)} training classes"
+            )
+        index = {name: i for i, name in enumerate(self.class_names)}
+        self.labels = torch.tensor([index[r.parts[0]] for r in rel], dtype=torch.int64)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        i, image = self.load(index)
+        return self.view(image), self.labels[i]

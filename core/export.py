@@ -48,13 +48,13 @@ from core.checkpoint import (
     FORMAT,
     CheckpointError,
     file_sha256,
-    load_encoder,
     read_tensor_file,
     resolve_checkpoint_path,
     save_checkpoint,
 )
 from core.cli import ArgumentParser, UserError, run_cli
 from core.models import ARCHS, IMAGENET_MEAN, AlexNetEncoder, build_model
+from core.pretrained import Pretrained
 
 log = logging.getLogger("core.export")
 
@@ -194,12 +194,14 @@ def export_encoder(
         raise UserError(f"--format {layout!r}: choose one of {list(FORMATS)}")
     out = Path(out)
     _refuse_overwrite(out, force, resolve_checkpoint_path(checkpoint))
-    encoder, meta = load_encoder(checkpoint)
+    pre = Pretrained.load(checkpoint)
+    network = pre.network()
+    encoder = network.encoder
     if layout == "torchvision":
         _require_torchvision_layout(encoder, str(checkpoint))
     if layout == "mm" and not isinstance(encoder, AlexNetEncoder):
         raise UserError(
-            f"{checkpoint}: arch {meta['arch']!r} has no AlexNet encoder, which the mm backbone "
+            f"{checkpoint}: arch {pre.arch!r} has no AlexNet encoder, which the mm backbone "
             "(transfer.mm_backbone.PretextAlexNet) needs; use the state_dict layout"
         )
     state = to_layout(encoder.state_dict(), layout)
@@ -209,15 +211,15 @@ def export_encoder(
     record = {
         "format": SIDECAR_FORMAT,
         "layout": layout,
-        "arch": meta["arch"],
+        "arch": pre.arch,
         "spec": asdict(spec) if spec is not None else None,
-        "input_size": meta["input_size"],
+        "input_size": network.input_size,
         "input": _input_convention(encoder),
-        "data_mean": list(meta["data_mean"]),
+        "data_mean": pre.data_mean,
         "file_sha256": file_sha256(out),
         "source": {
             "path": str(resolve_checkpoint_path(checkpoint).resolve()),
-            **{k: meta[k] for k in ("sha256", "method", "arch", "step")},
+            **{k: pre.source[k] for k in ("sha256", "method", "arch", "step")},
         },
     }
     record = json.loads(json.dumps(record))  # what the file holds (tuples -> lists)

@@ -57,12 +57,6 @@ DEFAULT_CACHE_DIR = "runs/cache/features"
 Pooling = tuple[int, int] | None  # (kernel, stride) of an average pooling, or None (flattened)
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (an all-zero row stays zero). x: [N, D] -> float32 [N, D]."""
     x = np.asarray(x, dtype=np.float32)

@@ -1,9 +1,23 @@
-"""What machine a number was measured on (times differ by up to ~2x between the machines here)."""
+"""The machine a stage runs on: its device (:func:`pick_device`) and what a number was measured on
+(times differ by up to ~2x between the machines here)."""
 
 from __future__ import annotations
 
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: the GPU when torch sees one, else the CPU; any other name as torch reads it."""
+    import torch  # here: orchestrate reads this module for cpu_model without loading torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def cpu_model() -> str:

@@ -33,12 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from core.atomic_io import atomic_write_json
-from core.checkpoint import (
-    CheckpointError,
-    file_sha256,
-    load_checkpoint,
-    resolve_checkpoint_path,
-)
+from core.checkpoint import CheckpointError, file_sha256, resolve_checkpoint_path
 from core.cli import UserError
 from core.config import ConfigError, dump_yaml, read_yaml, save_config, to_dict
 
@@ -95,31 +90,12 @@ def read_result(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def provenance(checkpoint: str | Path) -> dict[str, str]:
-    """{path, sha256} of the checkpoint file a run reads (a run folder -> its last.pt)."""
+    """{path, sha256} of a checkpoint file (a run folder -> its last.pt): what pretext records of
+    the one it writes; a stage that reads a pretext checkpoint records ``Pretrained.source``."""
     path = resolve_checkpoint_path(checkpoint)
     if not path.is_file():
         raise CheckpointError(f"{checkpoint}: checkpoint not found")
     return {"path": str(path), "sha256": file_sha256(path)}
-
-
-def source_meta(checkpoint: str | Path, expected_arch: str | None = None) -> dict[str, Any]:
-    """Provenance of a pretext checkpoint: {path, sha256, method, arch, step}.
-
-    Raises CheckpointError for a missing / foreign file or an arch other than ``expected_arch``.
-    """
-    if not str(checkpoint):
-        raise CheckpointError("no checkpoint given: pass --checkpoint <pretext .pt or run folder>")
-    state = load_checkpoint(checkpoint)
-    if expected_arch and state["arch"] != expected_arch:
-        raise CheckpointError(
-            f"{checkpoint}: checkpoint arch is {state['arch']!r}, but {expected_arch!r} was asked for"
-        )
-    return {
-        **provenance(checkpoint),
-        "method": state["method"],
-        "arch": state["arch"],
-        "step": int(state["step"]),
-    }
 
 
 # ---- config comparison -------------------------------------------------------------------------

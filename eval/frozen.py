@@ -42,21 +42,21 @@ import torch
 
 from core import image_scores, run_folder
 from core.atomic_io import atomic_save
-from core.checkpoint import load_checkpoint, model_from_checkpoint
 from core.cli import run_cli
 from core.config import ConfigError, parse_cli
-from core.datasets import VOCClassification
 from core.features import (
     DEFAULT_CACHE_DIR,
     LAYERS,
     TARGET_DIM,
     as_list,
     identity_key,
-    pick_device,
     pooling_for,
     split_features,
 )
 from core.images import ImagesConfig
+from core.machine import pick_device
+from core.pretrained import Pretrained
+from core.splits import open_split
 from core.stage_inputs import Input
 from core.voc_ap import mean_ap, voc07_classification_ap
 from core.voc_splits import dataset_classes, require_split, voc_root
@@ -171,7 +171,7 @@ def check_data(cfg: Config) -> tuple[Path, tuple[str, ...]]:
 def input_checks(cfg: Config) -> list[Input]:
     """The run's inputs with the checks main makes of them (orchestrate.preflight)."""
     return [
-        Input("checkpoint", cfg.checkpoint, lambda: run_folder.source_meta(cfg.checkpoint)),
+        Input("checkpoint", cfg.checkpoint, lambda: Pretrained.load(cfg.checkpoint)),
         Input("data", cfg.data, lambda: check_data(cfg)),
     ]
 
@@ -180,12 +180,12 @@ def main(cfg: Config) -> dict[str, float]:
     """Run (or return the recorded result of) the frozen-feature evaluation in ``cfg.run_dir``."""
     cfg = check_config(cfg)
     run_dir = Path(cfg.run_dir)
-    source = run_folder.source_meta(cfg.checkpoint)
+    pre = Pretrained.load(cfg.checkpoint)
+    source = pre.source
     done = run_folder.open_run(run_dir, cfg, FREE_KEYS, {"checkpoint": source})
     if done is not None:
         return done
-    state = load_checkpoint(cfg.checkpoint)
-    model = model_from_checkpoint(state, cfg.checkpoint).eval()
+    model = pre.network().eval()
     root, classes = check_data(cfg)
     size = model.input_size
     pooling = pooling_for(model, cfg.target_dim)
@@ -196,8 +196,8 @@ def main(cfg: Config) -> dict[str, float]:
     rule, intake = cfg.images, {}
     splits = {}  # the intake's pre-scan of both splits, before anything is written
     for role, split in (("train", cfg.train_split), ("test", cfg.test_split)):
-        splits[split] = VOCClassification(
-            root, split, size, False, classes, rule.skip_bad, rule.strict
+        splits[split] = open_split(
+            root, split, size, False, labels=True, fmt="voc", class_names=classes, rule=rule
         )
         intake.update(splits[split].intake(role))
     run_folder.start(run_dir, cfg, meta, {"checkpoint": source})

@@ -30,7 +30,7 @@ averaged per image, so that is the main column: ``<method>/l1|l2|psnr`` = the ho
 
 ``data``: a VOC root (``split`` / ``train_split``: ImageSets/Main names) or a folder of images
 (Paris StreetView, ImageNet-style class folders): ``split`` / ``train_split`` are subfolders (or
-absolute folders) or split files, see :func:`eval.features.split_images`.
+absolute folders) or split files, see :func:`core.splits.open_split`.
 
 Checkpoints: ``ce_l2``, ``ce_l2_adv`` and ``nn_features`` must have a trained decoder (a context
 encoder or an autoencoder; ``core.checkpoint.trained_parts``): a supervised, rotation or random-init
@@ -63,16 +63,18 @@ from skimage.feature import hog
 
 from core import run_folder
 from core.atomic_io import atomic_write_json
-from core.checkpoint import load_checkpoint, require_trained
 from core.config import ConfigError, parse_cli
 from core.data import dataset_mean, fill_holes, to_unit_range
-from core.features import DEFAULT_CACHE_DIR, l2_normalize, layer_features, pick_device
+from core.features import DEFAULT_CACHE_DIR, l2_normalize, layer_features
 from core.images import ImagesConfig
 from core.inpainting import predict_full, region_scores, save_grid
+from core.machine import pick_device
 from core.masks import central_mask, central_square
 from core.models import ContextEncoder
+from core.pretrained import Pretrained
+from core.splits import open_split, split_source
 from core.stage_inputs import Input
-from eval.features import extract_features, load_model, split_images, split_source
+from eval.features import extract_features
 from eval.index import build_index, search
 
 log = logging.getLogger(__name__)
@@ -215,7 +217,7 @@ class Bench:
     hole: np.ndarray
     mean: list[float]
     database: torch.Tensor | None
-    models: dict[str, tuple[ContextEncoder, dict[str, Any]]]
+    models: dict[str, tuple[ContextEncoder, Pretrained]]
     device: torch.device
 
 
@@ -231,12 +233,12 @@ def fill_nn_hog(b: Bench) -> torch.Tensor:
 
 def fill_nn_ce(b: Bench) -> torch.Tensor:
     cfg = b.cfg
-    model, meta = b.models["nn_features"]
+    model, pre = b.models["nn_features"]
     qf = layer_features(
-        model, b.images, ("pool5",), None, b.hole, meta["data_mean"], cfg.batch_size, b.device
+        model, b.images, ("pool5",), None, b.hole, pre.data_mean, cfg.batch_size, b.device
     )["pool5"]
     db = extract_features(
-        cfg.nn_features, cfg.data, cfg.train_split, "pool5", b.hole, cfg.cache_dir,
+        pre, cfg.data, cfg.train_split, "pool5", b.hole, cfg.cache_dir,
         cfg.batch_size, b.device, cfg.images,
     )  # fmt: skip
     return nn_inpaint(b.images, l2_normalize(qf), b.database, l2_normalize(db.features), b.hole)[0]
@@ -247,8 +249,8 @@ def fill_telea(b: Bench) -> torch.Tensor:
 
 
 def fill_ce(b: Bench, key: str) -> torch.Tensor:
-    model, meta = b.models[key]
-    return ce_inpaint(model, b.images, b.hole, meta["data_mean"], b.cfg.batch_size, b.device)
+    model, pre = b.models[key]
+    return ce_inpaint(model, b.images, b.hole, pre.data_mean, b.cfg.batch_size, b.device)
 
 
 # method -> its fill function, in the grid's column order
@@ -278,12 +280,12 @@ def resolve(cfg: Config) -> Config:
     return cfg
 
 
-def table1_model(cfg: Config, key: str) -> tuple[ContextEncoder, dict[str, Any]]:
-    """The checkpoint of ``key`` (ce_l2, ce_l2_adv, nn_features), refused unless its decoder was
-    trained (core.checkpoint.trained_parts): a supervised or rotation encoder's decoder is random."""
-    path = getattr(cfg, key)
-    require_trained(load_checkpoint(path), "decoder", path, f"{key} (Table 1)")
-    return load_model(path)
+def table1_model(cfg: Config, key: str) -> tuple[ContextEncoder, Pretrained]:
+    """(network in eval mode, checkpoint) of ``key`` (ce_l2, ce_l2_adv, nn_features), refused
+    unless its decoder was trained: a supervised or rotation encoder's decoder is random."""
+    pre = Pretrained.load(getattr(cfg, key))
+    pre.require_trained("decoder", f"{key} (Table 1)")
+    return pre.network().eval(), pre
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -319,7 +321,7 @@ def table1_keys(cfg: Config) -> list[str]:
     return keys + (["nn_features"] if "nn_ce" in cfg.methods else [])
 
 
-def input_size(cfg: Config, models: dict[str, tuple[ContextEncoder, dict]]) -> int:
+def input_size(cfg: Config, models: dict[str, tuple[ContextEncoder, Pretrained]]) -> int:
     """``image_size``, else the checkpoints' one input size (DEFAULT_SIZE without checkpoints)."""
     sizes = {m.input_size for m, _ in models.values()}
     if len(sizes) > 1 or (cfg.image_size and sizes and cfg.image_size not in sizes):
@@ -329,12 +331,10 @@ def input_size(cfg: Config, models: dict[str, tuple[ContextEncoder, dict]]) -> i
     return cfg.image_size or (sizes.pop() if sizes else DEFAULT_SIZE)
 
 
-def trained_overlap(models: dict[str, tuple[ContextEncoder, dict]]) -> int:
+def trained_overlap(models: dict[str, tuple[ContextEncoder, Pretrained]]) -> int:
     """The ce_l2 (else ce_l2_adv) checkpoint's mask.overlap; DEFAULT_OVERLAP without one."""
     ref = models.get("ce_l2") or models.get("ce_l2_adv")
-    return (
-        ref[1]["config"].get("mask", {}).get("overlap", DEFAULT_OVERLAP) if ref else DEFAULT_OVERLAP
-    )
+    return ref[1].config.get("mask", {}).get("overlap", DEFAULT_OVERLAP) if ref else DEFAULT_OVERLAP
 
 
 def score_regions(size: int, hole: np.ndarray) -> dict[str, torch.Tensor]:
@@ -348,16 +348,16 @@ def score_regions(size: int, hole: np.ndarray) -> dict[str, torch.Tensor]:
 def read_bench(cfg: Config, size: int, models: dict, device: torch.device) -> Bench:
     """The held-out images, their hole, the fill mean and (NN-inpainting) the donor images."""
     hole = central_mask(size, cfg.overlap)
-    test_set = split_images(cfg.data, cfg.split, size, cfg.images)
+    test_set = open_split(cfg.data, cfg.split, size, False, rule=cfg.images)
     intake = test_set.intake("split")
     images = stack(test_set, cfg.max_images)
     needs_db = {"nn_hog", "nn_ce"} & set(cfg.methods)
     train_set = None
     if "ce_l2" not in models or needs_db:  # the mean's source, NN-inpainting's donors
-        train_set = split_images(cfg.data, cfg.train_split, size, cfg.images)
+        train_set = open_split(cfg.data, cfg.train_split, size, False, rule=cfg.images)
         intake.update(train_set.intake("train_split"))
     # the mean the context encoder was trained with (§3.3), else the training split's
-    mean = models["ce_l2"][1]["data_mean"] if "ce_l2" in models else dataset_mean(train_set)
+    mean = models["ce_l2"][1].data_mean if "ce_l2" in models else dataset_mean(train_set)
     database = stack(train_set) if needs_db else None
     ids = test_set.ids[: len(images)]
     return Bench(
@@ -403,7 +403,7 @@ def main(cfg: Config) -> dict[str, float]:
     if cfg.overlap < 0:
         cfg.overlap = trained_overlap(models)
     # provenance of every checkpoint read (path, sha256): a re-run from other weights is refused
-    sources = {name: {k: meta[k] for k in ("path", "sha256")} for name, (_, meta) in models.items()}
+    sources = {name: {"path": str(p.path), "sha256": p.sha256} for name, (_, p) in models.items()}
     done = run_folder.open_run(run_dir, cfg, FREE_KEYS, sources)
     if done is not None:
         return done

@@ -39,7 +39,9 @@ from core.datasets import eval_view
 from core.features import DEFAULT_CACHE_DIR, FLAT_LAYERS, l2_normalize, layer_features
 from core.images import ImagesConfig, load_rgb
 from core.inpainting import save_grid
-from eval.features import extract_features, is_voc_root, load_model, split_images
+from core.pretrained import Pretrained
+from core.splits import is_voc_root, open_split
+from eval.features import extract_features
 from eval.index import INDEX_KINDS, METRICS, build_index, search
 
 
@@ -141,16 +143,15 @@ def box_to_view_hole(
 
 def main(cfg: QueryConfig) -> dict[str, float]:
     """Prints and returns the k nearest images: {image id: distance}, best first."""
-    model, meta = load_model(cfg.checkpoint)
+    pre = Pretrained.load(cfg.checkpoint)
+    model = pre.network().eval()
     size = model.input_size
     split = cfg.split if cfg.split is not None else "trainval" if is_voc_root(cfg.data) else ""
     raw = load_rgb(cfg.image, strict=cfg.images.strict)
     hole = None if cfg.box is None else box_to_view_hole(cfg.box, *raw.shape[:2], size)
     query = torch.from_numpy(np.array(eval_view(raw, size))).permute(2, 0, 1)[None]
-    qfeat = layer_features(model, query, (cfg.layer,), None, hole, meta["data_mean"])[cfg.layer]
-    db = extract_features(
-        cfg.checkpoint, cfg.data, split, cfg.layer, hole, cfg.cache_dir, rule=cfg.images
-    )
+    qfeat = layer_features(model, query, (cfg.layer,), None, hole, pre.data_mean)[cfg.layer]
+    db = extract_features(pre, cfg.data, split, cfg.layer, hole, cfg.cache_dir, rule=cfg.images)
     dbfeat = db.features
     if cfg.normalize:
         qfeat, dbfeat = l2_normalize(qfeat), l2_normalize(dbfeat)
@@ -160,10 +161,10 @@ def main(cfg: QueryConfig) -> dict[str, float]:
     for rank, (image_id, d) in enumerate(found, 1):
         print(f"{rank:3d}  {image_id}  {d:.6f}")
     if cfg.out:
-        images = split_images(cfg.data, split, size, cfg.images)
+        images = open_split(cfg.data, split, size, False, rule=cfg.images)
         shown = to_unit_range(query)
         if hole is not None:  # show what the encoder saw: the box filled with the mean
-            mean = torch.tensor(meta["data_mean"], dtype=torch.float32)
+            mean = torch.tensor(pre.data_mean, dtype=torch.float32)
             shown = fill_holes(shown, torch.from_numpy(hole)[None, None], mean)
         cells = [shown.add(1).div(2).clamp(0, 1)]
         cells += [images[int(r)][None].float() / 255 for r in rows[0] if r >= 0]

@@ -12,7 +12,7 @@ Quality (:func:`retrieval_benchmark`): every image of ``query_split`` (held out)
   query (multi-label: classes with a non-difficult object, from the VOC XML), averaged over queries
   that have a class. ``chance/precision`` is the same for a random neighbour (expected value).
   With an image folder (``data``: the folder; ``query_split`` / ``database_split``: subfolders or
-  split files, see :func:`eval.features.split_images`) in class subfolders (ImageNet-style), a
+  split files, see :func:`core.splits.open_split`) in class subfolders (ImageNet-style), a
   neighbour is relevant when it comes from the query's class folder; a flat folder has no labels,
   so only the recall of the approximate indexes is measured.
 - recall@k of an approximate index: |approx top-k ∩ exact top-k| / k, averaged over queries.
@@ -40,15 +40,10 @@ from core.config import ConfigError, parse_cli
 from core.features import DEFAULT_CACHE_DIR, FLAT_LAYERS, l2_normalize
 from core.images import ImagesConfig
 from core.inpainting import save_grid
+from core.pretrained import Pretrained
+from core.splits import folder_class_labels, is_voc_root, open_split, split_source
 from core.stage_inputs import Input
-from eval.features import (
-    extract_features,
-    folder_class_labels,
-    is_voc_root,
-    load_model,
-    split_images,
-    split_source,
-)
+from eval.features import extract_features
 from eval.index import INDEX_KINDS, build_index, search
 
 log = logging.getLogger(__name__)
@@ -173,7 +168,7 @@ def input_checks(cfg: Config) -> list[Input]:
     """The run's inputs with the checks main makes of them (orchestrate.preflight): each checkpoint,
     the query and database splits of ``data``."""
     checks = [
-        Input(f"checkpoints.{name}", path, lambda path=path: run_folder.source_meta(path))
+        Input(f"checkpoints.{name}", path, lambda path=path: Pretrained.load(path))
         for name, path in cfg.checkpoints.items()
     ]
     for key in ("query_split", "database_split"):
@@ -193,16 +188,18 @@ def retrieval_benchmark(cfg: Config) -> dict[str, float]:
     cfg = check_config(cfg)
     run_dir = Path(cfg.run_dir)
     # provenance of every checkpoint read (path, sha256): a re-run from other weights is refused
-    sources = {name: run_folder.provenance(ckpt) for name, ckpt in cfg.checkpoints.items()}
+    pres = {name: Pretrained.load(ckpt) for name, ckpt in cfg.checkpoints.items()}  # read once
+    sources = {name: {"path": str(p.path), "sha256": p.sha256} for name, p in pres.items()}
     done = run_folder.open_run(run_dir, cfg, FREE_KEYS, sources)
     if done is not None:
         return done
     # the intake's pre-scan of both splits (headers: cheap) at the first checkpoint's input size,
     # before anything is written: a bad file stops the run here, an empty folder stays empty
-    size = load_model(next(iter(cfg.checkpoints.values())))[0].input_size
+    size = next(iter(pres.values())).network().input_size
     intake = {}
     for role in ("query_split", "database_split"):
-        intake.update(split_images(cfg.data, getattr(cfg, role), size, cfg.images).intake(role))
+        images = open_split(cfg.data, getattr(cfg, role), size, False, rule=cfg.images)
+        intake.update(images.intake(role))
     meta = {"task": "retrieval", "data": str(cfg.data)}
     run_folder.start(run_dir, cfg, meta, sources)
     start = time.perf_counter()
@@ -211,12 +208,12 @@ def retrieval_benchmark(cfg: Config) -> dict[str, float]:
     kmax = max(cfg.ks)
     result: dict[str, float] = {}
     labels: dict[str, np.ndarray | None] = {}
-    for name, ckpt in cfg.checkpoints.items():
+    for name, pre in pres.items():
         for layer in cfg.layers:
             t0 = time.perf_counter()
             feats = {
                 split: extract_features(
-                    ckpt,
+                    pre,
                     cfg.data,
                     split,
                     layer,
@@ -280,8 +277,8 @@ def write_retrieval_grid(
     """Rows: queries; columns: query | its neighbours (eval views at the model's input size),
     labelled in the image (query, #1 .. #k)."""
     size = qset.identity["data"]["image_size"]
-    qimages = split_images(voc_root, qset.identity["data"]["split"], size, rule)
-    dbimages = split_images(voc_root, dbset.identity["data"]["split"], size, rule)
+    qimages = open_split(voc_root, qset.identity["data"]["split"], size, False, rule=rule)
+    dbimages = open_split(voc_root, dbset.identity["data"]["split"], size, False, rule=rule)
     rows = len(neighbours)
     cols = [torch.stack([qimages[i] for i in range(rows)])]
     for j in range(neighbours.shape[1]):

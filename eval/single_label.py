@@ -45,7 +45,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from core import run_folder
-from core.checkpoint import load_checkpoint, model_from_checkpoint
 from core.cli import UserError, run_cli
 from core.config import ConfigError, parse_cli
 from core.data import to_unit_range
@@ -57,13 +56,14 @@ from core.features import (
     as_list,
     batch_features,
     identity_key,
-    pick_device,
     pooling_for,
     split_features,
 )
 from core.images import ImagesConfig
+from core.machine import pick_device
+from core.pretrained import Pretrained
+from core.splits import folder_class_labels, open_split, split_source
 from core.stage_inputs import Input
-from eval.features import folder_class_labels, split_source
 from eval.finetune import FinetuneConfig, finetune_topk, label_subset
 from eval.knn import KNNConfig, knn_topk
 from eval.linear import LinearConfig, LinearHeads, fixed_batches, head_scores, train_heads
@@ -136,16 +136,6 @@ def class_folder(data: str | Path, split: str) -> Path:
     return folder
 
 
-def open_images(
-    folder: Path, size: int, train: bool, rule: ImagesConfig | None = None
-) -> ImageFolderImages:
-    """Every image under ``folder`` (sorted; the train view or the eval view) under the intake
-    ``rule``: the one place this stage opens images (``core.images`` decides which files and modes
-    pass)."""
-    rule = rule or ImagesConfig()
-    return ImageFolderImages(folder, size, train, rule.skip_bad, rule.strict)
-
-
 def labelled_images(
     data: str | Path,
     split: str,
@@ -157,7 +147,7 @@ def labelled_images(
     """(images, int labels [N], classes): every image under ``<data>/<split>/<class>/``; ``classes``
     (train's) fixes the label of each class name."""
     folder = class_folder(data, split)
-    images = open_images(folder, size, train, rule)
+    images = open_split(folder, ".", size, train, rule=rule)  # every image under it, sorted
     names = folder_class_labels(images.ids)
     if names is None:
         raise UserError(f"{folder}: images must be in class subfolders (<class>/<image>)")
@@ -282,7 +272,7 @@ def check_data(cfg: Config) -> list[str]:
 def input_checks(cfg: Config) -> list[Input]:
     """The run's inputs with the checks main makes of them (orchestrate.preflight)."""
     return [
-        Input("checkpoint", cfg.checkpoint, lambda: run_folder.source_meta(cfg.checkpoint)),
+        Input("checkpoint", cfg.checkpoint, lambda: Pretrained.load(cfg.checkpoint)),
         Input("data", cfg.data, lambda: check_data(cfg)),
     ]
 
@@ -291,12 +281,13 @@ def main(cfg: Config) -> dict[str, float]:
     """Run (or return the recorded result of) the single-label protocols in ``cfg.run_dir``."""
     cfg = check_config(cfg)
     run_dir = Path(cfg.run_dir)
-    source = run_folder.source_meta(cfg.checkpoint)
+    pre = Pretrained.load(cfg.checkpoint)
+    source = pre.source
     done = run_folder.open_run(run_dir, cfg, FREE_KEYS, {"checkpoint": source})
     if done is not None:
         return done
     check_data(cfg)
-    model = model_from_checkpoint(load_checkpoint(cfg.checkpoint), cfg.checkpoint).eval()
+    model = pre.network().eval()
     size = model.input_size
     pooling = {k: v for k, v in pooling_for(model, cfg.target_dim).items() if k in cfg.layers}
     rule = cfg.images  # the intake's pre-scan of both splits, before anything is written
@@ -335,7 +326,7 @@ def main(cfg: Config) -> dict[str, float]:
 
         def linear() -> dict[str, Any]:
             t1 = time.perf_counter()
-            augmented = open_images(train_images.root, size, True, rule)
+            augmented = open_split(train_images.root, ".", size, True, rule=rule)
             out = linear_protocol(model, augmented, train, ytr, val, yval, fit, held, n, cfg)
             return {"result": {**out, "linear_s": time.perf_counter() - t1}}
 
@@ -355,7 +346,7 @@ def main(cfg: Config) -> dict[str, float]:
             def finetune(name: str = name, rows: np.ndarray = rows) -> dict[str, Any]:
                 t1 = time.perf_counter()
                 augmented = LabelledRows(
-                    open_images(train_images.root, size, True, rule), ytr, rows
+                    open_split(train_images.root, ".", size, True, rule=rule), ytr, rows
                 )
                 acc = finetune_topk(model.encoder, augmented, val_pairs, n, cfg.finetune, cfg.seed,
                                     pick_device(cfg.device))  # fmt: skip

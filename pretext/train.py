@@ -32,6 +32,7 @@ from core.cli import run_cli
 from core.config import ConfigError, parse_cli
 from core.data import dataset_mean, ensure_builtin
 from core.images import ImagesConfig
+from core.machine import pick_device
 from core.models import ARCHS, build_model
 from core.stage_inputs import Input
 from pretext import distributed
@@ -194,12 +195,6 @@ def input_checks(cfg: Config) -> list[Input]:
 
 
 # ---- the phases of main ------------------------------------------------------------------------
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def open_run_folder(run_dir: Path, cfg: Config) -> dict[str, Any] | None:

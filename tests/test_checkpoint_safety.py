@@ -13,17 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from core import run_folder
 from core.checkpoint import (
     FORMAT,
     CheckpointError,
     load_checkpoint,
-    load_encoder,
     require_plain_data,
     save_checkpoint,
 )
 from core.export import export_encoder, import_encoder
 from core.models import build_model
+from core.pretrained import Pretrained
 from pretext.train import main, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,8 +79,10 @@ def test_crafted_checkpoint_is_refused_and_runs_nothing(payload, tmp_path):
     evil = crafted_checkpoint(tmp_path / "evil.pt", payload, target)
     loaders = {
         "load_checkpoint": lambda: load_checkpoint(evil),
-        "load_encoder": lambda: load_encoder(evil),
-        "source_meta": lambda: run_folder.source_meta(evil),
+        "Pretrained.load": lambda: Pretrained.load(evil),
+        "Pretrained.load of a run folder": lambda: Pretrained.load(
+            _as_run_folder(evil, tmp_path / "run2")
+        ),
         "run folder": lambda: load_checkpoint(_as_run_folder(evil, tmp_path / "run")),
         "export": lambda: export_encoder(evil, tmp_path / "out.pth"),
         "import": lambda: import_encoder(evil, tmp_path / "imported.pt", "small64"),

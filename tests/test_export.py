@@ -13,10 +13,11 @@ import torch
 import torchvision
 from torchvision.transforms.functional import normalize
 
-from core.checkpoint import file_sha256, load_checkpoint, load_encoder, save_checkpoint
+from core.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from core.cli import run_cli
 from core.export import FORMATS, export_encoder, import_encoder, main
 from core.models import IMAGENET_MEAN, IMAGENET_STD, build_model
+from core.pretrained import Pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = "alexnet224_torchvision"
@@ -66,7 +67,8 @@ def test_torchvision_arch_computes_torchvision_features(tv_state, tmp_path):
     ImageNet-normalised input, at every conv layer (after ReLU) and pool5."""
     src = torchvision_state_dict(tmp_path / "alexnet.pth", tv_state)
     import_encoder(src, tmp_path / "imported.pt", ARCH)
-    encoder, meta = load_encoder(tmp_path / "imported.pt")
+    pre = Pretrained.load(tmp_path / "imported.pt")
+    encoder = pre.encoder()
     tv = torchvision.models.alexnet(weights=None).eval()
     tv.load_state_dict(torch.load(src, weights_only=True))
     u = pixels(2, 224)
@@ -81,7 +83,7 @@ def test_torchvision_arch_computes_torchvision_features(tv_state, tmp_path):
             torch.testing.assert_close(ours[name], ref, rtol=1e-4, atol=1e-5)
     assert ours["pool5"].shape == (2, 256, 6, 6)
     state = load_checkpoint(tmp_path / "imported.pt")
-    assert state["method"] == meta["method"] == "imported" and state["arch"] == ARCH
+    assert state["method"] == pre.method == "imported" and state["arch"] == ARCH
     assert state["source"]["sha256"] == file_sha256(src)
     assert state["source"]["layout"] == "torchvision"
     assert state["source"]["ignored"] == [k for k in tv.state_dict() if k.startswith("classifier.")]
@@ -98,9 +100,10 @@ def test_export_then_import_gives_identical_features(layout, tmp_path):
     assert side == record and side["file_sha256"] == file_sha256(tmp_path / "enc.pth")
     result = import_encoder(tmp_path / "enc.pth", tmp_path / "back.pt", "small64")
     assert result["layout"] == layout and result["data_mean"] == MEAN  # exact, from the record
-    a, _ = load_encoder(ckpt)
-    b, meta = load_encoder(tmp_path / "back.pt")
-    assert meta["method"] == "imported" and meta["data_mean"] == MEAN
+    a = Pretrained.load(ckpt).encoder()
+    back = Pretrained.load(tmp_path / "back.pt")
+    b = back.encoder()
+    assert back.method == "imported" and back.data_mean == MEAN
     x = pixels(3, 64) / 127.5 - 1
     with torch.no_grad():
         fa, fb = a.eval().forward_features(x), b.eval().forward_features(x)
@@ -119,7 +122,7 @@ def test_torchvision_export_loads_into_torchvision(tmp_path):
     tv = torchvision.models.alexnet(weights=None).eval()
     missing, unexpected = tv.load_state_dict(torch.load(tmp_path / "tv.pth"), strict=False)
     assert not unexpected and all(k.startswith("classifier.") for k in missing)
-    encoder, _ = load_encoder(ckpt)
+    encoder = Pretrained.load(ckpt).encoder()
     u = pixels(1, 224, seed=1)
     with torch.no_grad():
         ref = tv.features(normalize(u / 255, IMAGENET_MEAN, IMAGENET_STD))
@@ -135,7 +138,7 @@ def test_mm_export_is_a_pretrained_init_cfg(tmp_path):
     init = {"type": "Pretrained", "checkpoint": str(tmp_path / "mm.pth"), "prefix": "backbone."}
     backbone = PretextAlexNet(checkpoint=None, arch="small64", init_cfg=init)
     backbone.init_weights()
-    expected, _ = load_encoder(ckpt)
+    expected = Pretrained.load(ckpt).encoder()
     got = backbone.encoder.state_dict()
     assert got.keys() == expected.state_dict().keys()
     assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())

@@ -13,10 +13,11 @@ import torch
 
 from core import checkpoint
 from core.atomic_io import read_jsonl
-from core.checkpoint import load_checkpoint, load_encoder
+from core.checkpoint import load_checkpoint
 from core.config import ConfigError
 from core.data import sample_seed
 from core.models import build_model
+from core.pretrained import Pretrained
 from pretext.methods import METHODS
 from pretext.methods.base import Placement
 from pretext.methods.relative_location import (
@@ -194,8 +195,10 @@ def test_trains_end_to_end_resumes_exactly_and_loads_for_transfer(
             assert torch.equal(a[key][k], b[key][k]), (key, k)
     steps = [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
     assert steps == sorted(set(steps))
-    encoder, meta = load_encoder(tmp_path / "run")  # what every transfer protocol reads
-    assert meta["method"] == method and meta["input_size"] == 64
+    pre = Pretrained.load(tmp_path / "run")  # what every transfer protocol reads
+    network = pre.network()
+    encoder = network.encoder
+    assert pre.method == method and network.input_size == 64
     assert encoder(torch.zeros(1, 3, 64, 64)).shape == (1, 96, 4, 4)
     trained = encoder.state_dict()
     torch.manual_seed(0)  # the run's seed: the network before training
@@ -237,8 +240,9 @@ def test_kmeans_init_sets_the_encoder_from_data_and_records_it(tiny_train_args, 
     # the same seed's random init is the starting point; every conv is replaced
     torch.manual_seed(0)
     fresh = build_model("small64").encoder.state_dict()
-    encoder, meta = load_encoder(tmp_path / "run")
-    assert meta["method"] == "kmeans_init"
+    pre = Pretrained.load(tmp_path / "run")
+    encoder = pre.encoder()
+    assert pre.method == "kmeans_init"
     for k, v in encoder.state_dict().items():
         if k.startswith("conv") and k.endswith("weight"):
             assert not torch.equal(v, fresh[k]), k

@@ -11,8 +11,10 @@ import torch
 
 from core import data as pretext_data
 from core.atomic_io import read_jsonl
-from core.checkpoint import load_checkpoint, load_encoder, model_from_checkpoint
-from pretext.methods.supervised import ImageFolderClasses, LabelError, classification_loss
+from core.checkpoint import load_checkpoint, model_from_checkpoint
+from core.datasets import ImageFolderClasses, LabelError
+from core.pretrained import Pretrained
+from pretext.methods.supervised import classification_loss
 from pretext.train import main, parse_config
 
 ROOT = Path(__file__).parents[1]
@@ -35,7 +37,7 @@ def _class_folder(voc: Path, out: Path, names=("zebra", "ant", "moth")) -> Path:
 
 
 def test_supervised_learns_and_loads_through_the_transfer_path(tiny_train_args, tmp_path):
-    from transfer.classify import load_pretext
+    from transfer import classify
 
     result = run([*tiny_train_args, *SUP, "optim.steps=30", "optim.lr=0.002"])
     run_dir = tmp_path / "run"
@@ -50,15 +52,17 @@ def test_supervised_learns_and_loads_through_the_transfer_path(tiny_train_args, 
     state = load_checkpoint(run_dir)
     assert state["method"] == "supervised" and state["step"] == 30
     assert len(state["class_names"]) == 8 and "head" in state
-    encoder, meta = load_encoder(run_dir)
-    assert meta["method"] == "supervised" and encoder(torch.zeros(1, 3, 64, 64)).shape == (
+    pre = Pretrained.load(run_dir)
+    encoder = pre.encoder()
+    assert pre.method == "supervised" and encoder(torch.zeros(1, 3, 64, 64)).shape == (
         1,
         96,
         4,
         4,
     )
-    model, source = load_pretext(str(run_dir), "small64")  # transfer.classify's loader
-    assert source["method"] == "supervised"
+    cfg = classify.Config(checkpoint=str(run_dir), arch="small64")
+    pre, model = classify.read_checkpoint(cfg)  # transfer.classify's loader
+    assert pre.method == "supervised"
     untrained = model_from_checkpoint({**state, "model": _fresh(state)}).encoder.state_dict()
     trained = model.encoder.state_dict()
     assert trained.keys() == untrained.keys()
@@ -136,10 +140,11 @@ def test_flat_folder_cli_error_is_one_line(tiny_voc, tmp_path):
 
 def test_losses_ignore_difficult_entries_and_match_torch():
     logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
-    target = torch.tensor([[1.0, -1.0, 0.0], [0.0, 1.0, -1.0]])
+    target = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # labels + difficult-only entries
+    difficult = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     kept = torch.tensor([[2.0, 0.5], [0.0, 3.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     expected = torch.nn.functional.binary_cross_entropy_with_logits(*kept)
-    assert torch.allclose(classification_loss(logits, target), expected)
+    assert torch.allclose(classification_loss(logits, target, difficult), expected)
     labels = torch.tensor([0, 1])
     expected = torch.nn.functional.cross_entropy(logits, labels)
     assert torch.allclose(classification_loss(logits, labels), expected)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from core.atomic_io import read_jsonl
-from core.checkpoint import load_checkpoint, load_encoder
+from core.checkpoint import load_checkpoint
 from core.config import ConfigError
+from core.pretrained import Pretrained
 from pretext.train import main, parse_config
 
 
@@ -76,8 +77,9 @@ def test_baselines_share_the_checkpoint_format(tiny_train_args, tmp_path):
     result = run([*rand, "method=random_init"])
     assert result["steps"] == 0
     for name, method in (("ae", "autoencoder"), ("rand", "random_init")):
-        encoder, meta = load_encoder(tmp_path / name)
-        assert meta["method"] == method and meta["arch"] == "small64"
+        pre = Pretrained.load(tmp_path / name)
+        encoder = pre.encoder()
+        assert pre.method == method and pre.arch == "small64"
         assert encoder(torch.zeros(1, 3, 64, 64)).shape == (1, 96, 4, 4)
 
 

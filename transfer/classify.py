@@ -27,14 +27,13 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from core import image_scores, run_folder, tb
 from core.atomic_io import append_jsonl
-from core.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from core.classifier import Classifier, multilabel_bce
 from core.cli import run_cli
 from core.config import parse_cli
 from core.data import to_unit_range
@@ -42,7 +41,8 @@ from core.data_dependent_init import rescale_layers
 from core.datasets import VOCClassification
 from core.features import layer_features
 from core.images import ImagesConfig
-from core.models import AlexNetEncoder
+from core.pretrained import Pretrained
+from core.splits import open_split
 from core.stage_inputs import Input
 from core.voc_ap import mean_ap, voc07_classification_ap
 from core.voc_splits import dataset_classes, require_split, voc_root
@@ -135,51 +135,15 @@ class DecodedViews(Dataset):
 # ---- models ------------------------------------------------------------------------------------
 
 
-class Classifier(nn.Module):
-    """Pretrained encoder + new head. x: [N, 3, S, S] in [-1, 1] -> logits [N, C].
-
-    ``mlp``: pool5 -> fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout -> fc8 (AlexNet's head);
-    ``linear``: pool5 -> fc8.
-    """
-
-    def __init__(self, encoder: AlexNetEncoder, num_classes: int, cfg: FinetuneConfig):
-        super().__init__()
-        self.encoder = encoder
-        dim = encoder.out_channels * encoder.out_size**2
-        if cfg.head == "mlp":
-            self.head = nn.Sequential(
-                nn.Flatten(),
-                nn.Linear(dim, cfg.hidden),
-                nn.ReLU(inplace=True),
-                nn.Dropout(cfg.dropout),
-                nn.Linear(cfg.hidden, cfg.hidden),
-                nn.ReLU(inplace=True),
-                nn.Dropout(cfg.dropout),
-                nn.Linear(cfg.hidden, num_classes),
-            )
-        else:
-            self.head = nn.Sequential(nn.Flatten(), nn.Linear(dim, num_classes))
-        # PyTorch's default (fan-in scaled) init: Caffe's N(0, 0.01) starves the encoder of
-        # gradient through two hidden layers (loss stuck at the class prior for ~10 epochs).
-
-    @property
-    def new_layers(self) -> list[nn.Linear]:
-        return [m for m in self.head if isinstance(m, nn.Linear)]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
+def read_checkpoint(cfg: Config) -> tuple[Pretrained, nn.Module]:
+    """(the checkpoint, its whole network); the encoder must be AlexNet-style."""
+    pre = Pretrained.load(cfg.checkpoint, cfg.arch)
+    return pre, pre.alexnet_network("classification transfer")
 
 
-def load_pretext(checkpoint: str, arch: str) -> tuple[nn.Module, dict]:
-    """(the whole pretext network, its source meta); the encoder must be AlexNet-style."""
-    source = run_folder.source_meta(checkpoint, arch or None)
-    model = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
-    if not isinstance(model.encoder, AlexNetEncoder):
-        raise CheckpointError(
-            f"{checkpoint}: arch {source['arch']!r} has no AlexNet-style encoder; "
-            "classification transfer supports small64*, alexnet227*"
-        )
-    return model, source
+def new_classifier(pre: Pretrained, num_classes: int, fc: FinetuneConfig) -> Classifier:
+    """A fresh copy of the checkpoint's encoder (the probes' copy stays untouched) + a new head."""
+    return Classifier(pre.encoder(), num_classes, fc.head, fc.hidden, fc.dropout)
 
 
 # ---- evaluation --------------------------------------------------------------------------------
@@ -264,10 +228,7 @@ def train_epoch(
     total, count = 0.0, 0
     for images, labels, diff in loader:
         logits = model(to_unit_range(images))
-        # difficult-only entries are neither positive nor negative (VOC07 protocol)
-        weight = 1.0 - diff
-        loss = F.binary_cross_entropy_with_logits(logits, labels, weight, reduction="sum")
-        loss = loss / len(images)
+        loss = multilabel_bce(logits, labels, diff)  # difficult-only entries left out (VOC07)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if fc.clip_grad > 0:
@@ -336,7 +297,7 @@ def fit_linear_probe(
     feats: [N, D]; labels, diff: [N, C]. Returns (mean [D], std [D], W [D, C], b [C]).
     """
     x = torch.from_numpy(feats).double()
-    y, w_ignore = torch.from_numpy(labels).double(), 1.0 - torch.from_numpy(diff).double()
+    y, difficult = torch.from_numpy(labels).double(), torch.from_numpy(diff).double()
     mean, std = x.mean(0), x.std(0) + 1e-6
     x = (x - mean) / std
     weight = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, requires_grad=True)
@@ -346,7 +307,7 @@ def fit_linear_probe(
     def closure() -> torch.Tensor:
         opt.zero_grad()
         logits = x @ weight + bias
-        loss = F.binary_cross_entropy_with_logits(logits, y, w_ignore, reduction="sum") / len(x)
+        loss = multilabel_bce(logits, y, difficult)
         loss = loss + 0.5 * cfg.weight_decay * weight.pow(2).sum()
         loss.backward()
         return loss
@@ -394,7 +355,7 @@ def check_data(cfg: Config) -> tuple[Path, tuple[str, ...]]:
 def input_checks(cfg: Config) -> list[Input]:
     """The run's inputs with the checks main makes of them (orchestrate.preflight)."""
     return [
-        Input("checkpoint", cfg.checkpoint, lambda: load_pretext(cfg.checkpoint, cfg.arch)),
+        Input("checkpoint", cfg.checkpoint, lambda: read_checkpoint(cfg)),
         Input("data", cfg.data, lambda: check_data(cfg)),
     ]
 
@@ -411,12 +372,12 @@ class Views:
 
 def read_views(cfg: Config, root: Path, size: int, classes: tuple[str, ...]) -> Views:
     """The images, read through the intake rule (core.images) before anything is written."""
-    rule = (cfg.images.skip_bad, cfg.images.strict)
-    return Views(
-        DecodedViews(VOCClassification(root, cfg.train_split, size, True, classes, *rule)),
-        DecodedViews(VOCClassification(root, cfg.train_split, size, False, classes, *rule)),
-        DecodedViews(VOCClassification(root, cfg.test_split, size, False, classes, *rule)),
-    )
+
+    def views(split: str, train: bool) -> DecodedViews:
+        return DecodedViews(open_split(root, split, size, train, True, "voc", classes, cfg.images))
+
+    return Views(views(cfg.train_split, True), views(cfg.train_split, False),
+                 views(cfg.test_split, False))  # fmt: skip
 
 
 # mode -> the frozen layer its linear probe reads: the encoder output / the channel-wise FC's
@@ -425,6 +386,7 @@ PROBES = {"linear_pool5": "pool5", "linear_fc": "bottleneck"}
 
 def finetune_and_test(
     cfg: Config,
+    pre: Pretrained,
     classes: tuple[str, ...],
     views: Views,
     run_dir: Path,
@@ -434,7 +396,7 @@ def finetune_and_test(
 ) -> dict[str, float]:
     """Fine-tune a fresh copy of the encoder with a new head; its AP metrics on the test views
     (its scores into ``test_scores["finetune_mAP"]``)."""
-    net = Classifier(_fresh_encoder(cfg.checkpoint), len(classes), cfg.finetune)
+    net = new_classifier(pre, len(classes), cfg.finetune)
     finetune(net, views.train_aug, cfg, run_dir, generator, events)
     scores, labels, diff = predict(
         net, views.test, 128, cfg.test_flip, "finetune test", cfg.progress
@@ -457,7 +419,8 @@ def main(cfg: Config) -> dict[str, float]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run_dir)
-    model, source = load_pretext(cfg.checkpoint, cfg.arch)
+    pre, model = read_checkpoint(cfg)
+    source = pre.source
     done = run_folder.open_run(run_dir, cfg, FREE_KEYS, {"checkpoint": source})
     if done is not None:
         return done
@@ -481,7 +444,7 @@ def main(cfg: Config) -> dict[str, float]:
         t_mode = time.perf_counter()
         if mode == "finetune":
             metrics = finetune_and_test(
-                cfg, classes, views, run_dir, generator, events, test_scores
+                cfg, pre, classes, views, run_dir, generator, events, test_scores
             )
             result.update(metrics)
         else:
@@ -501,11 +464,6 @@ def main(cfg: Config) -> dict[str, float]:
     result["time_s"] = time.perf_counter() - t0
     save_scores(run_dir, cfg, views.test, test_scores)
     return run_folder.finish(run_dir, result, {**meta, "elapsed_s": result["time_s"]})
-
-
-def _fresh_encoder(checkpoint: str) -> AlexNetEncoder:
-    """A new copy of the checkpoint's encoder (fine-tuning must not touch the probes' copy)."""
-    return model_from_checkpoint(load_checkpoint(checkpoint), checkpoint).encoder
 
 
 def cli(argv: list[str] | None = None) -> dict[str, float]:

@@ -21,8 +21,9 @@ from mmengine.logging import MMLogger
 from mmengine.model import BaseModule
 from mmseg.evaluation.metrics import IoUMetric
 
-from core.checkpoint import CheckpointError, load_encoder
+from core.checkpoint import CheckpointError
 from core.models import ARCHS, AlexNetEncoder
+from core.pretrained import Pretrained
 
 FEATURES = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5")
 CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -56,8 +57,8 @@ class PretextAlexNet(BaseModule):
         if unknown or not out_features:
             raise ValueError(f"out_features {list(out_features)}: choose among {list(FEATURES)}")
         if checkpoint:
-            encoder, meta = load_encoder(checkpoint, expected_arch=arch)
-            self.source = meta
+            pre = Pretrained.load(checkpoint, arch)
+            encoder, self.source = pre.encoder(), pre.source
         else:
             if arch not in ARCHS:
                 raise ValueError(f"arch {arch!r}: choose one of {sorted(ARCHS)}")

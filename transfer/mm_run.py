@@ -29,6 +29,7 @@ from core import run_folder, tb
 from core.atomic_io import append_jsonl, atomic_write_text, read_jsonl
 from core.config import ConfigError
 from core.models import ARCHS, Geometry, detection_geometry
+from core.pretrained import Pretrained
 from core.stage_inputs import Input
 from core.voc_splits import check_entries, check_objects, dataset_classes, voc_root
 
@@ -151,7 +152,7 @@ def input_checks(cfg: MMConfig, seg_task: str) -> list[Input]:
     """The run's inputs with the checks :func:`run` makes of them (orchestrate.preflight)."""
 
     def checkpoint() -> None:
-        encoder_geometry(run_folder.source_meta(cfg.checkpoint, cfg.arch or None)["arch"])
+        encoder_geometry(Pretrained.load(cfg.checkpoint, cfg.arch).arch)
 
     return [
         Input("checkpoint", cfg.checkpoint, checkpoint),
@@ -251,7 +252,7 @@ def run(
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run_dir)
-    source = run_folder.source_meta(cfg.checkpoint, cfg.arch or None)
+    source = Pretrained.load(cfg.checkpoint, cfg.arch).source
     done = run_folder.open_run(run_dir, cfg, FREE_KEYS, {"checkpoint": source})
     if done is not None:
         return done

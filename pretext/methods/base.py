@@ -30,8 +30,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from core.config import ConfigError
-from core.data import SeededViews, ensure_builtin
+from core.data import SeededViews
 from core.models import ContextEncoder
+from core.splits import open_split, split_folder
 from core.stage_inputs import Input
 
 
@@ -61,23 +62,13 @@ def step_settings(
     return memory_format, autocast_dtype, cfg.compile
 
 
-def build_images(cfg: Any, split: str, train: bool, image_size: int):
-    """The image dataset of ``split`` of ``cfg.data`` (uint8 [3, S, S] items), under the intake
-    rule of ``cfg.images`` (core.images: strict, skip_bad)."""
-    from core.datasets import ImageFolderImages, VOCImages
-
-    d, rule = cfg.data, cfg.images
-    root = Path(d.root)
-    if d.format == "voc":
-        ensure_builtin(root)
-        return VOCImages(root, split, image_size, train, rule.skip_bad, rule.strict)
-    return ImageFolderImages(split_folder(d, split), image_size, train, rule.skip_bad, rule.strict)
-
-
-def split_folder(cfg: Any, split: str) -> Path:
-    """data.format=folder: ``<root>/<split>`` when it is a folder, else ``<root>`` itself."""
-    root = Path(cfg.root)
-    return root / split if (root / split).is_dir() else root
+def build_images(
+    cfg: Any, split: str, train: bool, image_size: int, labels: bool = False, class_names=None
+):
+    """The dataset of ``split`` of ``cfg.data`` (uint8 [3, S, S] items; ``labels``: with its VOC
+    labels or class index, core.splits.open_split) under the intake rule of ``cfg.images``."""
+    d = cfg.data
+    return open_split(d.root, split, image_size, train, labels, d.format, class_names, cfg.images)
 
 
 def check_data(cfg: Any, splits: tuple[str, ...]) -> None:
@@ -90,7 +81,7 @@ def check_data(cfg: Any, splits: tuple[str, ...]) -> None:
         if cfg.format == "voc":
             read_split(cfg.root, split)
         else:
-            image_folder(split_folder(cfg, split))
+            image_folder(split_folder(cfg.root, split))
 
 
 def data_inputs(cfg: Any) -> list[Input]:

@@ -6,14 +6,15 @@ set disjoint from the transfer data; the checkpoint holds the whole context-enco
 bottleneck and decoder untrained, as for ``random_init``) so every transfer and eval stage loads it
 unchanged, plus the head (``head``) and ``class_names``.
 
-Batch transform: (uint8 image, label target), the labelled set's train view. Head: :class:`Classifier`'s
-fc6-fc7-fc8 on pool5. Loss: (binary) cross-entropy. Evaluation: val and train mAP / top-1.
+Batch transform: (uint8 image, label target[, difficult_only]), the labelled set's train view.
+Head: :class:`core.classifier.Classifier`'s fc6-fc7-fc8 on pool5. Loss: (binary) cross-entropy.
+Evaluation: val and train mAP / top-1.
 
 Labels:
 
 - a VOC-format root: multi-label targets from the XML objects, binary cross-entropy per class; an
-  image that holds a class only as difficult objects leaves that entry out (target -1), as the
-  VOC07 protocol does. Metric: VOC07 11-point mAP (the transfer protocol's).
+  image that holds a class only as difficult objects leaves that entry out (``difficult_only``,
+  core.datasets.VOCClassification), as the VOC07 protocol does. Metric: VOC07 11-point mAP (the transfer protocol's).
 - an image folder ``<root>/<class>/...`` (ImageNet ``train/<wnid>/*.JPEG``): one label per image,
   the position of its class subfolder among the sorted subfolder names; cross-entropy. Metric:
   top-1 accuracy.
@@ -35,85 +36,20 @@ from torch import nn
 
 from core import voc
 from core.atomic_io import read_jsonl
-from core.cli import UserError
-from core.data import SeededViews, ensure_builtin, to_unit_range
-from core.datasets import ImageFolderImages, VOCClassification
-from core.images import ImagesConfig
+from core.classifier import Classifier, multilabel_bce
+from core.data import SeededViews, to_unit_range
+from core.datasets import ImageFolderClasses, VOCClassification, no_class_subfolders
 from core.models import ContextEncoder
+from core.splits import split_folder
 from core.stage_inputs import Input
 from pretext import distributed
-from pretext.methods.base import Method, Placement, check_data, split_folder
+from pretext.methods.base import Method, Placement, build_images, check_data
 
 log = logging.getLogger(__name__)
 
 
-class LabelError(UserError):
-    """A labelled data set that cannot give labels (a flat folder, an unknown class)."""
-
-
-class VOCTargets(VOCClassification):
-    """Item: (uint8 [3, S, S], float [C] target: 1 present, 0 absent, -1 difficult only: ignored)."""
-
-    multi_label = True
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        image, labels, difficult_only = super().__getitem__(index)
-        return image, labels.masked_fill(difficult_only > 0, -1.0)
-
-
-def no_class_subfolders(root: Path) -> LabelError:
-    return LabelError(
-        f"{root}: no class subfolders (method=supervised with data.format=folder "
-        "reads <root>/<class>/<image>, e.g. ImageNet train/<wnid>/*.JPEG)"
-    )
-
-
-class ImageFolderClasses(ImageFolderImages):
-    """``<root>/<class>/**/<image>``. Item: (uint8 [3, S, S], int64 class index).
-
-    ``class_names``: default the sorted names of the class subfolders; given (the train set's, for
-    a val folder), a subfolder not among them is an error.
-    """
-
-    multi_label = False
-
-    def __init__(
-        self,
-        root: str | Path,
-        image_size: int,
-        train: bool,
-        skip_bad: bool = False,
-        class_names: tuple[str, ...] | None = None,
-        strict: bool = False,
-    ):
-        super().__init__(root, image_size, train, skip_bad, strict)
-        rel = [Path(f).relative_to(self.root) for f in self.files]
-        flat = [r for r in rel if len(r.parts) == 1]
-        if len(flat) == len(rel):
-            raise no_class_subfolders(self.root)
-        if flat:
-            raise LabelError(
-                f"{self.root}: {flat[0]} is not in a class subfolder ({len(flat)} such images); "
-                "method=supervised reads <root>/<class>/<image>"
-            )
-        found = tuple(sorted({r.parts[0] for r in rel}))
-        self.class_names = found if class_names is None else tuple(class_names)
-        unknown = sorted(set(found) - set(self.class_names))
-        if unknown:
-            raise LabelError(
-                f"{self.root}: class subfolder(s) {unknown[:5]} are not among the "
-                f"{len(self.class_names)} training classes"
-            )
-        index = {name: i for i, name in enumerate(self.class_names)}
-        self.labels = torch.tensor([index[r.parts[0]] for r in rel], dtype=torch.int64)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        i, image = self.load(index)
-        return self.view(image), self.labels[i]
-
-
 def check_labelled_data(d: Any) -> None:
-    """What :func:`labelled_images` opens for the train and val splits, checked without listing
+    """What :func:`build_images` (``labels=True``) opens for the train and val splits, checked without listing
     the images: the splits (:func:`check_data`), then a VOC root's class list or a class
     subfolder in each split folder; ``d``: the ``data`` section."""
     check_data(d, (d.split, d.val_split))
@@ -121,89 +57,47 @@ def check_labelled_data(d: Any) -> None:
         voc.class_names(d.root)
         return
     for split in (d.split, d.val_split):
-        folder = split_folder(d, split)
+        folder = split_folder(d.root, split)
         with os.scandir(folder) as entries:
             if not any(e.is_dir() and not e.name.startswith(".") for e in entries):
                 raise no_class_subfolders(folder)
 
 
-def labelled_images(
-    fmt: str,
-    root: str | Path,
-    split: str,
-    image_size: int,
-    train: bool,
-    rule: ImagesConfig | None = None,
-    class_names: tuple[str, ...] | None = None,
-) -> VOCTargets | ImageFolderClasses:
-    """The labelled dataset of ``split`` (``fmt``: voc | folder, as ``data.format``), under the
-    intake rule ``rule`` (the ``images`` section)."""
-    root, rule = Path(root), rule or ImagesConfig()
-    if fmt == "voc":
-        return VOCTargets(root, split, image_size, train, class_names, rule.skip_bad, rule.strict)
-    folder = root / split if (root / split).is_dir() else root
-    return ImageFolderClasses(folder, image_size, train, rule.skip_bad, class_names, rule.strict)
-
-
-class Classifier(nn.Module):
-    """Encoder -> head. x: [N, 3, S, S] in [-1, 1] -> logits [N, C].
-
-    ``kind='mlp'``: pool5 -> fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout -> fc8 (AlexNet's
-    head, as transfer.classify's); ``'linear'``: pool5 -> fc8. PyTorch's default init.
-    """
-
-    def __init__(
-        self, encoder: nn.Module, num_classes: int, kind: str, hidden: int, dropout: float
-    ):
-        super().__init__()
-        self.encoder = encoder
-        dim = encoder.out_channels * encoder.out_size**2
-        if kind == "mlp":
-            self.head = nn.Sequential(
-                nn.Flatten(),
-                nn.Linear(dim, hidden),
-                nn.ReLU(inplace=True),
-                nn.Dropout(dropout),
-                nn.Linear(hidden, hidden),
-                nn.ReLU(inplace=True),
-                nn.Dropout(dropout),
-                nn.Linear(hidden, num_classes),
-            )
-        else:
-            self.head = nn.Sequential(nn.Flatten(), nn.Linear(dim, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
-
-
 def classification_loss(
-    logits: torch.Tensor, target: torch.Tensor, count: torch.Tensor | None = None
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    difficult_only: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """int64 target [N]: cross-entropy; float target [N, C] in {1, 0, -1}: binary cross-entropy
-    averaged over the entries that are not -1 (ignored). ``count``: the number of terms to divide
-    by in place of this batch's (:func:`loss_term_count`; under DDP the global batch's)."""
+    """int64 target [N]: cross-entropy; float labels [N, C] with ``difficult_only`` [N, C]:
+    :func:`core.classifier.multilabel_bce` averaged over the entries that are not difficult-only
+    (this method's runs were made so; transfer.classify divides by the images). ``count``: the
+    number of terms to divide by in place of this batch's (:func:`loss_term_count`; under DDP the
+    global batch's)."""
     if target.dtype == torch.int64:
         if count is None:
             return F.cross_entropy(logits, target)
         return F.cross_entropy(logits, target, reduction="sum") / count.clamp(min=1)
-    keep = (target >= 0).to(logits.dtype)
-    bce = F.binary_cross_entropy_with_logits(logits, target.clamp(min=0), reduction="none")
-    count = loss_term_count(target) if count is None else count
-    return (bce * keep).sum() / count.clamp(min=1)
+    count = loss_term_count(target, difficult_only) if count is None else count
+    return multilabel_bce(logits, target, difficult_only, count.clamp(min=1))
 
 
-def loss_term_count(target: torch.Tensor) -> torch.Tensor:
-    """The normaliser of :func:`classification_loss`: images, or entries that are not -1."""
+def loss_term_count(
+    target: torch.Tensor, difficult_only: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The normaliser of :func:`classification_loss`: images, or entries not difficult-only."""
     if target.dtype == torch.int64:
         return torch.tensor(float(len(target)), device=target.device)
-    return (target >= 0).float().sum()
+    return (difficult_only == 0).float().sum()
 
 
-def batch_accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def batch_accuracy(
+    logits: torch.Tensor, target: torch.Tensor, difficult_only: torch.Tensor | None = None
+) -> torch.Tensor:
     """Top-1 accuracy (single-label) or the share of correct non-ignored entries (multi-label)."""
     if target.dtype == torch.int64:
         return (logits.argmax(1) == target).float().mean()
-    keep = target >= 0
+    keep = difficult_only == 0
     correct = ((logits > 0) == (target > 0)) & keep
     return correct.sum() / keep.sum().clamp(min=1)
 
@@ -219,20 +113,26 @@ class SupervisedStep:
     memory_format: torch.memory_format
     poison: bool = False  # testing aid (fail_at_step): a NaN input
 
-    def __call__(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-        """images: uint8 [N, 3, S, S]; target: int64 [N] or float [N, C]."""
+    def __call__(
+        self, images: torch.Tensor, target: torch.Tensor, difficult: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        """images: uint8 [N, 3, S, S]; target: int64 [N], or float labels [N, C] with
+        ``difficult`` (difficult_only [N, C])."""
         x = to_unit_range(images.to(self.device, non_blocking=True))
         x = x.contiguous(memory_format=self.memory_format)
         if self.poison:
             x = x * float("nan")
         target = target.to(self.device, non_blocking=True)
+        if difficult is not None:
+            difficult = difficult.to(self.device, non_blocking=True)
         enabled = self.autocast_dtype is not None
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled):
             logits = self.model(x)
         # DDP: this rank's share of the global-batch loss (see InpaintingStep), backward world x share
         world = distributed.world_size()
-        count = distributed.all_reduce_sum(loss_term_count(target)) if world > 1 else None
-        loss = classification_loss(logits.float(), target, count)
+        terms = loss_term_count(target, difficult)
+        count = distributed.all_reduce_sum(terms) if world > 1 else None
+        loss = classification_loss(logits.float(), target, difficult, count)
         shown = distributed.all_reduce_sum(loss.detach().clone())
         out = {"loss": float(shown), "loss_cls": float(shown)}
         if not math.isfinite(out["loss"]):
@@ -240,7 +140,9 @@ class SupervisedStep:
         self.opt.zero_grad(set_to_none=True)
         (loss * world if world > 1 else loss).backward()
         self.opt.step()
-        acc = batch_accuracy(logits.detach().float(), target) / world  # mean over the ranks
+        acc = (
+            batch_accuracy(logits.detach().float(), target, difficult) / world
+        )  # mean over the ranks
         out["train_acc"] = float(distributed.all_reduce_sum(acc))
         return out
 
@@ -248,7 +150,7 @@ class SupervisedStep:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    images: VOCTargets | ImageFolderClasses,
+    images: VOCClassification | ImageFolderClasses,
     device: torch.device,
     max_images: int,
     prefix: str,
@@ -263,20 +165,19 @@ def evaluate(
     model.eval()
     scores, targets = [], []
     for lo in range(0, len(picks), batch_size):
-        items = [images[int(i)] for i in picks[lo : lo + batch_size]]
-        x = to_unit_range(torch.stack([im for im, _ in items]).to(device))
+        columns = list(zip(*(images[int(i)] for i in picks[lo : lo + batch_size])))
+        x = to_unit_range(torch.stack(columns[0]).to(device))
         scores.append(model(x).float().cpu())
-        targets.append(torch.stack([t for _, t in items]))
+        targets.append([torch.stack(column) for column in columns[1:]])  # target[, difficult]
     model.train()
-    logits, target = torch.cat(scores), torch.cat(targets)
+    logits = torch.cat(scores)
+    target, *difficult = (torch.cat(column) for column in zip(*targets))
     if not images.multi_label:
         return {f"{prefix}_top1": float((logits.argmax(1) == target).float().mean())}
     # the transfer protocol's AP (a plain numpy/sklearn module; imported here only)
     from core.voc_ap import mean_ap, voc07_classification_ap
 
-    per_class = voc07_classification_ap(
-        logits.numpy(), (target > 0).numpy(), (target < 0).numpy().astype(np.float32)
-    )
+    per_class = voc07_classification_ap(logits.numpy(), target.numpy(), difficult[0].numpy())
     value = mean_ap(per_class)
     if not math.isfinite(value):
         log.warning("%s mAP undefined: no class has a positive among %d images", prefix, len(picks))
@@ -299,11 +200,8 @@ class SupervisedMethod(Method):
 
     def __init__(self, cfg: Any, model: ContextEncoder):
         super().__init__(cfg, model)
-        d = cfg.data
         names = self.train_images.class_names
-        self.val_images = labelled_images(
-            d.format, d.root, d.val_split, self.input_size, False, cfg.images, names
-        )
+        self.val_images = build_images(cfg, cfg.data.val_split, False, self.input_size, True, names)
         h = cfg.head
         self.classifier = Classifier(model.encoder, len(names), h.kind, h.hidden, h.dropout)
         self.head = self.classifier.head
@@ -313,10 +211,8 @@ class SupervisedMethod(Method):
         """The labelled train and val splits."""
         return [Input("data.root", cfg.data.root, lambda: check_labelled_data(cfg.data))]
 
-    def open_train_images(self) -> VOCTargets | ImageFolderClasses:
-        d = self.cfg.data
-        ensure_builtin(d.root)
-        return labelled_images(d.format, d.root, d.split, self.input_size, True, self.cfg.images)
+    def open_train_images(self) -> VOCClassification | ImageFolderClasses:
+        return build_images(self.cfg, self.cfg.data.split, True, self.input_size, labels=True)
 
     @property
     def net(self) -> nn.Module:
@@ -344,11 +240,8 @@ class SupervisedMethod(Method):
     ) -> dict[str, Any]:
         """val (and train, eval views) mAP or top-1 on up to ``eval_images`` images; no inpainting
         evaluation (the decoder is untrained)."""
-        cfg, d = self.cfg, self.cfg.data
-        train_eval = labelled_images(
-            d.format, d.root, d.split, self.input_size, False, cfg.images,
-            self.train_images.class_names,
-        )  # fmt: skip
+        cfg, names = self.cfg, self.train_images.class_names
+        train_eval = build_images(cfg, cfg.data.split, False, self.input_size, True, names)
         result = {
             **evaluate(self.classifier, self.val_images, device, cfg.eval_images, "val"),
             **evaluate(self.classifier, train_eval, device, cfg.eval_images, "train"),

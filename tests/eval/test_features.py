@@ -5,8 +5,18 @@ import torch
 
 from core.features import layer_features
 from core.masks import central_mask
+from core.pretrained import Pretrained
+from core.splits import open_split
 from eval import features
-from eval.features import extract_features, load_model, voc_images
+from eval.features import extract_features
+
+
+def network(checkpoint):
+    return Pretrained.load(checkpoint).network().eval()
+
+
+def eval_views(root, split, size):
+    return open_split(root, split, size, False)
 
 
 def encode_images(model, images, data_mean, layer, hole=None):
@@ -18,7 +28,7 @@ def test_cache_reloads_identical_features_without_recomputing(
 ):
     first = extract_features(tiny_ckpt, tiny_voc, "val", "pool5", cache_dir=tmp_path)
     assert first.features.dtype == np.float32 and first.features.shape[1] == 96 * 4 * 4
-    assert first.ids == voc_images(tiny_voc, "val", 64).ids
+    assert first.ids == eval_views(tiny_voc, "val", 64).ids
 
     def boom(*args, **kwargs):
         raise AssertionError("recomputed although cached")
@@ -28,8 +38,8 @@ def test_cache_reloads_identical_features_without_recomputing(
     np.testing.assert_array_equal(again.features, first.features)
     assert again.ids == first.ids
     # what was cached is what the network computes
-    model, _ = load_model(tiny_ckpt)
-    direct = encode_images(model, voc_images(tiny_voc, "val", 64), ckpt_mean, "pool5")
+    model = network(tiny_ckpt)
+    direct = encode_images(model, eval_views(tiny_voc, "val", 64), ckpt_mean, "pool5")
     np.testing.assert_allclose(first.features, direct, rtol=1e-5, atol=1e-6)
 
 
@@ -48,14 +58,14 @@ def test_bottleneck_from_cached_pool5_equals_direct_forward(
     tiny_voc, tiny_ckpt, ckpt_mean, tmp_path
 ):
     got = extract_features(tiny_ckpt, tiny_voc, "val", "bottleneck", cache_dir=tmp_path)
-    model, _ = load_model(tiny_ckpt)
-    direct = encode_images(model, voc_images(tiny_voc, "val", 64), ckpt_mean, "bottleneck")
+    model = network(tiny_ckpt)
+    direct = encode_images(model, eval_views(tiny_voc, "val", 64), ckpt_mean, "bottleneck")
     np.testing.assert_allclose(got.features, direct, rtol=1e-4, atol=1e-5)
 
 
 def test_hole_pixels_do_not_reach_the_encoder(tiny_ckpt, ckpt_mean):
     """With a hole only the context is encoded: changing the hole changes nothing, the context does."""
-    model, _ = load_model(tiny_ckpt)
+    model = network(tiny_ckpt)
     hole = central_mask(64, 2)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=gen)

@@ -10,15 +10,16 @@ from PIL import Image
 from core import voc
 from core.inpainting import evaluate_inpainting, hole_errors
 from core.masks import central_mask
+from core.pretrained import Pretrained
+from core.splits import open_split
 from eval import inpainting_bench as bench
-from eval.features import load_model, voc_images
 
 HOLE = central_mask(64, 2)
 MEAN = [0.1, -0.05, 0.0]  # any fill colour will do
 
 
 def tiny_images(voc, split: str, n: int | None = None) -> torch.Tensor:
-    return bench.stack(voc_images(voc, split, 64), n)
+    return bench.stack(open_split(voc, split, 64, False), n)
 
 
 def test_nn_hog_with_the_query_in_the_database_pastes_its_own_hole(tiny_voc):
@@ -34,8 +35,8 @@ def test_nn_hog_with_the_query_in_the_database_pastes_its_own_hole(tiny_voc):
 
 
 def test_mean_fill_matches_pretext_inpainting(tiny_voc, tiny_ckpt, ckpt_mean):
-    model, _ = load_model(tiny_ckpt)
-    dataset = voc_images(tiny_voc, "test", 64)
+    model = Pretrained.load(tiny_ckpt).network().eval()
+    dataset = open_split(tiny_voc, "test", 64, False)
     ref = evaluate_inpainting(model, dataset, ckpt_mean, overlap=2, max_images=10)
     images = tiny_images(tiny_voc, "test", 10)
     ours = hole_errors(
@@ -171,17 +172,18 @@ def test_bench_on_an_image_folder_equals_the_same_images_in_voc_layout(
             assert out[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
-def test_split_images_forms_and_a_clear_error(tiny_voc, tmp_path):
-    from eval.features import split_images
+def test_open_split_forms_and_a_clear_error(tiny_voc, tmp_path):
+    def views(root, split, size):
+        return open_split(root, split, size, False)
 
     root = _copy_split(tiny_voc, "val", tmp_path / "imgs" / "val", nested=True).parent
-    nested = split_images(root, "val", 64)
+    nested = views(root, "val", 64)
     assert all(i.startswith(("class0/", "class1/")) for i in nested.ids)
-    assert len(split_images(root, "", 64)) == len(nested)
-    assert len(split_images(root, str(root / "val"), 64)) == len(nested)
+    assert len(views(root, "", 64)) == len(nested)
+    assert len(views(root, str(root / "val"), 64)) == len(nested)
     # a split file of VOC ids inside a VOC root
     (tmp_path / "ids.txt").write_text("000001\n000002\n")
-    listed = split_images(tiny_voc, str(tmp_path / "ids.txt"), 64)
+    listed = views(tiny_voc, str(tmp_path / "ids.txt"), 64)
     assert listed.ids == ["000001", "000002"] and listed.files[0].endswith("JPEGImages/000001.jpg")
     with pytest.raises(FileNotFoundError, match=r"split 'nope' of .* not found: expected a folder"):
-        split_images(root, "nope", 64)
+        views(root, "nope", 64)

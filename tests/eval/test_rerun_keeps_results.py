@@ -132,10 +132,10 @@ def test_checkpoints_record_what_they_trained(tiny_voc, tmp_path):
 def test_strict_and_converted_features_are_the_same_on_rgb_data(tiny_voc, tiny_ckpt, tmp_path):
     """The built-in data are RGB: the intake rule changes nothing there (same pixels either way)."""
     from core.images import ImagesConfig
-    from eval.features import split_images
+    from core.splits import open_split
 
-    a = split_images(tiny_voc, "val", 64)
-    b = split_images(tiny_voc, "val", 64, ImagesConfig(strict=True))
+    a = open_split(tiny_voc, "val", 64, False)
+    b = open_split(tiny_voc, "val", 64, False, rule=ImagesConfig(strict=True))
     assert a.converted == {} and len(a) == len(b)
     assert all(torch.equal(a[i], b[i]) for i in range(len(a)))
     assert np.asarray(a[0]).dtype == np.uint8

@@ -115,9 +115,9 @@ def test_each_pretext_method_lists_the_inputs_it_opens(tmp_path, tiny_voc):
     is worded as the run words it at its start."""
     import shutil
 
+    from core.splits import open_split
     from pretext import train
     from pretext.methods.context_encoder import region_shapes
-    from pretext.methods.supervised import labelled_images
 
     def problems(*overrides: str) -> dict[str, str]:
         cfg = train.parse_config([f"data.root={tiny_voc}", *overrides])
@@ -154,7 +154,7 @@ def test_each_pretext_method_lists_the_inputs_it_opens(tmp_path, tiny_voc):
     assert problems("method=rotation", *folder) == {}
     assert problems("method=supervised", *folder) == {"data.root": flat}
     with pytest.raises(Exception, match="no class subfolders") as at_start:
-        labelled_images("folder", photos, "train", 64, True)  # what the run opens at its start
+        open_split(photos, "train", 64, True, labels=True, fmt="folder")  # what the run opens
     assert str(at_start.value) == flat
 
     val_less = tmp_path / "VOC2007"  # train split only: every method's evaluation reads val

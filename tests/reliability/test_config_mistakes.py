@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.checkpoint import CheckpointError, load_encoder, save_checkpoint
+from core.checkpoint import CheckpointError, save_checkpoint
 from core.models import build_model
+from core.pretrained import Pretrained
 from transfer import classify
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,7 +84,7 @@ def test_checkpoint_of_another_architecture(tiny_voc, tmp_path):
     with pytest.raises(
         CheckpointError, match=r"inpaint.pt: checkpoint arch is 'inpaint128', but 'small64'"
     ):
-        load_encoder(ckpt, expected_arch="small64")
+        Pretrained.load(ckpt, "small64")
     # the transfer entry: asked for an arch, or given an encoder it cannot fine-tune
     for extra, words in ((["arch=small64"], "'small64' was asked for"), ([], "AlexNet-style")):
         cfg = classify.parse_config([f"--checkpoint={ckpt}", f"--data={tiny_voc}",
@@ -96,4 +97,4 @@ def test_checkpoint_of_another_architecture(tiny_voc, tmp_path):
     state["arch"] = "small64"
     torch.save(state, tmp_path / "lying.pt")
     with pytest.raises(CheckpointError, match="lying.pt: weights do not match arch 'small64'"):
-        load_encoder(tmp_path / "lying.pt")
+        Pretrained.load(tmp_path / "lying.pt").encoder()

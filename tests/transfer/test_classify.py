@@ -9,6 +9,7 @@ from torch import nn
 
 from core.checkpoint import CheckpointError, load_checkpoint
 from core.data_dependent_init import rescale_layers
+from core.pretrained import Pretrained
 from core.run_folder import TransferError
 from transfer import classify
 
@@ -87,7 +88,7 @@ def test_errors_wrong_kind_arch_split_classes(voc_root, ckpt, tmp_path, make_che
 
 
 def test_finetuning_starts_from_the_checkpoint_weights(ckpt):
-    encoder = classify._fresh_encoder(str(ckpt))
+    encoder = classify.new_classifier(Pretrained.load(ckpt), 3, classify.FinetuneConfig()).encoder
     state = load_checkpoint(ckpt)["model"]
     for key, value in encoder.state_dict().items():
         assert torch.equal(value, state[f"encoder.{key}"])
