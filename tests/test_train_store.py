@@ -168,7 +168,9 @@ def test_a_store_rebuilt_from_changed_sources_does_not_resume_a_run(
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
 
 
-@pytest.mark.parametrize("method", ["relative_location", "supervised", "kmeans_init", "random_init"])
+@pytest.mark.parametrize(
+    "method", ["relative_location", "supervised", "kmeans_init", "random_init"]
+)
 def test_methods_that_batch_single_images_refuse_the_store(tiny_train_args, store64, method):
     with pytest.raises(ConfigError, match=rf"data.store: method={method} takes no batches"):
         parse_config([*tiny_train_args, f"data.store={store64}", f"method={method}"])
