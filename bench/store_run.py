@@ -30,15 +30,16 @@ def rates(run_dir: Path) -> list[float]:
     return [r["images_per_s"] for r in read_jsonl(run_dir / "metrics.jsonl")[1:]]
 
 
-def compare(steps: int, rounds: int, root: str) -> dict:
+def compare(steps: int, rounds: int, root: str, overrides=()) -> dict:
     base = [*PROFILE, f"data.root={root}", f"optim.steps={steps}", "log_every=10",
-            "eval_images=16", f"checkpoint_every={steps}"]  # fmt: skip
-    out: dict = {"steps": steps, "rounds": rounds, "batch": parse_config(base).optim.batch_size}
+            "eval_images=16", f"checkpoint_every={steps}", *overrides]  # fmt: skip
+    out: dict = {"steps": steps, "rounds": rounds, "overrides": list(overrides),
+                 "batch": parse_config(base).optim.batch_size}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store64"
         t0 = time.perf_counter()
         build(root, store, StoreSettings("voc", "train", 64))
-        out["store"] = {"build_s": time.perf_counter() - t0, "images": len(ImageStore(store))}
+        out["store_build"] = {"s": time.perf_counter() - t0, "images": len(ImageStore(store))}
         seen: dict[str, list[float]] = {"per_image": [], "store": []}
         for r in range(rounds):
             for name, extra in (("per_image", []), ("store", [f"data.store={store}"])):
@@ -59,11 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--data-root", default="data/minivoc_pretrain/VOC2007")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("overrides", nargs="*", help="more trainer key=value overrides (threads=1)")
     return parser.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> dict:
-    res = compare(args.steps, args.rounds, args.data_root)
+    res = compare(args.steps, args.rounds, args.data_root, args.overrides)
     atomic_write_json(args.out, res)
     return res
 

@@ -8,9 +8,10 @@ step ``t`` is drawn from ``numpy.random.default_rng(sample_seed(seed, t, slot))`
 and hole are a function of (seed, step, slot), so a resumed run sees the batches an uninterrupted
 run would. On a GPU the host part of a batch (parameters, copying the stored bytes into one
 padded array) is prepared ``prefetch`` steps ahead in a thread and the pixels are made on the
-device (:mod:`core.batch_augment`). On the CPU, whole batches are made by ``workers`` loader
-processes with one torch thread each, as today's loader does: many small batched ops in one
-process with several OpenMP threads stall whenever the cores are shared (docs/decisions.md).
+device (:mod:`core.batch_augment`). On the CPU, whole batches are made per sample from the same
+draws (PIL's resize of each box, :class:`core.masks.MaskGenerator`'s hole: 3x cheaper there than
+the batched ops at 227 px) by ``workers`` loader processes with one torch thread each, as today's
+loader does, or with ``workers=0`` ``prefetch`` steps ahead in a thread (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ class BatchedSource:
         crops = [draw_crop(rng, *self.store.shapes[i][:2]) for (i, _), rng in zip(keys, rngs)]
         host = {"rngs": rngs, "boxes": np.array([c[:4] for c in crops]),
                 "flips": np.array([c[4] for c in crops])}  # fmt: skip
-        if not self.batched_ops:
-            return {**host, "images": [self.store.image(i) for i, _ in keys]}
+        if not self.batched_ops:  # the whole batch, here: in the prefetch thread or a worker
+            return {
+                "batch": self.per_sample({**host, "images": [self.store.image(i) for i, _ in keys]})
+            }
         padded = torch.from_numpy(pad_batch([self.store.image(i) for i, _ in keys]))
         if self.device.type == "cuda":
             padded = padded.pin_memory()
@@ -75,13 +78,13 @@ class BatchedSource:
         from the generator after the crop's draws, as the batched path does)."""
         images = np.stack([pil_resized_crop(im, box, flip, self.size)
                            for im, box, flip in zip(host["images"], host["boxes"], host["flips"])])  # fmt: skip
-        holes = np.stack([self.per_sample_masks(rng) for rng in host["rngs"]])
-        images_t = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        return images_t.to(self.device), torch.from_numpy(holes)[:, None].to(self.device)
+        holes = np.stack([self.per_sample_masks(rng) for rng in host["rngs"]])[:, None]
+        images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))  # numpy: no torch threads
+        return torch.from_numpy(images).to(self.device), torch.from_numpy(holes).to(self.device)
 
     def device_part(self, host: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.batched_ops:
-            return self.per_sample(host)
+        if "batch" in host:  # made on the host already (per sample)
+            return host["batch"]
         padded = host["padded"].to(self.device, non_blocking=True)
         images = resized_crops(padded, host["boxes"], host["flips"], self.size)
         return images, self.masks.draw(host["rngs"])  # mask draws follow each crop's
