@@ -175,6 +175,21 @@ def data_path_markdown(res: dict) -> list[str]:
             lines += ["", f"{r['arch']}{where(r)}: measured {e['date']}, commit {e['commit']}, {e['cpu']} "
                       f"({e['cores']} cores), load average before/after {e['load_before']} / "
                       f"{e['load_after']}."]  # fmt: skip
+    runs_e2e = {k: r for k, r in res["runs"].items() if k.startswith("store_run")}
+    if runs_e2e:
+        lines += ["", "The built-in profile's pretext run (`python -m bench.store_run`: small64, batch 32, "
+                  "`data.num_workers=0`, `channels_last=on`; steps x alternating rounds), images/s of "
+                  "data + step from the trainer's metrics lines:", "",
+                  "| machine, commit | overrides | steps x rounds | per-image img/s | `data.store` img/s | "
+                  "speed-up | load average before / after |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in runs_e2e.values():
+            e = r["environment"]
+            lines.append(
+                f"| {e['cpu']}, {e['commit']} | {' '.join(r['overrides']) or '—'} | "
+                f"{r['steps']} x {r['rounds']} | {_f(r['per_image']['images_per_s'])} | "
+                f"{_f(r['store']['images_per_s'])} | **{r['speedup']:.2f}x** | "
+                f"{e['load_before']} / {e['load_after']} |"
+            )
     lines += [
         "",
         "Loader: today's `MaskedImages(VOCImages)` DataLoader (JPEG decode, PIL crop + flip, numpy "
