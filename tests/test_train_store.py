@@ -6,7 +6,13 @@ method whose batch transform needs single images is refused."""
 
 import functools
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,3 +180,31 @@ def test_a_store_rebuilt_from_changed_sources_does_not_resume_a_run(
 def test_methods_that_batch_single_images_refuse_the_store(tiny_train_args, store64, method):
     with pytest.raises(ConfigError, match=rf"data.store: method={method} takes no batches"):
         parse_config([*tiny_train_args, f"data.store={store64}", f"method={method}"])
+
+
+def test_a_killed_store_run_resumes_to_the_uninterrupted_weights(
+    tiny_train_args, store64, tmp_path
+):
+    """kill -9 after a checkpoint and a step past it; restarted, the same weights and losses."""
+    args = [*tiny_train_args, f"data.store={store64}", "log_every=1"]
+    straight = [a.replace(str(tmp_path / "run"), str(tmp_path / "straight")) for a in args]
+    run(straight)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pretext.train", *args], cwd=repo, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not any(r["step"] >= 6 for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no step 6"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert load_checkpoint(tmp_path / "run")["step"] in (4, 8)
+    run(args)
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "run")
+    assert a["step"] == b["step"] == 12
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ref = {r["step"]: r["loss_rec"] for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl")}
+    assert {r["step"]: r["loss_rec"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")} == ref
