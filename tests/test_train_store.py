@@ -25,7 +25,7 @@ from core.batched_source import make_batched_source
 from core.checkpoint import load_checkpoint
 from core.config import ConfigError
 from core.image_store import ImageStore, StoreError, StoreSettings, build
-from pretext import engine
+from pretext import distributed, engine
 from pretext.train import cli, input_checks, main, parse_config
 
 ONE_STEP = engine.one_step
@@ -208,3 +208,18 @@ def test_a_killed_store_run_resumes_to_the_uninterrupted_weights(
         assert torch.equal(a["model"][k], b["model"][k]), k
     ref = {r["step"]: r["loss_rec"] for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl")}
     assert {r["step"]: r["loss_rec"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")} == ref
+
+
+def test_rotation_makes_its_four_rotations_on_the_store_batch(tiny_train_args):
+    """method=rotation's store batch is RotatedImages' items stacked: image i's rotation k at
+    [i, k], label k (the per-image path's order, which ClassificationStep flattens)."""
+    from pretext.methods.rotation import rotations
+    from pretext.train import build
+
+    cfg = parse_config([*tiny_train_args, "method=rotation"])
+    method = build(cfg, distributed.read_env()).method
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    turned, labels = method.store_batch(images, torch.zeros(3, 1, 64, 64, dtype=torch.bool))
+    per_image = [rotations(im) for im in images]
+    assert torch.equal(turned, torch.stack([x for x, _ in per_image]))
+    assert torch.equal(labels, torch.stack([y for _, y in per_image]))
