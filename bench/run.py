@@ -153,13 +153,18 @@ def data_path_markdown(res: dict) -> list[str]:
         "store build s (images, MiB) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def where(r: dict) -> str:  # rows of several machines and commits side by side
+        e = r.get("environment")
+        return f"; {e['cpu']}, {e['commit']}" if e else ""
+
     for r in runs.values():
         e2e = r.get("end_to_end")
         e2e_s = (f"{_f(e2e['loader_images_per_s'])} / {_f(e2e['batched_images_per_s'])}"
                  if e2e else "—")  # fmt: skip
         st = r["store"]
         lines.append(
-            f"| {r['size']} px ({r['arch']}) | {r['mask']} | {r['batch']} | {r['workers']} | "
+            f"| {r['size']} px ({r['arch']}{where(r)}) | {r['mask']} | {r['batch']} | {r['workers']} | "
             f"{_f(r['loader']['images_per_s'])} | {_f(r['batched']['images_per_s'])} | "
             f"**{r['speedup']:.2f}x** | {r['loader_peak_rss_mb']:.0f} / {r['batched_peak_rss_mb']:.0f} | "
             f"{e2e_s} | {st['build_s']:.1f} ({st['images']}, {st['mib']:.0f}) |"
@@ -167,16 +172,34 @@ def data_path_markdown(res: dict) -> list[str]:
     for r in runs.values():
         e = r.get("environment")
         if e:
-            lines += ["", f"{r['arch']}: measured {e['date']}, commit {e['commit']}, {e['cpu']} "
+            lines += ["", f"{r['arch']}{where(r)}: measured {e['date']}, commit {e['commit']}, {e['cpu']} "
                       f"({e['cores']} cores), load average before/after {e['load_before']} / "
                       f"{e['load_after']}."]  # fmt: skip
+    runs_e2e = {k: r for k, r in res["runs"].items() if k.startswith("store_run")}
+    if runs_e2e:
+        lines += ["", "The built-in profile's pretext run (`python -m bench.store_run`: small64, batch 32, "
+                  "`data.num_workers=0`, `channels_last=on`; steps x alternating rounds), images/s of "
+                  "data + step from the trainer's metrics lines:", "",
+                  "| machine, commit | overrides | steps x rounds | per-image img/s | `data.store` img/s | "
+                  "speed-up | load average before / after |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in runs_e2e.values():
+            e = r["environment"]
+            lines.append(
+                f"| {e['cpu']}, {e['commit']} | {' '.join(r['overrides']) or '—'} | "
+                f"{r['steps']} x {r['rounds']} | {_f(r['per_image']['images_per_s'])} | "
+                f"{_f(r['store']['images_per_s'])} | **{r['speedup']:.2f}x** | "
+                f"{e['load_before']} / {e['load_after']} |"
+            )
     lines += [
         "",
         "Loader: today's `MaskedImages(VOCImages)` DataLoader (JPEG decode, PIL crop + flip, numpy "
         "mask per image). Store + batched: `core.batched_source` over a `core.image_store` store of "
-        "the same split (short side = input size), crops (`grid_sample`) and masks (ragged gathers "
-        "over a silhouette bank) made per batch, in the same number of loader processes of one "
-        "torch thread each. Images/s: median of 3 alternating rounds of 8 batches after the first.",
+        "the same split (short side = input size), whole batches made in the same number of loader "
+        "processes of one torch thread each: up to commit 6b63fba with the batched tensor ops on the "
+        "CPU too (crops by `grid_sample`, masks by ragged gathers over a silhouette bank), from "
+        "commit ece0f73 on the CPU per sample from the same draws (PIL's resize of the drawn box, "
+        "`core.masks`' hole; the batched ops stay the GPU's). Images/s: median of 3 alternating "
+        "rounds of 8 batches after the first.",
     ]
     return lines
 

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from core.datasets import CROP_RATIO, CROP_SCALE
 from core.masks import MASK_KINDS, builtin_shapes, central_mask, shrink_shape
@@ -109,6 +110,19 @@ def resized_crops(
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
+def pil_resized_crop(image: np.ndarray, box: Sequence[int], flip: bool, size: int) -> np.ndarray:
+    """uint8 [h, w, 3], box (top, left, h, w) -> uint8 [size, size, 3]: the box resized (PIL
+    bilinear, antialiased: torchvision's resized_crop of a PIL image), flipped if asked. The CPU
+    counterpart of :func:`resized_crops`, per sample (faster there: docs/decisions.md)."""
+    top, left, h, w = (int(v) for v in box)
+    im = Image.fromarray(image).resize(
+        (size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)
+    )
+    if flip:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(im)
+
+
 def _count_at_least(fraction: np.ndarray, n: int) -> np.ndarray:
     """Smallest integer c with c / n >= fraction (float64, as the per-image code compares)."""
     c = np.ceil(fraction * n).astype(np.int64)
@@ -143,6 +157,7 @@ class BatchedMasks:
         if kind not in MASK_KINDS:
             raise ValueError(f"unknown mask kind {kind!r}; choose one of {MASK_KINDS}")
         self.kind, self.size, self.max_coverage = kind, size, max_coverage
+        self.overlap, self.shapes = overlap, shapes
         self.device = torch.device(device)
         n = size * size
         self.max_count = _count_at_most(max_coverage, n)

@@ -1,16 +1,17 @@
 """The pretext batches from an image store, augmented in batches on the device.
 
 ``make_batched_source(cfg, ...)`` is the drop-in for the trainer's DataLoader of the context
-encoder (``data.store=PATH data.augment=batched``): an iterable of (images uint8 [N, 3, S, S],
+encoder (``data.store=PATH``, wired in ``pretext.engine.step_loader``): an iterable of (images uint8 [N, 3, S, S],
 hole bool [N, 1, S, S]) on ``device``, one per step from ``start_step`` to ``total_steps``, the
 batches of :class:`core.data.StepBatchSampler` (same epochs, same DDP slices). Sample ``slot`` of
 step ``t`` is drawn from ``numpy.random.default_rng(sample_seed(seed, t, slot))``: its crop, flip
 and hole are a function of (seed, step, slot), so a resumed run sees the batches an uninterrupted
 run would. On a GPU the host part of a batch (parameters, copying the stored bytes into one
 padded array) is prepared ``prefetch`` steps ahead in a thread and the pixels are made on the
-device (:mod:`core.batch_augment`). On the CPU, whole batches are made by ``workers`` loader
-processes with one torch thread each, as today's loader does: many small batched ops in one
-process with several OpenMP threads stall whenever the cores are shared (docs/decisions.md).
+device (:mod:`core.batch_augment`). On the CPU, whole batches are made per sample from the same
+draws (PIL's resize of each box, :class:`core.masks.MaskGenerator`'s hole: 3x cheaper there than
+the batched ops at 227 px) by ``workers`` loader processes with one torch thread each, as today's
+loader does, or with ``workers=0`` ``prefetch`` steps ahead in a thread (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from core.batch_augment import BatchedMasks, draw_crop, pad_batch, resized_crops
+from core.batch_augment import BatchedMasks, draw_crop, pad_batch, pil_resized_crop, resized_crops
 from core.data import StepBatchSampler
 from core.image_store import ImageStore, StoreError
+from core.masks import MaskGenerator
 
 
 class BatchedSource:
@@ -41,9 +43,17 @@ class BatchedSource:
         sampler: StepBatchSampler,
         prefetch: int = 2,
         workers: int = 0,
+        batched_ops: bool | None = None,
     ):
         self.store, self.size, self.masks, self.sampler = store, size, masks, sampler
         self.device, self.prefetch, self.workers = masks.device, prefetch, workers
+        # None: batched tensor ops on a GPU; on the CPU per sample (PIL resize, numpy holes: 3x
+        # cheaper there at 227 px; docs/decisions.md), from the same per-sample draws of the crop
+        self.batched_ops = self.device.type != "cpu" if batched_ops is None else batched_ops
+        if not self.batched_ops:
+            m = masks
+            self.per_sample_masks = MaskGenerator(m.kind, m.size, m.overlap, m.max_coverage,
+                                                  m.shapes)  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -52,13 +62,29 @@ class BatchedSource:
         """Everything drawn and copied on the host for the samples ``keys`` (index, sample seed)."""
         rngs = [np.random.default_rng(seed) for _, seed in keys]
         crops = [draw_crop(rng, *self.store.shapes[i][:2]) for (i, _), rng in zip(keys, rngs)]
+        host = {"rngs": rngs, "boxes": np.array([c[:4] for c in crops]),
+                "flips": np.array([c[4] for c in crops])}  # fmt: skip
+        if not self.batched_ops:  # the whole batch, here: in the prefetch thread or a worker
+            return {
+                "batch": self.per_sample({**host, "images": [self.store.image(i) for i, _ in keys]})
+            }
         padded = torch.from_numpy(pad_batch([self.store.image(i) for i, _ in keys]))
         if self.device.type == "cuda":
             padded = padded.pin_memory()
-        return {"rngs": rngs, "boxes": np.array([c[:4] for c in crops]),
-                "flips": np.array([c[4] for c in crops]), "padded": padded}  # fmt: skip
+        return {**host, "padded": padded}
+
+    def per_sample(self, host: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch made sample by sample: PIL's resized crop, core.masks' hole (the hole drawn
+        from the generator after the crop's draws, as the batched path does)."""
+        images = np.stack([pil_resized_crop(im, box, flip, self.size)
+                           for im, box, flip in zip(host["images"], host["boxes"], host["flips"])])  # fmt: skip
+        holes = np.stack([self.per_sample_masks(rng) for rng in host["rngs"]])[:, None]
+        images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))  # numpy: no torch threads
+        return torch.from_numpy(images).to(self.device), torch.from_numpy(holes).to(self.device)
 
     def device_part(self, host: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        if "batch" in host:  # made on the host already (per sample)
+            return host["batch"]
         padded = host["padded"].to(self.device, non_blocking=True)
         images = resized_crops(padded, host["boxes"], host["flips"], self.size)
         return images, self.masks.draw(host["rngs"])  # mask draws follow each crop's
@@ -71,8 +97,11 @@ class BatchedSource:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.device.type == "cpu" and self.workers > 0:
+            # its own generator: the workers' base seed (unused: every draw is seeded per
+            # sample) is not drawn from the global torch RNG, which dropout continues on resume
             loader = DataLoader(self, sampler=self.sampler, batch_size=None,
-                                num_workers=self.workers, prefetch_factor=self.prefetch or 2)  # fmt: skip
+                                num_workers=self.workers, prefetch_factor=self.prefetch or 2,
+                                generator=torch.Generator().manual_seed(0))  # fmt: skip
             self.loader_iter = iter(loader)  # its worker processes, for whoever monitors them
             yield from self.loader_iter
             return
@@ -122,6 +151,7 @@ def make_batched_source(
     verify_sources: bool = True,
     prefetch: int = 2,
     workers: int | None = None,
+    batched_ops: bool | None = None,
 ) -> BatchedSource:
     """The batched source of a pretext config ``cfg`` (reads cfg.data.{store, root, format,
     split}, cfg.mask.{kind, overlap, max_coverage}, cfg.optim.batch_size, cfg.seed; ``store``
@@ -134,11 +164,13 @@ def make_batched_source(
             "data.store: the batched path needs an image store (python -m core.image_store build)"
         )
     images = ImageStore(path)
-    images.check(cfg.data.root, cfg.data.format, cfg.data.split, size, verify_sources)
+    rule = getattr(cfg, "images", None)  # the intake rule (core.images) the store was built under
+    images.check(cfg.data.root, cfg.data.format, cfg.data.split, size, verify_sources,
+                 getattr(rule, "strict", None), getattr(rule, "skip_bad", None))  # fmt: skip
     m = cfg.mask
     masks = BatchedMasks(m.kind, size, m.overlap, m.max_coverage, shapes, device)
     sampler = StepBatchSampler(
         len(images), cfg.optim.batch_size, cfg.seed, start_step, total_steps, rank, world_size
     )
     workers = cfg.data.num_workers if workers is None else workers
-    return BatchedSource(images, size, masks, sampler, prefetch, workers)
+    return BatchedSource(images, size, masks, sampler, prefetch, workers, batched_ops)

@@ -350,11 +350,28 @@ class ImageStore:
         o = int(self.offsets[i])
         return self.data[o : o + h * w * c].reshape(h, w, c)
 
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of meta.json and index.npz: which build of which sources this is (cheap: the
+        image bytes are not read; a rebuild writes another meta.json)."""
+        h = hashlib.sha256()
+        for name in ("meta.json", "index.npz"):
+            h.update((self.path / name).read_bytes())
+        return h.hexdigest()
+
     def check(
-        self, root: str | Path, fmt: str, split: str, short_side: int, verify_sources: bool = True
+        self,
+        root: str | Path,
+        fmt: str,
+        split: str,
+        short_side: int,
+        verify_sources: bool = True,
+        strict: bool | None = None,
+        skip_bad: bool | None = None,
     ) -> None:
         """Raise StoreError unless this store was built from ``root``/``split`` at ``short_side``
-        from source files that are unchanged (sizes and mtimes; ``verify_sources`` stats them all)."""
+        (and, when given, under the intake rule ``strict`` / ``skip_bad``) from source files that
+        are unchanged (sizes and mtimes; ``verify_sources`` stats them all)."""
         s, root = self.settings, Path(root).resolve()
         wanted = {
             "root": str(Path(root).resolve()),
@@ -368,6 +385,9 @@ class ImageStore:
             "split": s.split,
             "short_side": s.short_side,
         }
+        for key, value in (("images.strict", strict), ("images.skip_bad", skip_bad)):
+            if value is not None:
+                wanted[key], found[key] = value, getattr(s, key.split(".")[1])
         diff = [
             f"{k}: store {found[k]!r}, config {wanted[k]!r}"
             for k in wanted

@@ -10,6 +10,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from core import tb
 from core.atomic_io import append_jsonl, atomic_write_text, read_jsonl
+from core.batched_source import make_batched_source
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.config import to_dict
 from core.data import StepBatchSampler, make_loader
@@ -58,6 +60,7 @@ class Training:
     rng: dict[str, Any] | None = (
         None  # resumed: this rank's saved RNG state, set as the loop starts
     )
+    data_store: dict[str, Any] | None = None  # data.store: {path, sha256} the batches come from
 
 
 def lr_at(step: int, cfg: Any) -> float:
@@ -107,6 +110,7 @@ def checkpoint_state(t: Training, cfg: Any, rngs: list[dict[str, Any]]) -> dict[
         "config": to_dict(cfg),
         "elapsed_s": t.elapsed,
         "trained": list(t.method.trained_parts),  # core.checkpoint.PARTS this method sets
+        **({"data_store": t.data_store} if t.data_store else {}),
         **t.method.extra_state(),
     }
 
@@ -151,6 +155,8 @@ def truncate_metrics(path: Path, step: int) -> None:
 def step_loader(t: Training, run: Run, total: int) -> Any:
     """The method's batches of steps ``t.step .. total - 1`` (this rank's part of each)."""
     cfg, env = run.cfg, run.env
+    if cfg.data.store:
+        return store_batches(t, run, total)
     sampler = StepBatchSampler(
         len(t.method.train_images), cfg.optim.batch_size, cfg.seed, t.step, total, env.rank,
         env.world_size,
@@ -158,6 +164,18 @@ def step_loader(t: Training, run: Run, total: int) -> Any:
     return make_loader(
         t.method.items(), sampler, cfg.data.num_workers, pin_memory=run.device.type == "cuda"
     )
+
+
+def store_batches(t: Training, run: Run, total: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """``data.store``: the method's batches of steps ``t.step .. total - 1`` cut from the image
+    store by batched crops, flips and holes on ``run.device`` (core.batched_source): the samples
+    of (seed, step, slot) and this rank's slice of each global batch, as StepBatchSampler gives
+    them. The store was checked against the config when the run started (train.start_run)."""
+    cfg, env = run.cfg, run.env
+    source = make_batched_source(cfg, t.model.input_size, run.device, t.step, total,
+                                 t.method.shapes, env.rank, env.world_size,
+                                 verify_sources=False)  # fmt: skip
+    return (t.method.store_batch(*batch) for batch in source)
 
 
 def one_step(t: Training, train_step: TrainStep, batch: Any, run: Run) -> dict[str, float]:

@@ -46,7 +46,7 @@ from pretext.engine import (
     truncate_metrics,
 )
 from pretext.methods import METHODS
-from pretext.methods.base import Placement, TrainStep, build_images, step_settings
+from pretext.methods.base import Placement, TrainStep, build_images, open_store, step_settings
 from pretext.methods.kmeans_init import KMeansConfig
 from pretext.methods.relative_location import RelativeLocationConfig
 from pretext.methods.rotation import RotationConfig
@@ -62,6 +62,10 @@ class DataConfig:
     split: str = "train"
     val_split: str = "val"
     num_workers: int = 2
+    # A decoded image store of data.root / data.split (python -m core.image_store build): the
+    # training batches are then cut from it by batched crops, flips and holes on the device
+    # (core.batched_source) instead of decoded per image. "": the per-image loader.
+    store: str = ""
 
 
 @dataclass
@@ -170,6 +174,12 @@ def resolve(cfg: Config) -> Config:
     if cfg.method not in METHODS:
         raise ConfigError(f"method: unknown method {cfg.method!r}; choose one of {list(METHODS)}")
     cfg = METHODS[cfg.method].resolve_config(cfg)
+    if cfg.data.store and not METHODS[cfg.method].batches_from_store:
+        able = ", ".join(name for name, m in METHODS.items() if m.batches_from_store)
+        raise ConfigError(
+            f"data.store: method={cfg.method} takes no batches from an image store (its batch "
+            f"transform needs single images, or it trains none); the store serves {able}"
+        )
     mask = cfg.mask
     if mask.overlap_loss == "auto":
         mask = dataclasses.replace(mask, overlap_loss="on" if mask.kind == "central" else "off")
@@ -197,14 +207,27 @@ def input_checks(cfg: Config) -> list[Input]:
 # ---- the phases of main ------------------------------------------------------------------------
 
 
-def open_run_folder(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
+def open_run_folder(
+    run_dir: Path, cfg: Config, sources: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """:func:`core.run_folder.open_run` with pretext's rules: refuse (RunFolderError) a run folder
-    started with another config (keys outside RESUME_FREE_KEYS; LEGACY_VALUES for keys added since),
-    unless ``force=true``; the recorded result of a finished folder, else None."""
+    started with another config (keys outside RESUME_FREE_KEYS; LEGACY_VALUES for keys added since)
+    or from other ``sources`` (the image store: its sha256), unless ``force=true``; the recorded
+    result of a finished folder, else None."""
     return run_folder.open_run(
-        run_dir, cfg, RESUME_FREE_KEYS, defaults=resolve(Config()), legacy=LEGACY_VALUES,
+        run_dir, cfg, RESUME_FREE_KEYS, sources, defaults=resolve(Config()), legacy=LEGACY_VALUES,
         renamed=RENAMED_KEYS,
     )  # fmt: skip
+
+
+def store_source(cfg: Config) -> dict[str, Any]:
+    """``data.store``'s provenance {path, sha256, images} (``{}`` without a store), after checking
+    the store against the config (StoreError: one ``error:`` line, before anything is written)."""
+    if not cfg.data.store:
+        return {}
+    store = open_store(cfg)
+    return {"data_store": {"path": str(store.path.resolve()), "sha256": store.fingerprint,
+                           "images": len(store)}}  # fmt: skip
 
 
 def start_run(cfg: Config) -> tuple[Run, dict[str, Any] | None]:
@@ -218,10 +241,15 @@ def start_run(cfg: Config) -> tuple[Run, dict[str, Any] | None]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     run = Run(cfg, env, device, Path(cfg.run_dir))
-    done = open_run_folder(run.run_dir, cfg)
+    sources = store_source(cfg)
+    done = open_run_folder(run.run_dir, cfg, sources)
     if done is not None and run.ckpt_path.exists():
         return run, done
-    run.meta = {"task": "pretext", "method": cfg.method}
+    run.meta = {
+        "task": "pretext",
+        "method": cfg.method,
+        **({"sources": sources} if sources else {}),
+    }
     if run.ckpt_path.exists():  # provenance of the checkpoint this run resumes from
         run.meta["resumed_from"] = run_folder.provenance(run.ckpt_path)
     if env.is_main and env.world_size > 1:
@@ -346,6 +374,7 @@ def main(cfg: Config) -> dict[str, float]:
     if done is not None:
         return done
     t = build(cfg, run.env)
+    t.data_store = run.meta.get("sources", {}).get("data_store")  # recorded in the checkpoint
     check_batches(t, run)
     write_start(run)
     resume_or_start(t, run)

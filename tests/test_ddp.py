@@ -49,14 +49,14 @@ def args(voc, run_dir):
     ]
 
 
-def torchrun(voc, run_dir) -> subprocess.Popen:
+def torchrun(voc, run_dir, extra=()) -> subprocess.Popen:
     """``torchrun --standalone --nproc_per_node 2 -m pretext.train``, in its own process group."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     log = open(Path(run_dir).parent / f"{Path(run_dir).name}.log", "ab")  # noqa: SIM115
     return subprocess.Popen(
-        [*cmd, "-m", "pretext.train", *args(voc, run_dir)],
+        [*cmd, "-m", "pretext.train", *args(voc, run_dir), *extra],
         cwd=REPO,
         env=env,
         stdout=log,
@@ -172,3 +172,29 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_weights(ddp_run, ti
     got = [(r["step"], r["loss_rec"]) for r in read_jsonl(run_dir / "metrics.jsonl")]
     assert [s for s, _ in got] == list(range(1, STEPS + 1))  # each step logged once
     assert dict(got) == ref
+
+
+@pytest.mark.slow
+def test_two_processes_from_an_image_store_reach_the_weights_of_one(tiny_voc, tmp_path):
+    """data.store: each rank cuts its slice of the global batch from the store (the samples of
+    one process's batch, pixel for pixel on the CPU), so two processes end where one does."""
+    from core.image_store import StoreSettings, build
+
+    store = build(tiny_voc, tmp_path / "store", StoreSettings("voc", "train", 64))
+    extra = [f"data.store={store}"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    main(parse_config([*args(tiny_voc, one), *extra]))
+    finish(torchrun(tiny_voc, two, extra), two)
+    a, b = load_checkpoint(one), load_checkpoint(two)
+    assert a["step"] == b["step"] == STEPS and a["data_store"] == b["data_store"]
+    out_a, out_b = output_on_fixed_batch(a), output_on_fixed_batch(b)
+    assert torch.allclose(out_a, out_b, rtol=0, atol=OUTPUT_ATOL)
+    worst = max(
+        float((x - b["model"][k]).abs().max() / x.abs().max().clamp_min(1e-12))
+        for k, x in a["model"].items()
+        if x.is_floating_point() and k not in CANCELLED
+    )
+    assert worst < RTOL
+    ref, got = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
+    for r, g in zip(ref, got, strict=True):  # the global batch's loss: the same samples
+        assert g["loss_rec"] == pytest.approx(r["loss_rec"], rel=5e-5), r["step"]

@@ -20,6 +20,7 @@ The trainer owns the rest: seeds, optimisers and their schedule, resume, DDP, ch
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -85,9 +86,34 @@ def check_data(cfg: Any, splits: tuple[str, ...]) -> None:
 
 
 def data_inputs(cfg: Any) -> list[Input]:
-    """The data root with its train and val splits (every method's evaluation reads val)."""
+    """The data root with its train and val splits (every method's evaluation reads val), and the
+    image store of ``data.store`` when one is given."""
     d = cfg.data
-    return [Input("data.root", d.root, lambda: check_data(d, (d.split, d.val_split)))]
+    inputs = [Input("data.root", d.root, lambda: check_data(d, (d.split, d.val_split)))]
+    if d.store:
+        inputs.append(Input("data.store", d.store, lambda: open_store(cfg)))
+    return inputs
+
+
+def open_store(cfg: Any):
+    """The image store of ``data.store`` (core.image_store.ImageStore), checked against
+    ``data.root`` / ``format`` / ``split``, the network's input size and the intake rule
+    ``images.*``, and its sources unchanged (stats them; reads no image): StoreError otherwise."""
+    from core.image_store import ImageStore, StoreError
+    from core.models import build_model
+
+    path = Path(cfg.data.store)
+    if not path.is_dir():
+        raise StoreError(
+            f"{path}: data.store: no such image store; build it with "
+            f"python -m core.image_store build {cfg.data.root} {path} --short-side <input size>"
+        )
+    with torch.device("meta"):  # the input size of model.arch, no weights allocated
+        size = build_model(cfg.model.arch, 0.0, cfg.model.output).input_size
+    store = ImageStore(path)
+    d, rule = cfg.data, cfg.images
+    store.check(d.root, d.format, d.split, size, True, rule.strict, rule.skip_bad)
+    return store
 
 
 def without_masks(cfg: Any) -> Any:
@@ -135,6 +161,10 @@ class Method:
     # the parts (core.checkpoint.PARTS) whose weights the method sets, recorded in the checkpoint
     trained_parts: ClassVar[tuple[str, ...]] = ("encoder", "head")
     disc_lr_scale: ClassVar[float] = 1.0  # the ``disc`` optimiser's lr relative to ``optim.lr``
+    # data.store: the batch transform can be made on whole batches of store crops and holes
+    # (core.batched_source, :meth:`store_batch`); the silhouettes of random-region holes
+    batches_from_store: ClassVar[bool] = False
+    shapes: Sequence[np.ndarray] = ()
 
     def __init__(self, cfg: Any, model: ContextEncoder):
         self.cfg, self.model = cfg, model
@@ -192,6 +222,11 @@ class Method:
     def items(self) -> SeededViews:
         """The batch transform: a dataset indexed by (index, sample_seed)."""
         raise NotImplementedError
+
+    def store_batch(self, images: torch.Tensor, hole: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The batch of :meth:`items` from a store batch (``data.store``): images uint8
+        [N, 3, S, S] (train views) and holes bool [N, 1, S, S] on the device; default: as is."""
+        return images, hole
 
     def make_step(
         self,

@@ -173,6 +173,7 @@ class ContextEncoderMethod(Method):
     """Context encoder (§3): reconstruct the masked region from its context."""
 
     trained_parts = ("encoder", "bottleneck", "decoder")
+    batches_from_store = True  # (images, holes) is the store batch itself
 
     def __init__(self, cfg: Any, model: ContextEncoder):
         super().__init__(cfg, model)

@@ -24,6 +24,7 @@ class RandomInit(ContextEncoderMethod):
 
     trains = False
     trained_parts = ()
+    batches_from_store = False  # it trains on no batch
 
     @classmethod
     def resolve_config(cls, cfg: Any) -> Any:

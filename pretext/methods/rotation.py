@@ -69,8 +69,16 @@ class RotationMethod(ClassificationMethod):
         self.head = rotation_head(enc.out_channels * enc.out_size**2, cfg.rotation.hidden)
         self.encoder_head = EncoderHead(enc, self.head)
 
+    batches_from_store = True
+
     def items(self) -> RotatedImages:
         return RotatedImages(self.train_images)
+
+    def store_batch(self, images: torch.Tensor, hole: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """RotatedImages' batch made on the whole batch: [N, 3, S, S] -> (the 4 rotations
+        [N, 4, 3, S, S], labels [N, 4]); ``hole`` (none: mask.kind=none) is dropped."""
+        turned, labels = rotations(images)  # rot90 over the last two axes: [4, N, 3, S, S]
+        return turned.transpose(0, 1), labels.to(images.device).expand(len(images), -1)
 
     def evaluate(
         self, run_dir: Path, device: torch.device, mean: list[float], progress: dict[str, float]
