@@ -68,12 +68,12 @@ from core.config import ConfigError, parse_cli
 from core.data import dataset_mean, fill_holes, to_unit_range
 from core.features import DEFAULT_CACHE_DIR, l2_normalize, layer_features, pick_device
 from core.images import ImagesConfig
+from core.index import build_index, search
 from core.inpainting import predict_full, region_scores, save_grid
 from core.masks import central_mask, central_square
 from core.models import ContextEncoder
 from core.stage_inputs import Input
 from eval.features import extract_features, load_model, split_images, split_source
-from eval.index import build_index, search
 
 log = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ from core.data import fill_holes, to_unit_range
 from core.datasets import eval_view
 from core.features import DEFAULT_CACHE_DIR, FLAT_LAYERS, l2_normalize, layer_features
 from core.images import ImagesConfig, load_rgb
+from core.index import INDEX_KINDS, METRICS, build_index, search
 from core.inpainting import save_grid
 from eval.features import extract_features, is_voc_root, load_model, split_images
-from eval.index import INDEX_KINDS, METRICS, build_index, search
 
 
 @dataclass
