@@ -49,14 +49,14 @@ def args(voc, run_dir):
     ]
 
 
-def torchrun(voc, run_dir) -> subprocess.Popen:
+def torchrun(voc, run_dir, extra=()) -> subprocess.Popen:
     """``torchrun --standalone --nproc_per_node 2 -m pretext.train``, in its own process group."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     log = open(Path(run_dir).parent / f"{Path(run_dir).name}.log", "ab")  # noqa: SIM115
     return subprocess.Popen(
-        [*cmd, "-m", "pretext.train", *args(voc, run_dir)],
+        [*cmd, "-m", "pretext.train", *args(voc, run_dir), *extra],
         cwd=REPO,
         env=env,
         stdout=log,
@@ -172,3 +172,17 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_weights(ddp_run, ti
     got = [(r["step"], r["loss_rec"]) for r in read_jsonl(run_dir / "metrics.jsonl")]
     assert [s for s, _ in got] == list(range(1, STEPS + 1))  # each step logged once
     assert dict(got) == ref
+
+
+@pytest.mark.slow
+def test_two_process_run_with_the_probe_reaches_the_same_weights(ddp_run, tiny_voc, tmp_path):
+    """The probe runs on rank 0 alone (no collective; rank 1 waits in the next all-reduce): no
+    deadlock, its lines logged once, and the weights those of the 2-process run without it."""
+    run_dir = tmp_path / "probed"
+    probe = ["probe.every=4", f"probe.data={tiny_voc}", "probe.max_images=16"]
+    finish(torchrun(tiny_voc, run_dir, probe), run_dir)
+    a, b = load_checkpoint(ddp_run), load_checkpoint(run_dir)
+    for k in a["model"]:  # same processes, same reduction order: bit for bit
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    lines = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "images_seen" in r]
+    assert [(r["step"], r["images_seen"]) for r in lines] == [(0, 0), (4, 32), (8, 64)]
