@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Subset
 
 from core.config import ConfigError
 from core.datasets import VOCClassification
@@ -112,19 +111,20 @@ class Probe:
         with untouched(model):
             pooling = pooling_for(model)
         self.pooling = {layer: pooling.get(layer) for layer in cfg.layers}
-        self.sets: dict[str, tuple[Subset, np.ndarray, np.ndarray]] = {}
+        self.sets: dict[str, tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
         self.size = model.input_size
 
-    def labelled(self, split: str) -> tuple[Subset, np.ndarray, np.ndarray]:
-        """(images, labels [N, C], difficult_only [N, C]) of up to ``max_images`` of ``split``."""
+    def labelled(self, split: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """(uint8 images [N, 3, S, S], labels [N, C], difficult_only [N, C]) of up to
+        ``max_images`` of ``split``, decoded once and kept (a few MB): later probes only encode."""
         if split not in self.sets:
             rule = self.images
             ds = VOCClassification(
                 voc_root(self.cfg.data), split, self.size, False, None, rule.skip_bad, rule.strict
             )
-            picks = eval_picks(len(ds), self.cfg.max_images)
-            labels, difficult = ds.labels.numpy()[picks], ds.difficult_only.numpy()[picks]
-            self.sets[split] = (Subset(ds, picks.tolist()), labels, difficult)
+            items = [ds[int(i)] for i in eval_picks(len(ds), self.cfg.max_images)]
+            images, labels, difficult = (torch.stack(parts) for parts in zip(*items))
+            self.sets[split] = (images, labels.numpy(), difficult.numpy())
         return self.sets[split]
 
     def __call__(self, model: ContextEncoder, device: torch.device) -> dict[str, float]:
