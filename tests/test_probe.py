@@ -131,3 +131,13 @@ def test_probe_result_line_is_json_of_numbers(tiny_train_args, tiny_voc, tmp_pat
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     probes = [json.loads(x) for x in lines if "images_seen" in x]
     assert [sorted(p) for p in probes] == [["images_seen", "probe/knn_conv5_mAP", "step"]] * 2
+
+
+def test_a_run_folder_is_not_resumed_with_another_probe(tiny_train_args, tiny_voc):
+    """Probe settings are not resume-free: the folder's metrics.jsonl would mix two probes."""
+    from core.run_folder import RunFolderError
+
+    with pytest.raises(FloatingPointError):
+        run([*tiny_train_args, "fail_at_step=2"])
+    with pytest.raises(RunFolderError, match="probe.every"):
+        run([*tiny_train_args, *probe_args(tiny_voc)])
