@@ -54,13 +54,14 @@ from core.features import (
     split_features,
 )
 from core.images import ImagesConfig
+from core.knn import knn_scores
 from core.machine import pick_device
 from core.pretrained import Pretrained
 from core.splits import open_split
 from core.stage_inputs import Input
 from core.voc_ap import mean_ap, voc07_classification_ap
 from core.voc_splits import dataset_classes, require_split, voc_root
-from eval.knn import KNNConfig, knn_scores
+from eval.knn import KNNConfig
 from eval.metrics import best_layer
 from eval.svm import LowShotConfig, SVMConfig, lowshot_layer, svm_layer
 

@@ -67,6 +67,7 @@ from core.config import ConfigError, parse_cli
 from core.data import dataset_mean, fill_holes, to_unit_range
 from core.features import DEFAULT_CACHE_DIR, l2_normalize, layer_features
 from core.images import ImagesConfig
+from core.index import build_index, search
 from core.inpainting import predict_full, region_scores, save_grid
 from core.machine import pick_device
 from core.masks import central_mask, central_square
@@ -75,7 +76,6 @@ from core.pretrained import Pretrained
 from core.splits import open_split, split_source
 from core.stage_inputs import Input
 from eval.features import extract_features
-from eval.index import build_index, search
 
 log = logging.getLogger(__name__)
 

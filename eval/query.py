@@ -38,11 +38,11 @@ from core.data import fill_holes, to_unit_range
 from core.datasets import eval_view
 from core.features import DEFAULT_CACHE_DIR, FLAT_LAYERS, l2_normalize, layer_features
 from core.images import ImagesConfig, load_rgb
+from core.index import INDEX_KINDS, METRICS, build_index, search
 from core.inpainting import save_grid
 from core.pretrained import Pretrained
 from core.splits import is_voc_root, open_split
 from eval.features import extract_features
-from eval.index import INDEX_KINDS, METRICS, build_index, search
 
 
 @dataclass

@@ -3,7 +3,7 @@
     python -m eval.retrieval checkpoints.context_encoder=runs/ce checkpoints.autoencoder=runs/ae \
         checkpoints.random_init=runs/rand data=data/minivoc/VOC2007 run_dir=runs/eval/retrieval
 
-Indexes: :mod:`eval.index` (``flat`` exact, the default; ``ivf`` and ``hnsw`` for large sets).
+Indexes: :mod:`core.index` (``flat`` exact, the default; ``ivf`` and ``hnsw`` for large sets).
 
 Quality (:func:`retrieval_benchmark`): every image of ``query_split`` (held out) is a query against
 ``database_split``.
@@ -39,12 +39,12 @@ from core import run_folder, voc
 from core.config import ConfigError, parse_cli
 from core.features import DEFAULT_CACHE_DIR, FLAT_LAYERS, l2_normalize
 from core.images import ImagesConfig
+from core.index import INDEX_KINDS, build_index, search
 from core.inpainting import save_grid
 from core.pretrained import Pretrained
 from core.splits import folder_class_labels, is_voc_root, open_split, split_source
 from core.stage_inputs import Input
 from eval.features import extract_features
-from eval.index import INDEX_KINDS, build_index, search
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from core.atomic_io import atomic_save, atomic_write_text, read_jsonl
 from core.cli import ArgumentParser, UserError, run_cli
 from core.features import LAYERS
 from core.machine import cpu_model
+from orchestrate.budget import write_budget
 from orchestrate.jobs import expand, run_dir_for
 from orchestrate.profile import Profile, load_profile, profile_path
 from orchestrate.tables import (
@@ -308,6 +309,7 @@ def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path
     figures = out / "figures"
     training_curves(runs, figures / "training_curves.png")
     frozen_svm_figure(runs, frozen_rows(profile), figures / "frozen_svm_layers.png")
+    budget = write_budget(runs, profile, out)  # a profile with optim.steps grids (budget.yaml)
     for (stage, task), spec in profile.tasks().items():
         for name in spec.figures:  # files the task's one run (per: profile) wrote
             run_dir = run_dir_for(profile.runs_root, stage, task, "all", 0)
@@ -316,6 +318,7 @@ def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path
 
     lines = [
         *table_lines(profile, sections),
+        *budget,
         "## Provenance",
         "",
         f"- command: `{command}` (profile file `{profile.path}`)",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import sys
 import time
@@ -28,6 +29,9 @@ from core.models import ContextEncoder
 from pretext import distributed
 from pretext.distributed import DistEnv
 from pretext.methods.base import Method, TrainStep
+from pretext.probe import Probe, due
+
+log = logging.getLogger("pretext.engine")
 
 
 @dataclass
@@ -234,11 +238,32 @@ def log_snapshot(t: Training, run: Run, events: tb.EventLog) -> None:
         events.image(f"val/{tag}", image, t.step)
 
 
-def train_steps(t: Training, train_step: TrainStep, run: Run, total: int) -> None:
+def log_probe(t: Training, run: Run, probe: Probe, events: tb.EventLog) -> float:
+    """The probe's metrics.jsonl line (and its TensorBoard scalars) at ``t.step``, rank 0 only:
+    no collective, so the other ranks wait in the next step's all-reduce. Returns its seconds."""
+    t0 = time.perf_counter()
+    record = {
+        "step": t.step,
+        "images_seen": t.step * run.cfg.optim.batch_size,  # the global batch
+        **probe(t.model, run.device),
+    }
+    append_jsonl(run.run_dir / "metrics.jsonl", record)
+    events.scalars(t.step, {k: v for k, v in record.items() if k != "step"})
+    seconds = time.perf_counter() - t0
+    log.info("probe at step %d (%.1f s): %s", t.step, seconds, record)
+    return seconds
+
+
+def train_steps(
+    t: Training, train_step: TrainStep, run: Run, total: int, probe: Probe | None = None
+) -> None:
     """Steps ``t.step .. total - 1`` on the method's batches; logs (rank 0) every ``log_every``
     steps and checkpoints every ``checkpoint_every`` and at the end. A non-finite loss stops the
-    run without saving (FloatingPointError naming the step and the last good checkpoint)."""
+    run without saving (FloatingPointError naming the step and the last good checkpoint).
+    ``probe`` (rank 0): its line at step 0 and at every step ``due``, before the step's loss line
+    and checkpoint, so a resumed run drops and recomputes those after its checkpoint."""
     cfg, env = run.cfg, run.env
+    probe = probe if env.is_main else None
     loader = step_loader(t, run, total)
     t.model.train()
     t.method.net.train()
@@ -252,17 +277,23 @@ def train_steps(t: Training, train_step: TrainStep, run: Run, total: int) -> Non
     )
     # TensorBoard (rank 0): the steps after t.step written afresh (those of a run stopped after
     # its checkpoint dropped, as in metrics.jsonl); closed, i.e. flushed, however the loop ends
-    events = tb.EventLog(run.run_dir, env.is_main and cfg.log.tensorboard, first_step=t.step + 1)
+    first = 0 if probe is not None and t.step == 0 else t.step + 1  # step 0: probed afresh
+    events = tb.EventLog(run.run_dir, env.is_main and cfg.log.tensorboard, first_step=first)
     throughput = Throughput()
     batches = iter(loader)  # draws the loader's base seed from the global torch RNG
     if t.rng is not None:  # resumed: undo that draw (an uninterrupted run made it at step 0 only),
         set_rng_state(t.rng)  # so dropout continues the saved stream
         t.rng = None
     with contextlib.closing(events):
+        if probe is not None and t.step == 0:  # no step taken yet: what an earlier start of
+            truncate_metrics(run.run_dir / "metrics.jsonl", -1)  # this run logged at step 0 goes
+            log_probe(t, run, probe, events)
         for batch in batches:
             losses = one_step(t, train_step, batch, run)
             throughput.images += len(batch[0]) * env.world_size
             bar.update(1)
+            if probe is not None and due(cfg.probe, t.step, total):
+                throughput.since += log_probe(t, run, probe, events)  # not in images_per_s
             if env.is_main and (t.step % cfg.log_every == 0 or t.step == total):
                 log_losses(t, run, losses, throughput.per_s(), events)
                 bar.set_postfix(loss=f"{losses['loss']:.4f}")

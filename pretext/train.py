@@ -35,7 +35,7 @@ from core.images import ImagesConfig
 from core.machine import pick_device
 from core.models import ARCHS, build_model
 from core.stage_inputs import Input
-from pretext import distributed
+from pretext import distributed, probe
 from pretext.engine import (
     Run,
     Training,
@@ -51,6 +51,7 @@ from pretext.methods.kmeans_init import KMeansConfig
 from pretext.methods.relative_location import RelativeLocationConfig
 from pretext.methods.rotation import RotationConfig
 from pretext.methods.supervised import HeadConfig
+from pretext.probe import Probe, ProbeConfig
 
 log = logging.getLogger("pretext.train")
 
@@ -138,6 +139,7 @@ class Config:
     rotation: RotationConfig = field(default_factory=RotationConfig)
     relloc: RelativeLocationConfig = field(default_factory=RelativeLocationConfig)
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)  # method=kmeans_init
+    probe: ProbeConfig = field(default_factory=ProbeConfig)  # online kNN (pretext/probe.py)
     checkpoint_every: int = 100
     log_every: int = 10
     log: LogConfig = field(default_factory=LogConfig)
@@ -157,7 +159,9 @@ LEGACY_VALUES = {"mask.overlap_loss": "on"}
 # Keys that moved: a run folder saved with the old name compares under the new one.
 RENAMED_KEYS = {"data.skip_bad": "images.skip_bad"}
 
-# Keys that may differ between a run and its resumption without changing its results.
+# Keys that may differ between a run and its resumption without changing its results. Not the
+# probe's: they leave the weights alone but write metrics.jsonl, and a run resumed with another
+# probe would hold lines no one config produces (force=true to do it anyway).
 RESUME_FREE_KEYS = {"force", "data.num_workers", "device", "log_every", "fail_at_step", "threads",
                     "log.tensorboard", "log.images_every"}  # fmt: skip
 
@@ -171,6 +175,7 @@ def resolve(cfg: Config) -> Config:
         )
     if cfg.log.images_every < 0:
         raise ConfigError(f"log.images_every: {cfg.log.images_every} < 0 (0: no images)")
+    probe.check_config(cfg.probe)
     if cfg.method not in METHODS:
         raise ConfigError(f"method: unknown method {cfg.method!r}; choose one of {list(METHODS)}")
     cfg = METHODS[cfg.method].resolve_config(cfg)
@@ -200,8 +205,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 def input_checks(cfg: Config) -> list[Input]:
     """The run's inputs, each with the check the run makes of it (orchestrate.preflight runs them before
-    a pipeline starts): the method's (``Method.input_checks``)."""
-    return METHODS[cfg.method].input_checks(cfg)
+    a pipeline starts): the method's (``Method.input_checks``), and the probe's labelled set."""
+    return [*METHODS[cfg.method].input_checks(cfg), *probe.input_checks(cfg.probe)]
 
 
 # ---- the phases of main ------------------------------------------------------------------------
@@ -252,8 +257,10 @@ def start_run(cfg: Config) -> tuple[Run, dict[str, Any] | None]:
     }
     if run.ckpt_path.exists():  # provenance of the checkpoint this run resumes from
         run.meta["resumed_from"] = run_folder.provenance(run.ckpt_path)
-    if env.is_main and env.world_size > 1:
-        ensure_builtin(cfg.data.root)  # by rank 0 alone, before the others read it
+    if env.is_main and env.world_size > 1:  # by rank 0 alone, before the others read them
+        ensure_builtin(cfg.data.root)
+        if cfg.probe.every > 0:
+            ensure_builtin(cfg.probe.data)
     distributed.barrier()
     return run, None
 
@@ -275,6 +282,16 @@ def check_batches(t: Training, run: Run) -> None:
             f"optim.batch_size: {cfg.optim.batch_size} is not divisible by the "
             f"{run.env.world_size} processes"
         )
+
+
+def make_probe(t: Training, run: Run) -> Probe | None:
+    """The online kNN probe of a run that trains with ``probe.every`` > 0 (rank 0; its data
+    checked on every rank first, before anything is written, so that all ranks fail alike)."""
+    cfg = run.cfg
+    if cfg.probe.every == 0 or not t.method.trains:
+        return None
+    probe.check_data(cfg.probe)
+    return Probe(cfg.probe, t.model, cfg.images) if run.env.is_main else None
 
 
 def write_start(run: Run) -> None:
@@ -376,12 +393,13 @@ def main(cfg: Config) -> dict[str, float]:
     t = build(cfg, run.env)
     t.data_store = run.meta.get("sources", {}).get("data_store")  # recorded in the checkpoint
     check_batches(t, run)
+    knn_probe = make_probe(t, run)
     write_start(run)
     resume_or_start(t, run)
     train_step = place(t, run)
     total = cfg.optim.steps if t.method.trains else 0
     if t.step < total:
-        train_steps(t, train_step, run, total)
+        train_steps(t, train_step, run, total, knn_probe)
     if not run.env.is_main:
         return {}
     return finish(t, run)

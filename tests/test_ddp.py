@@ -198,3 +198,16 @@ def test_two_processes_from_an_image_store_reach_the_weights_of_one(tiny_voc, tm
     ref, got = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
     for r, g in zip(ref, got, strict=True):  # the global batch's loss: the same samples
         assert g["loss_rec"] == pytest.approx(r["loss_rec"], rel=5e-5), r["step"]
+
+
+def test_two_process_run_with_the_probe_reaches_the_same_weights(ddp_run, tiny_voc, tmp_path):
+    """The probe runs on rank 0 alone (no collective; rank 1 waits in the next all-reduce): no
+    deadlock, its lines logged once, and the weights those of the 2-process run without it."""
+    run_dir = tmp_path / "probed"
+    probe = ["probe.every=4", f"probe.data={tiny_voc}", "probe.max_images=16"]
+    finish(torchrun(tiny_voc, run_dir, probe), run_dir)
+    a, b = load_checkpoint(ddp_run), load_checkpoint(run_dir)
+    for k in a["model"]:  # same processes, same reduction order: bit for bit
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    lines = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "images_seen" in r]
+    assert [(r["step"], r["images_seen"]) for r in lines] == [(0, 0), (4, 32), (8, 64)]

@@ -14,11 +14,11 @@ from sklearn.svm import LinearSVC
 
 from core import features
 from core.features import pool_spec, pooling_for
+from core.knn import knn_scores
 from core.models import build_model
 from core.voc_ap import mean_ap, voc07_classification_ap
 from eval import frozen
 from eval.frozen import Config
-from eval.knn import knn_scores
 from eval.svm import LowShotConfig, SVMConfig, fit_l2svm, lowshot_layer, lowshot_rows, svm_layer
 
 # VISSL, eval_alexnet_8gpu_transfer_voc07_svm.yaml: conv1 k19 s4, conv2 k12 s3, conv3-4 k9 s1,

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.index import build_index, search
 from eval import query
-from eval.index import build_index, search
 from eval.retrieval import (
     Config,
     chance_precision,
