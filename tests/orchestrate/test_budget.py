@@ -21,17 +21,17 @@ def test_budget_profile_expands_to_the_jobs_counted_by_hand():
     jobs = expand(profile)
     pretext = [j for j in jobs if j.stage == "pretext"]
     frozen = [j for j in jobs if j.task == "frozen"]
-    # (2 training-free + 4 methods x 4 budgets) variants x 3 seeds, each with one frozen job
-    assert (len(pretext), len(frozen), len(jobs)) == (18 * 3, 18 * 3, 108)
-    ce = next(j for j in pretext if j.variant == "context_encoder,optim.steps=6400" and j.seed == 2)
-    assert "optim.steps=6400" in ce.argv and "probe.every=200" in ce.argv
-    assert ce.run_dir == "runs/budget/pretext/context_encoder,optim.steps=6400/seed2"
+    # (2 training-free + 4 methods x 3 budgets) variants x 3 seeds, each with one frozen job
+    assert (len(pretext), len(frozen), len(jobs)) == (14 * 3, 14 * 3, 84)
+    ce = next(j for j in pretext if j.variant == "context_encoder,optim.steps=1600" and j.seed == 2)
+    assert "optim.steps=1600" in ce.argv and "probe.every=200" in ce.argv
+    assert ce.run_dir == "runs/budget/pretext/context_encoder,optim.steps=1600/seed2"
     rand = next(j for j in pretext if j.variant == "random_init")
     assert not any(a.startswith(("probe.", "optim.steps")) for a in rand.argv)
     deps = {j.deps for j in frozen if j.variant == "rotation,optim.steps=100" and j.seed == 1}
     assert deps == {("runs/budget/pretext/rotation,optim.steps=100/seed1",)}
     steps = {j.variant.split("=")[-1] for j in pretext if "," in j.variant}
-    assert steps == {"100", "400", "1600", "6400"}
+    assert steps == {"100", "400", "1600"}
 
 
 PROFILE = """
