@@ -21,8 +21,8 @@ def test_budget_profile_expands_to_the_jobs_counted_by_hand():
     jobs = expand(profile)
     pretext = [j for j in jobs if j.stage == "pretext"]
     frozen = [j for j in jobs if j.task == "frozen"]
-    # (2 training-free + 4 methods x 3 budgets) variants x 3 seeds, each with one frozen job
-    assert (len(pretext), len(frozen), len(jobs)) == (14 * 3, 14 * 3, 84)
+    # (2 training-free + the context encoder x 3 budgets + 3 methods x 2) variants x 3 seeds, one frozen job each
+    assert (len(pretext), len(frozen), len(jobs)) == (11 * 3, 11 * 3, 66)
     ce = next(j for j in pretext if j.variant == "context_encoder,optim.steps=1600" and j.seed == 2)
     assert "optim.steps=1600" in ce.argv and "probe.every=200" in ce.argv
     assert ce.run_dir == "runs/budget/pretext/context_encoder,optim.steps=1600/seed2"
