@@ -50,9 +50,12 @@ def test_recall_oracle_and_features_are_unit_norm():
 
 
 @pytest.mark.slow
-def test_tiny_bench_writes_json_and_markdown(tiny_voc, tmp_path):
+def test_tiny_bench_writes_json_and_markdown(tmp_path):
+    # its own data root: the bench generates the default mini-VOC there, which under the session's
+    # tiny_voc folder would replace that shared fixture for every later test
+    data_root = tmp_path / "minivoc"
     res = run.main(
-        run.parse_args(["--tiny", "--out-dir", str(tmp_path), "--data-root", str(tiny_voc.parent)])
+        run.parse_args(["--tiny", "--out-dir", str(tmp_path), "--data-root", str(data_root)])
     )
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert (
