@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from core.config import ConfigError
-from core.datasets import VOCClassification
 from core.features import CONV_LAYERS, FEATURE_LAYERS, layer_features, pooling_for
 from core.knn import knn_scores
 from core.models import ContextEncoder
+from core.splits import open_split
 from core.stage_inputs import Input
 from core.voc_ap import mean_ap, voc07_classification_ap
 from core.voc_splits import dataset_classes, require_split, voc_root
@@ -118,10 +118,8 @@ class Probe:
         """(uint8 images [N, 3, S, S], labels [N, C], difficult_only [N, C]) of up to
         ``max_images`` of ``split``, decoded once and kept (a few MB): later probes only encode."""
         if split not in self.sets:
-            rule = self.images
-            ds = VOCClassification(
-                voc_root(self.cfg.data), split, self.size, False, None, rule.skip_bad, rule.strict
-            )
+            root = voc_root(self.cfg.data)
+            ds = open_split(root, split, self.size, False, labels=True, fmt="voc", rule=self.images)
             items = [ds[int(i)] for i in eval_picks(len(ds), self.cfg.max_images)]
             images, labels, difficult = (torch.stack(parts) for parts in zip(*items))
             self.sets[split] = (images, labels.numpy(), difficult.numpy())
