@@ -26,6 +26,18 @@ def record(root, stage, task, variant, seed, result):
     (run_dir / "result.json").write_text(json.dumps(result))
 
 
+def random_vs_ce_profile(tmp_path, tasks):
+    """A profile of random init and the context encoder, 3 seeds, runs under tmp_path/runs."""
+    return Profile(
+        name="t", runs_root=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"),
+        data="/nowhere", seeds=[0, 1, 2],
+        pretext=Pretext(config="pretext/configs/builtin.yaml",
+                        variants={"random_init": Variant(title="Random initialization"),
+                                  "context_encoder": Variant(title="Context encoder")}),
+        eval=tasks,
+    )  # fmt: skip
+
+
 def test_report_writes_frozen_table_differences_and_figure(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     runs = tmp_path / "runs"
@@ -46,16 +58,10 @@ def test_report_writes_frozen_table_differences_and_figure(tmp_path, monkeypatch
             record(runs, "pretext", "pretext", variant, seed, {"train_time_s": 60.0})
     # a run of another profile sharing this runs root (PROFILE=ablation does): not in the report
     record(runs, "eval", "frozen", "other_profile_variant", 0, {"svm_best_mAP": 0.9})
-    profile = Profile(
-        name="t", runs_root=str(runs), results_dir=str(tmp_path / "results"), data="/nowhere",
-        seeds=[0, 1, 2],
-        pretext=Pretext(config="pretext/configs/builtin.yaml",
-                        variants={"random_init": Variant(title="Random initialization"),
-                                  "context_encoder": Variant(title="Context encoder")}),
-        eval={"frozen": Task(module="eval.frozen", variants=["random_init", "context_encoder"]),
-              "inpainting": Task(module="eval.inpainting_bench", per="profile",
-                                 figures=["grid.png"])},
-    )  # fmt: skip
+    profile = random_vs_ce_profile(tmp_path, {
+        "frozen": Task(module="eval.frozen", variants=["random_init", "context_encoder"]),
+        "inpainting": Task(module="eval.inpainting_bench", per="profile", figures=["grid.png"]),
+    })  # fmt: skip
     grid = runs / "eval" / "inpainting" / "all" / "seed0" / "grid.png"  # the task's one run
     grid.parent.mkdir(parents=True)
     grid.write_bytes(b"a figure the run drew")
@@ -235,14 +241,9 @@ def test_report_writes_the_single_label_tables_per_layer(tmp_path, monkeypatch):
                     "knn_top1": best - 0.05, "knn_top5": best + 0.2})  # fmt: skip
             record(runs, "pretext", "pretext", variant, seed, {"train_time_s": 60.0})
     variants = ["random_init", "context_encoder"]
-    profile = Profile(
-        name="t", runs_root=str(runs), results_dir=str(tmp_path / "results"), data="/nowhere",
-        seeds=[0, 1, 2],
-        pretext=Pretext(config="pretext/configs/builtin.yaml",
-                        variants={"random_init": Variant(title="Random initialization"),
-                                  "context_encoder": Variant(title="Context encoder")}),
-        eval={"single_label": Task(module="eval.single_label", variants=variants)},
-    )  # fmt: skip
+    profile = random_vs_ce_profile(
+        tmp_path, {"single_label": Task(module="eval.single_label", variants=variants)}
+    )
     out = write_report(profile, 1.0, "make table")
     table = pd.read_csv(out / "single_label.csv").set_index("Method")
     # conv5 (i = 4): random 20 / 21 / 22, CE 28 / 29 / 30 -> Δ +8.0 exactly on every seed
