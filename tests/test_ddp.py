@@ -196,7 +196,11 @@ def test_two_processes_from_an_image_store_reach_the_weights_of_one(tiny_voc, tm
     )
     assert worst < RTOL
     ref, got = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
-    for r, g in zip(ref, got, strict=True):  # the global batch's loss: the same samples
+    # the same samples (pixel for pixel: tests/test_batch_augment.py), so the losses agree up to
+    # the reduction-order drift. That drift depends on the data: on a 1000-image mini-VOC it
+    # reaches 2.3e-4 by step 8, and so does one process at threads=2 against threads=1 (2.8e-4);
+    # this 48-image set stays under 5e-5.
+    for r, g in zip(ref, got, strict=True):
         assert g["loss_rec"] == pytest.approx(r["loss_rec"], rel=5e-5), r["step"]
 
 
