@@ -22,11 +22,11 @@ from mmengine.model import BaseModule
 from mmseg.evaluation.metrics import IoUMetric
 
 from core.checkpoint import CheckpointError
+from core.features import CONV_LAYERS
 from core.models import ARCHS, AlexNetEncoder
 from core.pretrained import Pretrained
 
-FEATURES = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5")
-CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+FEATURES = (*CONV_LAYERS, "pool5")
 
 
 class PretextAlexNet(BaseModule):
