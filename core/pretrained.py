@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,27 @@ from core.models import AlexNetEncoder, ContextEncoder
 
 # what a fresh network needs of the state (the optimisers, RNG and discriminator are not kept)
 NETWORK_KEYS = ("arch", "dropout", "output", "model", "method", "trained")
+
+
+# The last file read, by (path, inode, size, mtime): a stage that names its checkpoint twice in one
+# process (an mm transfer's run record, then the mm backbone its config builds) reads it once. One
+# entry, so a process that walks many checkpoints (retrieval) holds one state, not all of them.
+_last: tuple[tuple, Pretrained] | None = None
+
+
+def _read(cls, checkpoint: str | Path, path: Path) -> Pretrained:
+    global _last
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None  # missing: _from_file raises the one-line error
+    if key is not None and _last is not None and _last[0] == key:
+        return replace(_last[1], given=str(checkpoint), path=path)
+    pre = cls._from_file(checkpoint, path)
+    if key is not None:
+        _last = (key, pre)
+    return pre
 
 
 @dataclass(frozen=True)
@@ -61,12 +82,17 @@ class Pretrained:
                 "no checkpoint given: pass --checkpoint <pretext .pt or run folder>"
             )
         path = resolve_checkpoint_path(checkpoint)
+        pre = _read(cls, checkpoint, path)
+        if arch and pre.arch != arch:
+            raise CheckpointError(
+                f"{checkpoint}: checkpoint arch is {pre.arch!r}, but {arch!r} was asked for"
+            )
+        return pre
+
+    @classmethod
+    def _from_file(cls, checkpoint: str | Path, path: Path) -> Pretrained:
         raw = path.read_bytes() if path.is_file() else None  # missing: load_checkpoint says so
         state = load_checkpoint(checkpoint, data=None if raw is None else io.BytesIO(raw))
-        if arch and state["arch"] != arch:
-            raise CheckpointError(
-                f"{checkpoint}: checkpoint arch is {state['arch']!r}, but {arch!r} was asked for"
-            )
         return cls(
             given=str(checkpoint),
             path=path,

@@ -2,6 +2,7 @@
 classifier head and VOC loss (core.classifier), used by every stage."""
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -192,3 +193,20 @@ def test_multilabel_bce_leaves_difficult_entries_out_and_divides_by_the_images()
     terms = [F.binary_cross_entropy_with_logits(torch.tensor(x), torch.tensor(y)) for x, y in kept]
     assert torch.allclose(multilabel_bce(logits, labels, difficult), sum(terms) / 2)  # per image
     assert torch.allclose(multilabel_bce(logits, labels, difficult, 4), sum(terms) / 4)
+
+
+def test_a_file_named_twice_in_a_row_is_read_once_and_a_rewritten_one_again(tmp_path, loads):
+    path = write_checkpoint(tmp_path / "ce.pt")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    last = run / "checkpoints" / "last.pt"
+    shutil.copy(path, last)
+    first = Pretrained.load(run)
+    again = Pretrained.load(last, "small64")  # the same file by another name: no second read
+    assert len(loads) == 1 and again.sha256 == first.sha256
+    assert (again.given, again.path, first.given) == (str(last), last, str(run))
+    with pytest.raises(CheckpointError, match="arch is 'small64'"):
+        Pretrained.load(last, "alexnet227")  # the arch check still applies to the memo
+    torch.save({**torch.load(last, weights_only=True), "step": 9}, tmp_path / "new.pt")
+    os.replace(tmp_path / "new.pt", last)  # rewritten in place: read again
+    assert Pretrained.load(last).step == 9 and len(loads) == 3  # (+ the test's own torch.load)

@@ -93,6 +93,18 @@ def test_segment_few_iterations(voc_root, ckpt, tmp_path):
     assert all(math.isfinite(v) for v in result.values()) and 0 <= result["mIoU"] <= 1
 
 
+def test_segment_reads_its_checkpoint_once(voc_root, ckpt, tmp_path, monkeypatch):
+    """The run record and the mm backbone its config builds share one read of the file."""
+    from core import pretrained
+    from transfer import segment
+
+    monkeypatch.setattr(pretrained, "_last", None)  # earlier tests in this process read ckpt
+    loads, real = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append(f) or real(f, *a, **k))
+    result = segment.main(segment.parse_config(_mm_args(voc_root, ckpt, tmp_path / "seg")))
+    assert 0 <= result["mIoU"] <= 1 and len(loads) == 1
+
+
 def test_segment_missing_split_is_a_clear_error(voc_root, ckpt, tmp_path):
     from core.run_folder import TransferError
     from transfer import segment
