@@ -21,15 +21,20 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (else what ``platform`` knows)."""
+def cpuinfo(key: str) -> str | None:
+    """The value of the first ``key`` line of /proc/cpuinfo (None where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == key:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (else what ``platform`` knows)."""
+    return cpuinfo("model name") or platform.processor() or platform.machine() or "unknown CPU"
 
 
 # ---- precision: which autocast dtype a step runs in ----------------------------------------------
@@ -46,13 +51,7 @@ BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 def cpu_flags() -> set[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set((cpuinfo("flags") or "").split())
 
 
 def cpu_bf16(flags: set[str] | None = None) -> tuple[bool, str]:
