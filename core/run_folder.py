@@ -14,12 +14,12 @@ recorded result without recomputing; a folder started with another config (keys 
 stage's ``free_keys``, e.g. threads / num_workers / device) or from other checkpoints (sha256) is
 refused with a :class:`RunFolderError` naming the folder and each changed key (``old -> new``),
 and so is resuming an unfinished folder on a machine that resolves the config otherwise (``facts``
-of meta.json: pretext's ``precision``), unless ``force=true``, which recomputes (pretext: resumes from its last checkpoint with the new
-config). A folder that holds neither a result nor a checkpoint (a run that failed before producing
-anything) is restarted with the changed config, logged. ``result.json`` is never half-written, and
-a forced rerun keeps the previous result (and its figures, written through :func:`output_path`)
-until :func:`finish` replaces them: until then the new config, meta and figures wait in
-``<run_dir>/.pending/``.
+of meta.json: pretext's ``precision``), unless ``force=true``, which recomputes (pretext: resumes
+from its last checkpoint with the new config). A folder that holds neither a result nor a
+checkpoint (a run that failed before producing anything) is restarted with the changed config,
+logged. ``result.json`` is never half-written, and a forced rerun keeps the previous result (and
+its figures, written through :func:`output_path`) until :func:`finish` replaces them: until then
+the new config, meta and figures wait in ``<run_dir>/.pending/``.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def check_unchanged(
             read_yaml(config_path), to_dict(cfg), free_keys, default, legacy, renamed
         )
     meta = read_meta(run_dir)
-    if not is_finished(run_dir):  # a folder from before a fact was recorded: nothing to compare
+    if not is_finished(run_dir):  # a fact absent from meta.json (an older folder): no change
         changed = {k: v for k, v in (facts or {}).items() if k in meta and meta[k] != v}
         problems += [f"{k} on this machine: {meta[k]!r} -> {v!r}" for k, v in changed.items()]
     old_sources = recorded_sources(meta)
