@@ -3,11 +3,12 @@ devices, the gate of CPU-validated stages, its record in a pretext run folder an
 resume a run under another precision (docs/precision.md)."""
 
 import json
+from dataclasses import dataclass
 
 import pytest
 import torch
 
-from core import machine
+from core import machine, run_folder
 from core.machine import cpu_bf16, precision_name, resolve_amp
 from pretext.methods.base import step_settings
 from pretext.train import Config, cli, main, parse_config, resolve
@@ -103,6 +104,31 @@ def test_resuming_under_another_precision_is_refused_and_writes_nothing(
     monkeypatch.setattr(machine, "cpu_flags", lambda: AMX)
     assert main(parse_config([*tiny_train_args, "optim.steps=6"]))["steps"] == 6
     assert json.loads((run_dir / "meta.json").read_text())["precision"] == "bf16"
+
+
+@dataclass
+class _Cfg:
+    lr: float = 0.1
+    force: bool = False
+
+
+def test_a_recorded_fact_is_compared_only_when_a_run_resumes(tmp_path):
+    bf16, fp32 = {"precision": "bf16"}, {"precision": "fp32"}
+    old = tmp_path / "old"  # a folder from before precision was recorded: resumes
+    run_folder.start(old, _Cfg(), {})
+    (old / "last.pt").write_bytes(b"x")
+    run_folder.check_unchanged(old, _Cfg(), set(), facts=fp32)
+    run = tmp_path / "run"
+    run_folder.start(run, _Cfg(), dict(bf16))
+    (run / "last.pt").write_bytes(b"x")
+    run_folder.check_unchanged(run, _Cfg(), set(), facts=bf16)
+    with pytest.raises(
+        run_folder.RunFolderError, match="precision on this machine: 'bf16' -> 'fp32'"
+    ):
+        run_folder.check_unchanged(run, _Cfg(), set(), facts=fp32)
+    run_folder.check_unchanged(run, _Cfg(force=True), set(), facts=fp32)  # force=true resumes
+    run_folder.finish(run, {"loss": 1.0}, dict(bf16))
+    assert run_folder.open_run(run, _Cfg(), set(), facts=fp32) == {"loss": 1.0}  # its record
 
 
 def test_a_builtin_cpu_run_records_fp32_and_why(tiny_train_args, tmp_path):
