@@ -1,4 +1,4 @@
-"""What the machine can do and what a measurement used: the fp32 matmul rate and peak RSS.
+"""What the machine can do and what a measurement used: the fp32 (and bf16) matmul rate and peak RSS.
 
 Peak RSS is the kernel's high-water mark (``VmHWM`` in /proc/self/status), reset before each
 measurement by writing 5 to /proc/self/clear_refs (Linux >= 4.0), so one process can measure several
@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 
-def matmul_gflops(n: int = 2048, seconds: float = 1.0) -> float:
-    """Best fp32 GFLOP/s of an [n, n] @ [n, n] matmul on the current device's threads."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 2048, seconds: float = 1.0, dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s of an [n, n] @ [n, n] matmul in ``dtype`` (fp32; bf16: oneDNN's kernels on a
+    CPU with bf16 units) on the CPU's threads."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up: thread pool, BLAS buffers
     best, start = 0.0, time.perf_counter()
     while time.perf_counter() - start < seconds:

@@ -204,6 +204,31 @@ def data_path_markdown(res: dict) -> list[str]:
     return lines
 
 
+def bf16_markdown(runs: dict) -> list[str]:
+    """Our step in bf16 autocast beside fp32 (bench.step, same process), on a CPU with bf16
+    matrix units; nothing where no step recorded it."""
+    steps = [
+        r["step"] for n, r in runs.items() if n.startswith("step_") and "bf16_speedup" in r["step"]
+    ]
+    if not steps:
+        return []
+    lines = [
+        "",
+        f"bf16 autocast beside fp32, our step in the same alternation ({steps[0]['cpu_bf16']}; "
+        "the trainer's amp=auto stays fp32 on a CPU until docs/precision.md's val check is done):",
+        "",
+        "| network | batch | fp32 img/s | bf16 img/s | bf16 / fp32 | fraction of bf16 matmul | bf16 matmul GFLOP/s |",
+        "|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for s in steps:
+        lines.append(
+            f"| {s['arch']} | {s['batch']} | {_f(s['fp32_images_per_s'])} | "
+            f"{_f(s['bf16_images_per_s'])} | **{s['bf16_speedup']:.2f}x** | "
+            f"{s['bf16_fraction_of_bf16_matmul']:.2f} | {_f(s['bf16_matmul_gflops'])} |"
+        )
+    return lines
+
+
 def markdown(res: dict, gpu: dict | None = None) -> str:
     env = res["environment"]
     lines = [
@@ -239,6 +264,7 @@ def markdown(res: dict, gpu: dict | None = None) -> str:
         "CPU defaults (settings in bench.json). FLOPs: `torch.utils.flop_counter.FlopCounterMode` over one "
         "step (convolutions and matmuls, forward and backward). Peak RSS: the process high-water mark "
         "(VmHWM, reset through /proc/self/clear_refs) during one step, both models resident.",
+        *bf16_markdown(res["runs"]),
         "",
         "## 2. Data pipeline alone (decode, crop, mask, batch) vs the training step, same process",
         "",

@@ -6,6 +6,8 @@ Both steps start from the same weights and take the same batch; their timed iter
 (baseline, ours, baseline, ...) so that load from other processes hits both alike. FLOPs of one step
 are counted with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matmuls, forward and
 backward) and divided by the step time and by the fp32 matmul rate measured in the same process.
+On a CPU with bf16 matrix units (``amx_bf16`` / ``avx512_bf16``) our step is also timed in the other
+precision (bf16 beside fp32) in the same alternation, against a bf16 matmul rate measured here too.
 The data pipeline that feeds this network (decode, crop, mask, batch) is timed in the same process
 too (:mod:`bench.pipeline`), so its rate is compared with the step's on the same cores and load.
 """
@@ -25,6 +27,7 @@ from bench import baseline
 from bench.machine import PeakRSS, matmul_gflops
 from core.atomic_io import atomic_write_json
 from core.config import load_config
+from core.machine import cpu_bf16, precision_name
 from core.masks import MaskGenerator, builtin_shapes
 from core.models import Discriminator, build_model
 from pretext.methods.base import step_settings
@@ -110,8 +113,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def other_precision(ours: InpaintingStep) -> str | None:
+    """The precision timed beside ours on a CPU with bf16 matrix units (core.machine.cpu_bf16):
+    bf16 beside an fp32 step, fp32 beside a bf16 one; None elsewhere (a GPU, no bf16 units, fp16)."""
+    if ours.device.type != "cpu" or not cpu_bf16()[0]:
+        return None
+    return {"fp32": "bf16", "bf16": "fp32"}.get(precision_name(ours.autocast_dtype))
+
+
 def measure_step(arch: str, batch: int, iters: int, device: str = "cpu", overrides=()) -> dict:
-    """Images/s of the baseline and our step (alternating), FLOPs, matmul rate, peak RSS."""
+    """Images/s of the baseline and our step (alternating), FLOPs, matmul rate, peak RSS; on a CPU
+    with bf16 units also our step in the other precision (``ours_bf16`` / ``ours_fp32``, in the
+    same alternation) against the bf16 matmul rate."""
     cfg = bench_config(arch, batch, [f"device={device}", *overrides])
     dev = torch.device(device)
     mean = [0.0, 0.0, 0.0]
@@ -121,6 +134,14 @@ def measure_step(arch: str, batch: int, iters: int, device: str = "cpu", overrid
     out: dict = {"arch": arch, "batch": batch, "iters": iters, "device": device,
                  "mask": cfg.mask.kind, "adversarial": cfg.loss.adversarial,
                  "output": cfg.model.output, "settings": _settings(cfg, dev)}  # fmt: skip
+    steps = {"baseline": base, "ours": ours}
+    other = other_precision(ours)
+    if dev.type == "cpu":
+        out["cpu_bf16"] = cpu_bf16()[1]
+    if other is not None:  # same weights (build_ours seeds them), same batch
+        amp = {"bf16": "bf16", "fp32": "off"}[other]
+        other_cfg = bench_config(arch, batch, [f"device={device}", *overrides, f"amp={amp}"])
+        steps[f"ours_{other}"] = build_ours(other_cfg, dev, mean)
     torch.manual_seed(1)  # same dropout masks for both first steps
     with FlopCounterMode(display=False) as counter:  # warm-up of the baseline, counting its FLOPs
         out["first_loss_baseline"] = base(images, hole)
@@ -131,10 +152,13 @@ def measure_step(arch: str, batch: int, iters: int, device: str = "cpu", overrid
     t0 = time.perf_counter()
     out["first_loss_ours"] = ours(images, hole)  # warm-up (and compilation, when on)
     out["ours_first_step_s"] = time.perf_counter() - t0
-    times: dict[str, list[float]] = {"baseline": [], "ours": []}
+    if other is not None:
+        torch.manual_seed(1)
+        out[f"first_loss_ours_{other}"] = steps[f"ours_{other}"](images, hole)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in steps}
     peak: dict[str, dict] = {}
     for _ in range(iters):
-        for name, step in (("baseline", base), ("ours", ours)):
+        for name, step in steps.items():
             _sync(dev)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
@@ -157,11 +181,19 @@ def measure_step(arch: str, batch: int, iters: int, device: str = "cpu", overrid
     out["speedup"] = out["ours_images_per_s"] / out["baseline_images_per_s"]
     out["gflop_per_image"] = flops / batch / 1e9
     out["matmul_gflops"] = matmul_gflops() if dev.type == "cpu" else None
-    for name in ("baseline", "ours"):
+    for name in steps:
         rate = out[f"{name}_images_per_s"] * out["gflop_per_image"]
         out[f"{name}_gflops"] = rate
         if out["matmul_gflops"]:
             out[f"{name}_fraction_of_matmul"] = rate / out["matmul_gflops"]
+    if other is not None:
+        bf16 = "ours_bf16" if other == "bf16" else "ours"
+        fp32 = "ours_fp32" if other == "fp32" else "ours"
+        out["bf16_matmul_gflops"] = matmul_gflops(dtype=torch.bfloat16)
+        out["fp32_images_per_s"] = out[f"{fp32}_images_per_s"]
+        out["bf16_images_per_s"] = out[f"{bf16}_images_per_s"]
+        out["bf16_speedup"] = out["bf16_images_per_s"] / out["fp32_images_per_s"]
+        out["bf16_fraction_of_bf16_matmul"] = out[f"{bf16}_gflops"] / out["bf16_matmul_gflops"]
     return out
 
 

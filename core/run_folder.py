@@ -13,12 +13,13 @@ Every stage entry point opens its folder with :func:`open_run`: a finished folde
 recorded result without recomputing; a folder started with another config (keys other than the
 stage's ``free_keys``, e.g. threads / num_workers / device) or from other checkpoints (sha256) is
 refused with a :class:`RunFolderError` naming the folder and each changed key (``old -> new``),
-unless ``force=true``, which recomputes (pretext: resumes from its last checkpoint with the new
-config). A folder that holds neither a result nor a checkpoint (a run that failed before producing
-anything) is restarted with the changed config, logged. ``result.json`` is never half-written, and
-a forced rerun keeps the previous result (and its figures, written through :func:`output_path`)
-until :func:`finish` replaces them: until then the new config, meta and figures wait in
-``<run_dir>/.pending/``.
+and so is resuming an unfinished folder on a machine that resolves the config otherwise (``facts``
+of meta.json: pretext's ``precision``), unless ``force=true``, which recomputes (pretext: resumes
+from its last checkpoint with the new config). A folder that holds neither a result nor a
+checkpoint (a run that failed before producing anything) is restarted with the changed config,
+logged. ``result.json`` is never half-written, and a forced rerun keeps the previous result (and
+its figures, written through :func:`output_path`) until :func:`finish` replaces them: until then
+the new config, meta and figures wait in ``<run_dir>/.pending/``.
 """
 
 from __future__ import annotations
@@ -167,9 +168,13 @@ def check_unchanged(
     defaults: Any = None,
     legacy: Mapping[str, Any] | None = None,
     renamed: Mapping[str, str] | None = None,
+    facts: Mapping[str, Any] | None = None,
 ) -> None:
     """Raise :class:`RunFolderError` if ``run_dir`` was started with another config (keys outside
-    ``free_keys``) or from checkpoints of another sha256 than ``sources``; nothing with force=true.
+    ``free_keys``) or from checkpoints of another sha256 than ``sources``, or if an unfinished
+    ``run_dir`` recorded other ``facts`` in its meta.json (what this machine resolves the config to,
+    e.g. ``precision``: a resumption must not change it; a finished folder keeps its record);
+    nothing with force=true.
 
     ``defaults``: the stage's default config (``type(cfg)()`` if None), see :func:`config_changes`.
     """
@@ -183,7 +188,11 @@ def check_unchanged(
         problems += config_changes(
             read_yaml(config_path), to_dict(cfg), free_keys, default, legacy, renamed
         )
-    old_sources = recorded_sources(read_meta(run_dir))
+    meta = read_meta(run_dir)
+    if not is_finished(run_dir):  # a fact absent from meta.json (an older folder): no change
+        changed = {k: v for k, v in (facts or {}).items() if k in meta and meta[k] != v}
+        problems += [f"{k} on this machine: {meta[k]!r} -> {v!r}" for k, v in changed.items()]
+    old_sources = recorded_sources(meta)
     for name, source in (sources or {}).items():
         old = old_sources.get(name, {}).get("sha256")
         if old and old != source["sha256"]:
@@ -212,10 +221,11 @@ def open_run(
     defaults: Any = None,
     legacy: Mapping[str, Any] | None = None,
     renamed: Mapping[str, str] | None = None,
+    facts: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """:func:`check_unchanged`, then the recorded result of a finished folder (None when it is
     fresh or unfinished, or with force=true: the caller computes)."""
-    check_unchanged(run_dir, cfg, free_keys, sources, defaults, legacy, renamed)
+    check_unchanged(run_dir, cfg, free_keys, sources, defaults, legacy, renamed, facts)
     if is_finished(run_dir) and not getattr(cfg, "force", False):
         log.info("%s is finished; returning its recorded result", run_dir)
         return read_result(run_dir)

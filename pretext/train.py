@@ -32,7 +32,7 @@ from core.cli import run_cli
 from core.config import ConfigError, parse_cli
 from core.data import dataset_mean, ensure_builtin
 from core.images import ImagesConfig
-from core.machine import pick_device
+from core.machine import pick_device, precision_name
 from core.models import ARCHS, build_model
 from core.stage_inputs import Input
 from pretext import distributed, probe
@@ -46,7 +46,14 @@ from pretext.engine import (
     truncate_metrics,
 )
 from pretext.methods import METHODS
-from pretext.methods.base import Placement, TrainStep, build_images, open_store, step_settings
+from pretext.methods.base import (
+    Placement,
+    TrainStep,
+    build_images,
+    open_store,
+    resolve_precision,
+    step_settings,
+)
 from pretext.methods.kmeans_init import KMeansConfig
 from pretext.methods.relative_location import RelativeLocationConfig
 from pretext.methods.rotation import RotationConfig
@@ -145,7 +152,9 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     eval_images: int = 256
     device: str = "auto"  # auto | cpu | cuda
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, off on CPU
+    # auto: bf16 on a GPU; fp32 on a CPU (bf16 once validated there: core.machine.resolve_amp,
+    # docs/precision.md). Resolved per machine, recorded in meta.json as ``precision``.
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on GPU only
     compile: bool = False
     threads: int = 0  # torch intra-op threads on CPU (0: torch's default)
@@ -213,15 +222,16 @@ def input_checks(cfg: Config) -> list[Input]:
 
 
 def open_run_folder(
-    run_dir: Path, cfg: Config, sources: dict[str, Any] | None = None
+    run_dir: Path, cfg: Config, sources: dict[str, Any] | None = None, precision: str = ""
 ) -> dict[str, Any] | None:
     """:func:`core.run_folder.open_run` with pretext's rules: refuse (RunFolderError) a run folder
     started with another config (keys outside RESUME_FREE_KEYS; LEGACY_VALUES for keys added since)
-    or from other ``sources`` (the image store: its sha256), unless ``force=true``; the recorded
-    result of a finished folder, else None."""
+    or from other ``sources`` (the image store: its sha256), or an unfinished one that recorded
+    another ``precision`` (fp32 | bf16 | fp16: what ``amp`` resolves to on this machine), unless
+    ``force=true``; the recorded result of a finished folder, else None."""
     return run_folder.open_run(
         run_dir, cfg, RESUME_FREE_KEYS, sources, defaults=resolve(Config()), legacy=LEGACY_VALUES,
-        renamed=RENAMED_KEYS,
+        renamed=RENAMED_KEYS, facts={"precision": precision} if precision else None,
     )  # fmt: skip
 
 
@@ -247,12 +257,17 @@ def start_run(cfg: Config) -> tuple[Run, dict[str, Any] | None]:
         torch.set_num_threads(cfg.threads)
     run = Run(cfg, env, device, Path(cfg.run_dir))
     sources = store_source(cfg)
-    done = open_run_folder(run.run_dir, cfg, sources)
+    dtype, why = resolve_precision(cfg, device)
+    done = open_run_folder(run.run_dir, cfg, sources, precision_name(dtype))
     if done is not None and run.ckpt_path.exists():
         return run, done
+    if env.is_main:
+        log.info("precision %s: %s", precision_name(dtype), why)
     run.meta = {
         "task": "pretext",
         "method": cfg.method,
+        "precision": precision_name(dtype),  # compared on resume (open_run_folder)
+        "precision_reason": why,
         **({"sources": sources} if sources else {}),
     }
     if run.ckpt_path.exists():  # provenance of the checkpoint this run resumes from

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from core import machine
 from core.config import ConfigError
 from core.data import SeededViews
 from core.models import ContextEncoder
@@ -50,17 +51,20 @@ class Placement:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled)
 
 
+def resolve_precision(cfg: Any, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """(autocast dtype or None for fp32, why) of ``cfg.amp`` on ``device``: core.machine's rule,
+    with pretext's bf16 on a CPU only once it is in ``core.machine.CPU_BF16_STAGES``."""
+    return machine.resolve_amp(cfg.amp, device, "pretext" in machine.CPU_BF16_STAGES)
+
+
 def step_settings(
     cfg: Any, device: torch.device
 ) -> tuple[torch.memory_format, torch.dtype | None, bool]:
     """(memory format, autocast dtype or None, torch.compile the model?) for ``cfg`` on ``device``."""
     use_gpu = device.type == "cuda"
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and use_gpu)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    if cfg.amp == "auto" and use_gpu:
-        autocast_dtype = torch.bfloat16
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return memory_format, autocast_dtype, cfg.compile
+    return memory_format, resolve_precision(cfg, device)[0], cfg.compile
 
 
 def build_images(
