@@ -261,8 +261,6 @@ def start_run(cfg: Config) -> tuple[Run, dict[str, Any] | None]:
     done = open_run_folder(run.run_dir, cfg, sources, precision_name(dtype))
     if done is not None and run.ckpt_path.exists():
         return run, done
-    if env.is_main:
-        log.info("precision %s: %s", precision_name(dtype), why)
     run.meta = {
         "task": "pretext",
         "method": cfg.method,
@@ -312,6 +310,8 @@ def make_probe(t: Training, run: Run) -> Probe | None:
 def write_start(run: Run) -> None:
     """The run folder's config.yaml and meta.json (rank 0), stale checkpoint temp files removed."""
     if run.env.is_main:
+        # logged once the run really starts: a config refused later never prints it
+        log.info("precision %s: %s", run.meta["precision"], run.meta["precision_reason"])
         run_folder.start(run.run_dir, run.cfg, run.meta)
         for tmp in remove_stale_temp_files(run.ckpt_path):  # left by a kill mid-write
             log.info("removed %s, left by an interrupted checkpoint write", tmp)
