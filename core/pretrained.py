@@ -42,19 +42,13 @@ NETWORK_KEYS = ("arch", "dropout", "output", "model", "method", "trained")
 _last: tuple[tuple, Pretrained] | None = None
 
 
-def _read(cls, checkpoint: str | Path, path: Path) -> Pretrained:
-    global _last
+def _file_key(path: Path) -> tuple | None:
+    """What identifies the bytes of ``path`` for the memo; None for a missing file."""
     try:
         st = path.stat()
-        key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
     except OSError:
-        key = None  # missing: _from_file raises the one-line error
-    if key is not None and _last is not None and _last[0] == key:
-        return replace(_last[1], given=str(checkpoint), path=path)
-    pre = cls._from_file(checkpoint, path)
-    if key is not None:
-        _last = (key, pre)
-    return pre
+        return None
+    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 @dataclass(frozen=True)
@@ -81,8 +75,14 @@ class Pretrained:
             raise CheckpointError(
                 "no checkpoint given: pass --checkpoint <pretext .pt or run folder>"
             )
+        global _last
         path = resolve_checkpoint_path(checkpoint)
-        pre = _read(cls, checkpoint, path)
+        key = _file_key(path)
+        if key is not None and _last is not None and _last[0] == key:
+            pre = replace(_last[1], given=str(checkpoint), path=path)
+        else:
+            pre = cls._from_file(checkpoint, path)  # a missing file: its one-line error
+            _last = (key, pre)
         if arch and pre.arch != arch:
             raise CheckpointError(
                 f"{checkpoint}: checkpoint arch is {pre.arch!r}, but {arch!r} was asked for"
