@@ -27,6 +27,7 @@ from core.features import LAYERS
 from core.machine import cpu_model
 from orchestrate.budget import write_budget
 from orchestrate.jobs import expand, run_dir_for
+from orchestrate.precision import write_precision
 from orchestrate.profile import Profile, load_profile, profile_path
 from orchestrate.tables import (
     FROZEN_LAYER_COLUMNS,
@@ -310,6 +311,7 @@ def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path
     training_curves(runs, figures / "training_curves.png")
     frozen_svm_figure(runs, frozen_rows(profile), figures / "frozen_svm_layers.png")
     budget = write_budget(runs, profile, out)  # a profile with optim.steps grids (budget.yaml)
+    precision = write_precision(runs, profile, out)  # a profile with amp= pairs (precision.yaml)
     for (stage, task), spec in profile.tasks().items():
         for name in spec.figures:  # files the task's one run (per: profile) wrote
             run_dir = run_dir_for(profile.runs_root, stage, task, "all", 0)
@@ -319,6 +321,7 @@ def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path
     lines = [
         *table_lines(profile, sections),
         *budget,
+        *precision,
         "## Provenance",
         "",
         f"- command: `{command}` (profile file `{profile.path}`)",
@@ -360,7 +363,9 @@ def rerender(profile: Profile, runs_csv: Path) -> Path:
         PROVENANCE, ""]  # fmt: skip
     note = (f"- tables re-rendered from `{runs_csv}` at commit {git_commit()} "
             "(`python -m orchestrate.report`; no run was re-run, the runs above are unchanged)")  # fmt: skip
-    atomic_write_text(readme, "\n".join([*table_lines(profile, sections), *provenance, note, ""]))
+    precision = write_precision(runs, profile, out)  # loss curves only where the folders are
+    lines = [*table_lines(profile, sections), *precision, *provenance, note, ""]
+    atomic_write_text(readme, "\n".join(lines))
     return out
 
 

@@ -41,6 +41,7 @@ from core.data_dependent_init import rescale_layers
 from core.datasets import VOCClassification
 from core.features import layer_features
 from core.images import ImagesConfig
+from core.machine import CPU_BF16_STAGES, precision_name, resolve_amp
 from core.pretrained import Pretrained
 from core.splits import open_split
 from core.stage_inputs import Input
@@ -70,6 +71,10 @@ class FinetuneConfig:
     rescale: bool = False  # Krähenbühl et al. data-dependent init of the new layers
     rescale_batch: int = 128
     clip_grad: float = 10.0  # max gradient norm (0: off)
+    # The training steps' precision (core.machine.resolve_amp; docs/precision.md): auto = fp32 on a
+    # CPU until the stage is in core.machine.CPU_BF16_STAGES; bf16 = torch's CPU autocast (weights
+    # and Adam state fp32). Evaluation and the linear probes stay fp32.
+    amp: Literal["auto", "off", "bf16"] = "auto"
 
 
 @dataclass
@@ -211,6 +216,35 @@ def make_optimizer(model: Classifier, fc: FinetuneConfig) -> torch.optim.Optimiz
     return torch.optim.SGD(groups, lr=fc.lr, momentum=fc.momentum, weight_decay=fc.weight_decay)
 
 
+STAGE = "classify"  # this stage's name in core.machine.CPU_BF16_STAGES
+
+
+def precision(fc: FinetuneConfig) -> tuple[torch.dtype | None, str]:
+    """(autocast dtype of the fine-tuning steps or None for fp32, why): ``fc.amp`` on the CPU."""
+    return resolve_amp(fc.amp, torch.device("cpu"), STAGE in CPU_BF16_STAGES)
+
+
+def train_step(
+    model: Classifier,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    opt: torch.optim.Optimizer,
+    fc: FinetuneConfig,
+    dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """One optimiser step on (uint8 images, labels, difficult_only), the forward pass under
+    autocast to ``dtype`` (None: fp32); returns the loss."""
+    images, labels, diff = batch
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        logits = model(to_unit_range(images))
+    loss = multilabel_bce(logits.float(), labels, diff)  # difficult-only left out (VOC07)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if fc.clip_grad > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), fc.clip_grad)
+    opt.step()
+    return loss
+
+
 def train_epoch(
     model: Classifier,
     loader: DataLoader,
@@ -219,21 +253,16 @@ def train_epoch(
     fc: FinetuneConfig,
     bar: tqdm,
     where: str,
+    dtype: torch.dtype | None = None,
 ) -> tuple[float, float]:
-    """One pass over ``loader``. Returns (mean loss per image, the head's lr of the last step);
-    a non-finite loss raises FloatingPointError naming ``where``."""
+    """One pass over ``loader`` (:func:`train_step`). Returns (mean loss per image, the head's lr
+    of the last step); a non-finite loss raises FloatingPointError naming ``where``."""
     model.train()
     if fc.encoder_lr_mult == 0:
         model.encoder.eval()
     total, count = 0.0, 0
     for images, labels, diff in loader:
-        logits = model(to_unit_range(images))
-        loss = multilabel_bce(logits, labels, diff)  # difficult-only entries left out (VOC07)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if fc.clip_grad > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), fc.clip_grad)
-        opt.step()
+        loss = train_step(model, (images, labels, diff), opt, fc, dtype)
         lr = opt.param_groups[0]["lr"]  # the head's lr of this step (logged: the epoch's last)
         schedule.step()
         if not math.isfinite(loss.item()):
@@ -274,9 +303,10 @@ def finetune(
     bar = tqdm(
         total=steps, desc=f"finetune {run_dir.name}", disable=not cfg.progress, file=sys.stderr
     )
+    dtype = precision(fc)[0]
     for epoch in range(fc.epochs):
         where = f"{run_dir}: non-finite fine-tuning loss at epoch {epoch}"
-        loss, lr = train_epoch(model, loader, opt, schedule, fc, bar, where)
+        loss, lr = train_epoch(model, loader, opt, schedule, fc, bar, where, dtype)
         bar.set_postfix(loss=f"{loss:.4f}")
         record = {"loss": loss, "lr": lr}
         append_jsonl(run_dir / "metrics.jsonl", {"mode": "finetune", "epoch": epoch + 1, **record})
@@ -428,6 +458,10 @@ def main(cfg: Config) -> dict[str, float]:
     size = cfg.image_size or model.input_size
     meta = {"task": "classify", "source": source, "seed": cfg.seed, "data": str(root),
             "classes": list(classes), "image_size": size}  # fmt: skip
+    if "finetune" in cfg.modes:  # what finetune.amp resolves to here (docs/precision.md)
+        dtype, why = precision(cfg.finetune)
+        meta |= {"finetune_precision": precision_name(dtype), "finetune_precision_reason": why}
+        log.info("fine-tuning precision: %s (%s)", precision_name(dtype), why)
     t0 = time.perf_counter()
     views = read_views(cfg, root, size, classes)
     run_folder.start(run_dir, cfg, meta, {"checkpoint": source})

@@ -92,3 +92,73 @@ def test_finetuning_starts_from_the_checkpoint_weights(ckpt):
     state = load_checkpoint(ckpt)["model"]
     for key, value in encoder.state_dict().items():
         assert torch.equal(value, state[f"encoder.{key}"])
+
+
+# ---- precision of the fine-tuning steps (finetune.amp; docs/precision.md) ----------------------
+
+
+def _linear_dtypes(monkeypatch):
+    """The dtypes of every Linear output of the fine-tuning steps (the hook sees the autocast)."""
+    seen = []
+    real = classify.train_step
+
+    def step(model, batch, opt, fc, dtype):
+        hooks = [m.register_forward_hook(lambda _m, _i, o: seen.append(o.dtype))
+                 for m in model.modules() if isinstance(m, nn.Linear)]  # fmt: skip
+        try:
+            return real(model, batch, opt, fc, dtype)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    monkeypatch.setattr(classify, "train_step", step)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("amp", "validated", "expected", "reason"),
+    [("bf16", False, "bf16", "amp=bf16 on the CPU"),
+     ("auto", False, "fp32", "not checked yet"),
+     ("auto", True, "bf16", "amp=auto on the CPU: bf16"),
+     ("off", True, "fp32", "amp=off")],
+)  # fmt: skip
+def test_finetune_amp_sets_the_steps_precision_and_is_recorded(
+    voc_root, ckpt, tmp_path, monkeypatch, amp, validated, expected, reason
+):
+    from core import machine
+
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(classify, "CPU_BF16_STAGES", frozenset({"classify"} if validated else ()))
+    seen = _linear_dtypes(monkeypatch)
+    run = tmp_path / "run"
+    cfg = classify.parse_config(
+        _args(voc_root, ckpt, run, "modes=[finetune]", "finetune.epochs=1", f"finetune.amp={amp}")
+    )
+    result = classify.main(cfg)
+    assert math.isfinite(result["finetune_mAP"]) and seen
+    assert set(seen) == {torch.bfloat16 if expected == "bf16" else torch.float32}
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["finetune_precision"] == expected and reason in meta["finetune_precision_reason"]
+
+
+def test_bf16_steps_train_the_same_network_as_fp32_closely():
+    """Same weights, same batches: a few bf16 autocast steps stay near the fp32 ones (bf16 keeps 8
+    bits of mantissa; the weights and Adam state stay fp32)."""
+    fc = classify.FinetuneConfig(head="linear", dropout=0.0)
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8)
+    labels, diff = (torch.rand(8, 20) < 0.2).float(), torch.zeros(8, 20)
+    from core.classifier import Classifier
+    from core.models import build_model
+
+    losses = {}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        torch.manual_seed(1)
+        net = Classifier(build_model("small64").encoder, 20, fc.head, fc.hidden, fc.dropout)
+        opt = classify.make_optimizer(net, fc)
+        losses[name] = [classify.train_step(net, (images, labels, diff), opt, fc, dtype).item()
+                        for _ in range(4)]  # fmt: skip
+        assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert losses["fp32"] != losses["bf16"]  # bf16 did run
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.03)
+    assert losses["bf16"][-1] < losses["bf16"][0]  # and it trains

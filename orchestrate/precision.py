@@ -1,0 +1,187 @@
+"""bf16 against fp32, paired by seed (``PROFILE=precision make table``; docs/precision.md).
+
+A profile compares precisions when one of its runs differs from another only by an ``amp=``
+setting, which this module finds in the profile itself:
+
+- a pretext variant whose overrides hold ``amp=<x>`` (x not ``off`` / ``auto``) is paired with the
+  variant of the same config and the same other overrides (and none of ``amp``): its partner in
+  fp32. Compared: the evaluations of the two (frozen SVM best layer and conv5, kNN, fine-tuned
+  classification) and the pretext runs themselves (mean loss over the first and the last quarter
+  of the logged steps, final loss, train time);
+- a transfer / eval task whose args hold ``<key>amp=<x>`` (e.g. ``finetune.amp=bf16``) is paired
+  with the task of the same module and the same other args: per pretext variant both run on, the
+  task's own metrics (fine-tuned classification: its mAP and time).
+
+Every difference is bf16 − fp32 over the seeds both have, with the paired 95% t-interval of
+:func:`orchestrate.tables.difference_ci`. Written: ``precision.csv`` / ``precision.md`` in the
+results folder; the Markdown section goes into its README.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core.atomic_io import atomic_write_text, read_jsonl
+from orchestrate.profile import Profile
+from orchestrate.tables import difference_ci, format_difference, to_markdown
+
+OFF = ("off", "auto")
+
+# (stage, task, result key, scale, label) compared for a pair of pretext variants.
+VARIANT_METRICS = (
+    ("eval", "frozen", "svm_best_mAP", 100, "frozen SVM best layer, mAP"),
+    ("eval", "frozen", "svm_conv5_mAP", 100, "frozen SVM conv5, mAP"),
+    ("eval", "frozen", "knn_mAP", 100, "kNN, mAP"),
+    ("transfer", "classify", "finetune_mAP", 100, "fine-tuned classification, mAP"),
+    ("pretext", "pretext", "loss_first_quarter", 1, "pretext loss, first quarter"),
+    ("pretext", "pretext", "loss_last_quarter", 1, "pretext loss, last quarter"),
+    ("pretext", "pretext", "train_time_s", 1 / 60, "pretext train time, min"),
+)
+# result key, scale, label: compared for a pair of tasks (their own metrics, when recorded).
+TASK_METRICS = (
+    ("finetune_mAP", 100, "fine-tuned classification, mAP"),
+    ("finetune_time_s", 1 / 60, "fine-tuning time, min"),
+    ("svm_best_mAP", 100, "frozen SVM best layer, mAP"),
+    ("knn_mAP", 100, "kNN, mAP"),
+)
+
+
+def amp_value(items: list[str]) -> tuple[str | None, list[str]]:
+    """(the value of the ``amp`` / ``<section>.amp`` setting in ``key=value`` items or None, the
+    other items)."""
+    value, rest = None, []
+    for item in items:
+        key, _, val = item.partition("=")
+        if key == "amp" or key.endswith(".amp"):
+            value = val
+        else:
+            rest.append(item)
+    return value, rest
+
+
+def variant_pairs(profile: Profile) -> list[tuple[str, str, str]]:
+    """(fp32 variant, low-precision variant, its amp value) of the profile's pretext variants."""
+    specs = profile.pretext.variants
+    plain = {}
+    for name, spec in specs.items():
+        amp, rest = amp_value(spec.overrides)
+        if amp is None or amp in OFF:
+            plain.setdefault((spec.config, tuple(rest)), name)
+    pairs = []
+    for name, spec in specs.items():
+        amp, rest = amp_value(spec.overrides)
+        partner = plain.get((spec.config, tuple(rest)))
+        if amp is not None and amp not in OFF and partner is not None:
+            pairs.append((partner, name, amp))
+    return pairs
+
+
+def task_pairs(profile: Profile) -> list[tuple[tuple[str, str], tuple[str, str], str]]:
+    """((stage, fp32 task), (stage, low-precision task), amp value) of the profile's tasks."""
+    tasks = profile.tasks()
+    plain = {}
+    for (stage, task), spec in tasks.items():
+        amp, rest = amp_value(spec.args)
+        if amp is None or amp in OFF:
+            plain.setdefault((spec.module, tuple(rest)), (stage, task))
+    pairs = []
+    for (stage, task), spec in tasks.items():
+        amp, rest = amp_value(spec.args)
+        partner = plain.get((spec.module, tuple(rest)))
+        if amp is not None and amp not in OFF and partner is not None:
+            pairs.append((partner, (stage, task), amp))
+    return pairs
+
+
+def loss_quarters(run_dir: str | Path) -> dict[str, float]:
+    """Mean logged ``loss`` over the first and the last quarter of a pretext run's metrics lines."""
+    losses = [r["loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in r]
+    if len(losses) < 4:
+        return {}
+    q = len(losses) // 4
+    return {"loss_first_quarter": float(np.mean(losses[:q])),
+            "loss_last_quarter": float(np.mean(losses[-q:]))}  # fmt: skip
+
+
+def values(runs: pd.DataFrame, stage: str, task: str, variant: str, key: str) -> dict[int, float]:
+    """{seed: value} of ``key`` over the finished runs of (stage, task, variant)."""
+    sel = runs[(runs["stage"] == stage) & (runs["task"] == task) & (runs["variant"] == variant)]
+    sel = sel[sel["status"] == "done"]
+    if key.startswith("loss_"):
+        out = {int(r.seed): loss_quarters(r.run_dir).get(key) for r in sel.itertuples()}
+        return {s: v for s, v in out.items() if v is not None}
+    column = f"m.{key}"
+    if column not in sel:
+        return {}
+    return {int(s): float(v) for s, v in zip(sel["seed"], sel[column]) if pd.notna(v)}
+
+
+def row(what: str, amp: str, label: str, fp32: dict, low: dict, scale: float) -> dict | None:
+    """One compared metric: n, means and stds of both, bf16 − fp32 with its interval."""
+    if not fp32 or not low:
+        return None
+    fp32 = {s: v * scale for s, v in fp32.items()}
+    low = {s: v * scale for s, v in low.items()}
+    d = difference_ci(low, fp32)
+    std = lambda x: float(np.std(list(x.values()), ddof=1)) if len(x) > 1 else np.nan  # noqa: E731
+    return {"compared": what, "amp": amp, "metric": label, "n": d.n, "test": d.test,
+            "fp32_mean": float(np.mean(list(fp32.values()))), "fp32_std": std(fp32),
+            "low_mean": float(np.mean(list(low.values()))), "low_std": std(low),
+            "diff": d.diff, "ci_low": d.low, "ci_high": d.high,
+            "excludes_0": bool(d.significant), "cell": format_difference(d, 2)}  # fmt: skip
+
+
+def precision_table(runs: pd.DataFrame, profile: Profile) -> pd.DataFrame:
+    """One line per compared (pair, metric) of ``profile`` in ``runs``."""
+    titles = {n: s.title or n for n, s in profile.pretext.variants.items()}
+    rows = []
+    for fp32, low, amp in variant_pairs(profile):
+        what = f"pretext: {titles[low]} vs {titles[fp32]}"
+        for stage, task, key, scale, label in VARIANT_METRICS:
+            a = values(runs, stage, task, fp32, key)
+            b = values(runs, stage, task, low, key)
+            rows.append(row(what, amp, label, a, b, scale))
+    for (stage, fp32_task), (_, low_task), amp in task_pairs(profile):
+        for variant in profile.tasks()[(stage, low_task)].variants:
+            what = f"{low_task} vs {fp32_task}, on {titles.get(variant, variant)}"
+            for key, scale, label in TASK_METRICS:
+                a = values(runs, stage, fp32_task, variant, key)
+                b = values(runs, stage, low_task, variant, key)
+                rows.append(row(what, amp, label, a, b, scale))
+    return pd.DataFrame([r for r in rows if r is not None])
+
+
+def write_precision(runs: pd.DataFrame, profile: Profile, out: Path) -> list[str]:
+    """precision.csv / .md of ``profile`` from ``runs`` into ``out``; the README's Markdown section
+    (none when the profile compares no precisions)."""
+    if runs.empty or not (variant_pairs(profile) or task_pairs(profile)):
+        return []
+    table = precision_table(runs, profile)
+    if table.empty:
+        return []
+    atomic_write_text(out / "precision.csv", table.drop(columns="cell").to_csv(index=False))
+    fmt = lambda m, s: f"{m:.3g}" + ("" if np.isnan(s) else f" ± {s:.2g}")  # noqa: E731
+    shown = pd.DataFrame({
+        "compared": table["compared"], "metric": table["metric"], "n": table["n"],
+        "fp32": [fmt(m, s) for m, s in zip(table["fp32_mean"], table["fp32_std"])],
+        "low precision": [fmt(m, s) for m, s in zip(table["low_mean"], table["low_std"])],
+        "low − fp32 [95% CI]": table["cell"],
+    })  # fmt: skip
+    excluded = table[table["excludes_0"]]
+    verdict = [f"- {r.compared}, {r.metric}: {r.cell}" for r in excluded.itertuples()]
+    lines = [
+        "## Precision: bf16 autocast against fp32, paired by seed",
+        "",
+        to_markdown(shown),
+        "Mean ± sample std over seeds; low precision − fp32 with the paired-seed 95% t-interval "
+        "(`*`: it excludes 0). Evaluations in the profile's splits (precision.yaml: train -> val).",
+        "",
+        "Differences whose interval excludes 0:" if verdict else "No interval excludes 0.",
+        *verdict,
+        "",
+    ]
+    atomic_write_text(out / "precision.md", "\n".join(lines))
+    return lines

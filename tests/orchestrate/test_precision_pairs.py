@@ -1,0 +1,157 @@
+"""The precision profile's pairs and its bf16 − fp32 table from hand-written run records
+(orchestrate/precision.py): the pairing rule, the paired intervals computed by hand, the loss
+quarters from metrics.jsonl, and no section for a profile without amp pairs."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from core.atomic_io import append_jsonl
+from orchestrate.jobs import expand
+from orchestrate.precision import amp_value, task_pairs, variant_pairs, write_precision
+from orchestrate.profile import load_profile, profile_path
+from orchestrate.tables import collect_runs
+
+T_975_2 = 4.302653  # t quantile, 2 degrees of freedom (3 paired seeds)
+
+PROFILE = """
+name: fake_precision
+runs_root: {root}/runs
+results_dir: {root}/results
+data: /nowhere
+seeds: [0, 1, 2]
+pretext:
+  config: pretext/configs/builtin.yaml
+  overrides: [data.num_workers=0]
+  variants:
+    random_init: {{overrides: [method=random_init]}}
+    ce: {{title: "CE fp32"}}
+    ce_bf16: {{title: "CE bf16", overrides: [amp=bf16]}}
+    rot: {{title: "Rotation fp32", config: pretext/configs/rotation.yaml, overrides: [optim.steps=10]}}
+    rot_bf16: {{config: pretext/configs/rotation.yaml, overrides: [amp=bf16, optim.steps=10]}}
+    rot_other: {{config: pretext/configs/rotation.yaml, overrides: [amp=bf16, optim.steps=20]}}
+    ce_off: {{overrides: [amp=off, optim.lr=1]}}
+transfer:
+  classify:
+    module: transfer.classify
+    args: ["checkpoint={{checkpoint}}", "modes=[finetune]"]
+    variants: [ce, ce_bf16]
+  classify_bf16:
+    module: transfer.classify
+    args: ["checkpoint={{checkpoint}}", "modes=[finetune]", "finetune.amp=bf16"]
+    variants: [ce]
+eval:
+  frozen:
+    module: eval.frozen
+    variants: [ce, ce_bf16, rot, rot_bf16]
+"""
+# per seed: frozen SVM best layer (fraction) of the pretext variants, fine-tuned mAP of the tasks
+SVM = {
+    "ce": [0.30, 0.32, 0.34],
+    "ce_bf16": [0.31, 0.35, 0.34],
+    "rot": [0.4] * 3,
+    "rot_bf16": [0.4] * 3,
+}
+FINETUNE = {("classify", "ce"): [0.20, 0.22, 0.24], ("classify", "ce_bf16"): [0.2, 0.2, 0.2],
+            ("classify_bf16", "ce"): [0.22, 0.22, 0.27]}  # fmt: skip
+
+
+def fake_runs(tmp_path):
+    path = tmp_path / "fake_precision.yaml"
+    path.write_text(PROFILE.format(root=tmp_path))
+    profile = load_profile(path)
+    for job in expand(profile):
+        run_dir = Path(job.run_dir)
+        run_dir.mkdir(parents=True)
+        info = {"stage": job.stage, "task": job.task, "variant": job.variant, "seed": job.seed}
+        (run_dir / "run.json").write_text(json.dumps({**info, "status": "done"}))
+        result = {}
+        if job.stage == "pretext" and job.variant.startswith("ce"):  # 8 logged losses
+            lift = 0.1 if job.variant == "ce_bf16" else 0.0
+            for k in range(8):
+                append_jsonl(run_dir / "metrics.jsonl", {"step": k, "loss": k + lift + job.seed})
+            result = {"train_time_s": 120.0 if job.variant == "ce" else 60.0 + job.seed}
+        elif job.task == "frozen":
+            result = {"svm_best_mAP": SVM[job.variant][job.seed]}
+        elif job.stage == "transfer":
+            result = {"finetune_mAP": FINETUNE[(job.task, job.variant)][job.seed]}
+        (run_dir / "result.json").write_text(json.dumps(result))
+    return profile
+
+
+def test_amp_value_finds_the_setting_of_any_section():
+    assert amp_value(["a=1", "amp=bf16"]) == ("bf16", ["a=1"])
+    assert amp_value(["finetune.amp=bf16", "b=2"]) == ("bf16", ["b=2"])
+    assert amp_value(["damp=3"]) == (None, ["damp=3"])
+
+
+def test_pairs_are_found_by_config_and_the_other_overrides(tmp_path):
+    profile = fake_runs(tmp_path)
+    # rot_other has no fp32 partner (optim.steps=20); ce_off is fp32 (amp=off), not a pair
+    assert variant_pairs(profile) == [("ce", "ce_bf16", "bf16"), ("rot", "rot_bf16", "bf16")]
+    assert task_pairs(profile) == [
+        (("transfer", "classify"), ("transfer", "classify_bf16"), "bf16")
+    ]
+
+
+def paired(diffs):
+    d = pd.Series(diffs)
+    half = T_975_2 * d.std() / len(d) ** 0.5
+    return d.mean(), d.mean() - half, d.mean() + half
+
+
+def test_table_holds_the_paired_differences_computed_by_hand(tmp_path):
+    profile = fake_runs(tmp_path)
+    out = Path(profile.results_dir)
+    out.mkdir(parents=True)
+    lines = write_precision(collect_runs(profile.runs_root), profile, out)
+    table = pd.read_csv(out / "precision.csv")
+    ce = table[table["compared"] == "pretext: CE bf16 vs CE fp32"].set_index("metric")
+
+    svm = ce.loc["frozen SVM best layer, mAP"]
+    mean, low, high = paired([1.0, 3.0, 0.0])  # (0.31-0.30, 0.35-0.32, 0.34-0.34) x 100
+    assert (svm["n"], svm["fp32_mean"], svm["low_mean"]) == (
+        3,
+        pytest.approx(32.0),
+        pytest.approx(33.333333),
+    )
+    assert (svm["diff"], svm["ci_low"], svm["ci_high"]) == pytest.approx((mean, low, high))
+    assert not svm["excludes_0"]
+
+    # losses k + seed (+0.1 for bf16), k = 0..7: first quarter k in {0, 1}, last k in {6, 7}
+    first, last = ce.loc["pretext loss, first quarter"], ce.loc["pretext loss, last quarter"]
+    assert (first["fp32_mean"], last["fp32_mean"]) == pytest.approx((1.5, 7.5))
+    assert (first["diff"], last["diff"]) == pytest.approx((0.1, 0.1))
+    time = ce.loc["pretext train time, min"]  # 2 min fp32; 1, 61/60, 62/60 min bf16
+    assert time["diff"] == pytest.approx(-59 / 60) and bool(time["excludes_0"])
+    # rows with nothing recorded on both sides are left out (no classify on rot, no loss lines)
+    rot = table[table["compared"].str.startswith("pretext: rot_bf16")]
+    assert set(rot["metric"]) == {"frozen SVM best layer, mAP"}
+    assert rot["diff"].iloc[0] == pytest.approx(0.0)
+
+    task = table[table["compared"] == "classify_bf16 vs classify, on CE fp32"].set_index("metric")
+    mean, low, high = paired([2.0, 0.0, 3.0])
+    row = task.loc["fine-tuned classification, mAP"]
+    assert (row["diff"], row["ci_low"], row["ci_high"]) == pytest.approx((mean, low, high))
+    text = (out / "precision.md").read_text()
+    assert "\n".join(lines) == text and "Differences whose interval excludes 0:" in text
+    assert "- pretext: CE bf16 vs CE fp32, pretext train time, min: Δ -0.98" in text
+
+
+def test_a_profile_without_amp_pairs_has_no_precision_section(tmp_path):
+    profile = load_profile(profile_path("builtin"))
+    runs = pd.DataFrame([{"stage": "eval", "task": "frozen", "variant": "ce", "seed": 0,
+                          "run_dir": "x", "status": "done"}])  # fmt: skip
+    assert write_precision(runs, profile, tmp_path) == []
+    assert not (tmp_path / "precision.md").exists()
+
+
+def test_the_precision_profile_pairs_every_trained_method_and_fine_tuning():
+    profile = load_profile(profile_path("precision"))
+    fp32 = {p[0] for p in variant_pairs(profile)}
+    assert fp32 == {"context_encoder", "rotation", "autoencoder", "relative_location", "supervised"}
+    assert task_pairs(profile) == [
+        (("transfer", "classify"), ("transfer", "classify_bf16"), "bf16")
+    ]
