@@ -33,6 +33,8 @@ FULL = [
     ("retrieval_100k", "bench.retrieval", ["--n", "100000", "--dim", "1024", "--queries", "1000"]),
     ("data_path_alexnet227", "bench.data_path", ["--arch", "alexnet227", "--batch", "32", "--batches", "8", "--steps", "2"]),
     ("data_path_small64", "bench.data_path", ["--arch", "small64", "--batch", "32", "--batches", "8", "--steps", "3"]),
+    ("stages_small64", "bench.stage_precision", ["--arch", "small64", "--iters", "5"]),
+    ("stages_alexnet227", "bench.stage_precision", ["--arch", "alexnet227", "--iters", "3", "--finetune-batch", "16", "--feature-batch", "32"]),
 ]  # fmt: skip
 # `python -m bench.run --device cuda` (a GPU machine): the trainer's GPU defaults (bf16 autocast,
 # channels_last) against the eager fp32 baseline, plus torch.compile on the 128-px network, each with
@@ -48,6 +50,7 @@ TINY = [
     ("step_small64", "bench.step", ["--arch", "small64", "--batch", "4", "--iters", "1", "--pipeline-batches", "1"]),
     ("retrieval_10k", "bench.retrieval", ["--n", "400", "--dim", "16", "--queries", "20"]),
     ("retrieval_100k", "bench.retrieval", ["--n", "1600", "--dim", "16", "--queries", "20"]),
+    ("stages_small64", "bench.stage_precision", ["--arch", "small64", "--iters", "1", "--finetune-batch", "2", "--feature-batch", "2"]),
 ]  # fmt: skip
 
 
@@ -229,6 +232,38 @@ def bf16_markdown(runs: dict) -> list[str]:
     return lines
 
 
+def stages_markdown(runs: dict) -> list[str]:
+    """The stages after pretext in bf16 beside fp32 (bench.stage_precision), where recorded."""
+    stages = [r for n, r in runs.items() if n.startswith("stages_")]
+    if not stages:
+        return []
+    lines = [
+        "",
+        "## 5. The stages after pretext: bf16 autocast beside fp32, same process",
+        "",
+        f"{stages[0]['cpu_bf16']}. Fine-tuning: one `transfer.classify.train_step` (encoder + mlp "
+        "head, Adam); features: `core.features.batch_features`, conv1..conv5 + bottleneck (the "
+        "frozen protocols' and retrieval's extraction). Median of alternating timed calls.",
+        "",
+        "| network | stage | batch | fp32 img/s | bf16 img/s | bf16 / fp32 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in stages:
+        e = r.get("environment")
+        where = (
+            f"; {e['cpu']}, {e['commit']}, load {e['load_before']} / {e['load_after']}" if e else ""
+        )
+        for stage in ("finetune", "features"):
+            row = r[stage]
+            speedup = f"**{row['bf16_speedup']:.2f}x**" if "bf16_speedup" in row else "not timed"
+            lines.append(
+                f"| {r['arch']} ({r['threads']} threads{where}) | {stage} | {row['batch']} | "
+                f"{_f(row['fp32_images_per_s'])} | "
+                f"{_f(row.get('bf16_images_per_s'))} | {speedup} |"
+            )
+    return lines
+
+
 def markdown(res: dict, gpu: dict | None = None) -> str:
     env = res["environment"]
     lines = [
@@ -302,6 +337,7 @@ def markdown(res: dict, gpu: dict | None = None) -> str:
         lines += ["", f"Growth with n (exponent b in time ~ n^b, n = {res['runs']['retrieval_10k']['n']} -> {res['runs']['retrieval_100k']['n']}): " + ", ".join(
             f"{k} {v:.2f}" for k, v in sc.items()) + "."]  # fmt: skip
     lines += data_path_markdown(res)
+    lines += stages_markdown(res["runs"])
     lines += [
         "",
         "## GPU",
@@ -363,7 +399,10 @@ def main(args: argparse.Namespace) -> dict:
             print(f"[bench] {name}", flush=True)
             try:
                 runs[name] = run_one(module, margs, Path(tmp) / f"{name}.json", args.tiny)
-                if module == "bench.data_path":  # its own provenance: --only re-runs it alone
+                if module in (
+                    "bench.data_path",
+                    "bench.stage_precision",
+                ):  # own provenance (--only)
                     runs[name]["environment"] = {"date": time.strftime("%Y-%m-%d"), "commit": _commit(),
                         "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)),
                         "load_before": load_one, "load_after": _load()}  # fmt: skip

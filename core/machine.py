@@ -40,13 +40,17 @@ def cpu_model() -> str:
 # ---- precision: which autocast dtype a step runs in ----------------------------------------------
 
 # The stages whose bf16 autocast on a CPU is checked against fp32 on val (docs/precision.md): for
-# them ``amp=auto`` is bf16 on a CPU with bf16 matrix units. Empty until that check is run, so
-# every CPU still trains in fp32 and the table's numbers are unchanged on every machine.
+# them ``amp=auto`` is bf16 on a CPU with bf16 matrix units (AMX). Stage names: ``pretext`` (every
+# pretext method, the supervised one included) and ``classify`` (transfer.classify's fine-tuning).
+# Empty until that check has been run on such a CPU, so every CPU still trains in fp32 and the
+# table's numbers are unchanged on every machine.
 CPU_BF16_STAGES: frozenset[str] = frozenset()
 
-# The CPU flags (Linux /proc/cpuinfo) of bf16 matrix units: Intel AMX tiles, AVX512-BF16 (Zen 4,
-# Cooper Lake and later Xeons); oneDNN runs a bf16 matmul natively on either.
-BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# The CPU flags (Linux /proc/cpuinfo) of native bf16 arithmetic, which oneDNN uses for a bf16
+# matmul / convolution: Intel AMX tiles (``amx_bf16``: matrix units, Sapphire Rapids and later) and
+# the AVX512-BF16 dot-product instructions (``avx512_bf16``: vector units, AMD Zen 4, Cooper Lake).
+MATRIX_BF16_FLAG = "amx_bf16"
+BF16_FLAGS = (MATRIX_BF16_FLAG, "avx512_bf16")
 
 
 def cpu_flags() -> set[str]:
@@ -55,12 +59,18 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_bf16(flags: set[str] | None = None) -> tuple[bool, str]:
-    """(whether the CPU has bf16 matrix units, why) from its ``flags`` (default: :func:`cpu_flags`)."""
+    """(whether the CPU does bf16 arithmetic natively, with matrix or vector units, why) from its
+    ``flags`` (default: :func:`cpu_flags`). Where it does not, bf16 is emulated."""
     flags = cpu_flags() if flags is None else set(flags)
     found = [f for f in BF16_FLAGS if f in flags]
-    if found:
+    if MATRIX_BF16_FLAG in flags:
         return True, f"the CPU has bf16 matrix units ({' '.join(found)})"
-    return False, f"the CPU has no bf16 matrix units (no {' / '.join(BF16_FLAGS)} flag)"
+    if found:
+        return True, (
+            f"the CPU has bf16 vector instructions ({' '.join(found)}) but no bf16 matrix units "
+            f"(no {MATRIX_BF16_FLAG} flag)"
+        )
+    return False, f"the CPU has no native bf16 (no {' / '.join(BF16_FLAGS)} flag)"
 
 
 PRECISIONS = {"bf16": "bfloat16", "fp16": "float16"}  # amp= value -> torch dtype name
@@ -78,10 +88,11 @@ def resolve_amp(
 ) -> tuple[torch.dtype | None, str]:
     """(autocast dtype or None for fp32, why) of ``amp`` (auto | off | bf16 | fp16) on ``device``.
 
-    ``off``: fp32. ``bf16`` / ``fp16``: that dtype (bf16 on a CPU without bf16 units is emulated,
+    ``off``: fp32. ``bf16`` / ``fp16``: that dtype (bf16 on a CPU without native bf16 is emulated,
     said in the reason). ``auto``: bf16 on a GPU; on a CPU bf16 only where it has bf16 matrix units
-    (:func:`cpu_bf16` of ``flags``) and the stage is ``validated_on_cpu`` (:data:`CPU_BF16_STAGES`),
-    else fp32.
+    (``amx_bf16`` in ``flags``, the Intel Xeon type here) and the stage is ``validated_on_cpu``
+    (:data:`CPU_BF16_STAGES`), else fp32: a CPU with bf16 vector instructions only (``avx512_bf16``,
+    the AMD EPYC type here) stays fp32 under ``auto`` and runs bf16 with ``amp=bf16`` (docs/precision.md).
     """
     import torch
 
@@ -100,9 +111,10 @@ def resolve_amp(
         return torch.bfloat16, "amp=auto on a GPU: bf16"
     if device.type != "cpu":
         return None, f"amp=auto on {device.type}: fp32"
-    units, why = cpu_bf16(flags)
-    if not units:
-        return None, f"amp=auto on the CPU: fp32; {why}"
+    flags = cpu_flags() if flags is None else set(flags)
+    native, why = cpu_bf16(flags)
+    if MATRIX_BF16_FLAG not in flags:
+        return None, f"amp=auto on the CPU: fp32; {why}" + ("; amp=bf16 forces bf16" * native)
     if not validated_on_cpu:
         return None, (
             f"amp=auto on the CPU: fp32; {why}, but this stage's bf16 quality on val is not "

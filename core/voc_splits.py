@@ -18,12 +18,13 @@ from core.run_folder import TransferError
 log = logging.getLogger(__name__)
 
 
-def voc_root(path: str | Path) -> Path:
-    """``path`` as a VOC root; the built-in mini-VOC is generated when its default root is missing."""
+def voc_root(path: str | Path, key: str = "--data ") -> Path:
+    """``path`` as a VOC root; the built-in mini-VOC is generated when its default root is missing.
+    ``key``: how the stage's user names it, in the message of a missing root."""
     root = Path(path)
     ensure_builtin(root)
     if not root.is_dir():
-        raise TransferError(f"{root}: VOC root not found (give --data <VOCdevkit/VOC2007>)")
+        raise TransferError(f"{root}: VOC root not found (give {key}<VOCdevkit/VOC2007>)")
     if (root / "VOC2007").is_dir() or (root / "VOC2012").is_dir():
         raise TransferError(
             f"{root}: this is a VOCdevkit folder; give the year folder, e.g. {root / 'VOC2007'}"

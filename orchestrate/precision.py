@@ -164,11 +164,12 @@ def write_precision(runs: pd.DataFrame, profile: Profile, out: Path) -> list[str
         return []
     atomic_write_text(out / "precision.csv", table.drop(columns="cell").to_csv(index=False))
     fmt = lambda m, s: f"{m:.3g}" + ("" if np.isnan(s) else f" ± {s:.2g}")  # noqa: E731
+    low = table["amp"].iloc[0] if table["amp"].nunique() == 1 else "low precision"
     shown = pd.DataFrame({
         "compared": table["compared"], "metric": table["metric"], "n": table["n"],
         "fp32": [fmt(m, s) for m, s in zip(table["fp32_mean"], table["fp32_std"])],
-        "low precision": [fmt(m, s) for m, s in zip(table["low_mean"], table["low_std"])],
-        "low − fp32 [95% CI]": table["cell"],
+        low: [fmt(m, s) for m, s in zip(table["low_mean"], table["low_std"])],
+        f"{low} − fp32 [95% CI]": table["cell"],
     })  # fmt: skip
     excluded = table[table["excludes_0"]]
     verdict = [f"- {r.compared}, {r.metric}: {r.cell}" for r in excluded.itertuples()]
@@ -176,8 +177,9 @@ def write_precision(runs: pd.DataFrame, profile: Profile, out: Path) -> list[str
         "## Precision: bf16 autocast against fp32, paired by seed",
         "",
         to_markdown(shown),
-        "Mean ± sample std over seeds; low precision − fp32 with the paired-seed 95% t-interval "
-        "(`*`: it excludes 0). Evaluations in the profile's splits (precision.yaml: train -> val).",
+        f"Mean ± sample std over seeds; {low} − fp32 with the paired-seed 95% t-interval "
+        "(`*`: it excludes 0; at 95% about 1 in 20 intervals excludes 0 where nothing differs). "
+        "Evaluations in the profile's splits (precision.yaml: train -> val).",
         "",
         "Differences whose interval excludes 0:" if verdict else "No interval excludes 0.",
         *verdict,

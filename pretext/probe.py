@@ -70,7 +70,7 @@ def check_config(p: ProbeConfig) -> None:
 def check_data(p: ProbeConfig) -> None:
     """What :class:`Probe` opens, without reading an image: the VOC root, its classes and both
     split files (a UserError naming the file)."""
-    root = voc_root(p.data)
+    root = voc_root(p.data, "probe.data=")
     dataset_classes(root)
     for split in (p.bank_split, p.query_split):
         require_split(root, split)

@@ -61,7 +61,7 @@ def test_tiny_bench_writes_json_and_markdown(tmp_path):
     assert (
         saved["runs"].keys()
         == res["runs"].keys()
-        == {"step_small64", "retrieval_10k", "retrieval_100k"}
+        == {"step_small64", "retrieval_10k", "retrieval_100k", "stages_small64"}
     )
     s = saved["runs"]["step_small64"]["step"]
     for key in ("baseline_images_per_s", "ours_images_per_s", "gflop_per_image", "matmul_gflops"):
@@ -78,8 +78,15 @@ def test_tiny_bench_writes_json_and_markdown(tmp_path):
         assert 0 <= r["recall_at_k"] <= 1 and r["speedup"] > 0
         assert r["faiss"]["chosen"] in r["faiss"]["sweep"]
     assert set(saved["retrieval_scaling"]) >= {"brute_query", "faiss_build"}
+    st = saved["runs"]["stages_small64"]
+    for stage in ("finetune", "features"):
+        assert st[stage]["fp32_images_per_s"] > 0
+        if st["bf16_timed"]:  # a CPU with bf16 units: both precisions, side by side
+            ratio = st[stage]["bf16_images_per_s"] / st[stage]["fp32_images_per_s"]
+            assert st[stage]["bf16_speedup"] == pytest.approx(ratio)
     md = (tmp_path / "bench.md").read_text()
     assert "speed-up" in md and "small64" in md and "recall@10" in md
+    assert "## 5. The stages after pretext" in md
 
 
 def _fake_step(arch: str, compiled: bool) -> dict:
@@ -151,3 +158,19 @@ def test_bf16_rows_render_only_the_steps_that_timed_bf16():
     assert not any(line.startswith("| inpaint128") for line in lines)
     assert "bf16 matrix units (x)" in "\n".join(lines)
     assert run.bf16_markdown({"step_inpaint128": {"step": {"arch": "inpaint128"}}}) == []
+
+
+@pytest.mark.parametrize("units", [True, False])
+def test_stage_precision_times_bf16_only_where_the_cpu_has_units(monkeypatch, units):
+    from bench import stage_precision
+
+    why = "the CPU has bf16 matrix units (x)" if units else "the CPU has no bf16 matrix units"
+    monkeypatch.setattr(stage_precision, "cpu_bf16", lambda: (units, why))
+    monkeypatch.setattr(stage_precision, "matmul_gflops", lambda dtype=None: 1.0)
+    out = stage_precision.measure("small64", iters=1, finetune_batch=2, feature_batch=2)
+    assert out["bf16_timed"] is units and out["cpu_bf16"] == why
+    for stage in ("finetune", "features"):
+        assert out[stage]["fp32_images_per_s"] > 0
+        assert ("bf16_images_per_s" in out[stage]) is units
+        assert ("bf16_speedup" in out[stage]) is units
+    assert ("bf16_matmul_gflops" in out) is units

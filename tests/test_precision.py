@@ -26,7 +26,10 @@ CPU, GPU = torch.device("cpu"), torch.device("cuda")
 def test_cpu_bf16_reads_the_flags(flags, units, named):
     has, why = cpu_bf16(flags)
     assert has is units
-    assert (named in why) if units else ("no bf16 matrix units" in why)
+    assert (named in why) if units else ("no native bf16" in why)
+    assert ("has bf16 matrix units" in why) is (
+        "amx_bf16" in flags
+    )  # AMX: matrix; AVX512-BF16: vector
 
 
 @pytest.mark.parametrize("flags", [AMX, AVX512_BF16, NEITHER])
@@ -37,13 +40,15 @@ def test_off_is_fp32_and_a_gpu_gets_bf16_on_any_cpu(flags):
     assert resolve_amp("fp16", GPU, False, flags)[0] is torch.float16
 
 
-@pytest.mark.parametrize(("flags", "units"), [(AMX, True), (AVX512_BF16, True), (NEITHER, False)])
-def test_auto_on_a_cpu_is_bf16_only_with_bf16_units_and_a_validated_stage(flags, units):
+@pytest.mark.parametrize(("flags", "units"), [(AMX, True), (AVX512_BF16, False), (NEITHER, False)])
+def test_auto_on_a_cpu_is_bf16_only_with_bf16_matrix_units_and_a_validated_stage(flags, units):
+    # matrix units: AMX (the Xeon type); AVX512-BF16 alone (the AMD Zen 4 type) stays fp32
     dtype, why = resolve_amp("auto", CPU, validated_on_cpu=True, flags=flags)
     assert dtype is (torch.bfloat16 if units else None), why
     dtype, why = resolve_amp("auto", CPU, validated_on_cpu=False, flags=flags)
     assert dtype is None
     assert ("not checked yet" in why) is units  # the reason says which condition failed
+    assert ("amp=bf16 forces" in why) is (flags != NEITHER)
 
 
 @pytest.mark.parametrize(

@@ -121,6 +121,7 @@ def test_bad_probe_data_is_one_line_and_writes_nothing(tiny_train_args, tmp_path
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and str(missing) in last and "Traceback" not in proc.stderr
+    assert "give probe.data=<" in last  # the key that names it, not transfer's --data
     assert not (tmp_path / "run").exists()
     with pytest.raises(Exception, match=str(missing)):  # the pre-flight's check, the same one
         input_checks(parse_config(args))[-1].check()

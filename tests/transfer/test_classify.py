@@ -127,7 +127,9 @@ def test_finetune_amp_sets_the_steps_precision_and_is_recorded(
 ):
     from core import machine
 
-    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(
+        machine, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+    )  # AMX
     monkeypatch.setattr(classify, "CPU_BF16_STAGES", frozenset({"classify"} if validated else ()))
     seen = _linear_dtypes(monkeypatch)
     run = tmp_path / "run"
