@@ -1,11 +1,11 @@
 """The budget profile's job graph (counted by hand) and its figure / table / crossings from
 hand-written run records (orchestrate/budget.py)."""
 
-import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from recorded_runs import fake_profile, record
 
 from core.atomic_io import append_jsonl
 from orchestrate.budget import write_budget
@@ -34,14 +34,8 @@ def test_budget_profile_expands_to_the_jobs_counted_by_hand():
     assert steps == {"100", "400", "1600"}
 
 
-PROFILE = """
-name: fake_budget
-runs_root: {root}/runs
-results_dir: {root}/results
-data: /nowhere
-seeds: [0, 1, 2]
-pretext:
-  config: pretext/configs/builtin.yaml
+# the profile after recorded_runs.HEAD
+PROFILE = """\
   variants:
     random_init: {{title: "Random initialization", overrides: [method=random_init]}}
     kmeans_init: {{title: "k-means init"}}
@@ -63,25 +57,18 @@ FROZEN = {
 def fake_runs(tmp_path):
     """The profile's run folders as the pipeline leaves them (run.json, result.json, the pretext
     runs' config.yaml with batch size 8 and the probe's metrics.jsonl lines)."""
-    path = tmp_path / "fake_budget.yaml"
-    path.write_text(PROFILE.format(root=tmp_path))
-    profile = load_profile(path)
+    profile = fake_profile(tmp_path, "fake_budget", PROFILE)
     for job in expand(profile):
-        run_dir = Path(job.run_dir)
-        run_dir.mkdir(parents=True)
-        info = {"stage": job.stage, "task": job.task, "variant": job.variant, "seed": job.seed}
-        (run_dir / "run.json").write_text(json.dumps({**info, "status": "done"}))
         if job.stage == "pretext":
             steps = int(job.variant.split("=")[1]) if "," in job.variant else 0
-            result = {"steps": steps}
+            run_dir = record(job, {"steps": steps})
             (run_dir / "config.yaml").write_text("optim:\n  batch_size: 8\n")
             for s in range(0, steps + 1, 200) if steps else ():
                 append_jsonl(run_dir / "metrics.jsonl", {"step": s, "images_seen": 8 * s,
                              "probe/knn_conv5_mAP": 0.2 + s / 4000 + 0.01 * job.seed})  # fmt: skip
         else:
             best, conv5 = FROZEN[job.variant]
-            result = {"svm_best_mAP": best[job.seed], "svm_conv5_mAP": conv5[job.seed]}
-        (run_dir / "result.json").write_text(json.dumps(result))
+            record(job, {"svm_best_mAP": best[job.seed], "svm_conv5_mAP": conv5[job.seed]})
     return profile
 
 

@@ -2,11 +2,11 @@
 (orchestrate/precision.py): the pairing rule, the paired intervals computed by hand, the loss
 quarters from metrics.jsonl, and no section for a profile without amp pairs."""
 
-import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from recorded_runs import fake_profile, record
 
 from core.atomic_io import append_jsonl
 from orchestrate.jobs import expand
@@ -16,14 +16,8 @@ from orchestrate.tables import collect_runs
 
 T_975_2 = 4.302653  # t quantile, 2 degrees of freedom (3 paired seeds)
 
-PROFILE = """
-name: fake_precision
-runs_root: {root}/runs
-results_dir: {root}/results
-data: /nowhere
-seeds: [0, 1, 2]
-pretext:
-  config: pretext/configs/builtin.yaml
+# the profile after recorded_runs.HEAD
+PROFILE = """\
   overrides: [data.num_workers=0]
   variants:
     random_init: {{overrides: [method=random_init]}}
@@ -59,25 +53,21 @@ FINETUNE = {("classify", "ce"): [0.20, 0.22, 0.24], ("classify", "ce_bf16"): [0.
 
 
 def fake_runs(tmp_path):
-    path = tmp_path / "fake_precision.yaml"
-    path.write_text(PROFILE.format(root=tmp_path))
-    profile = load_profile(path)
+    """The profile's run folders as the pipeline leaves them, with the CE runs' loss lines."""
+    profile = fake_profile(tmp_path, "fake_precision", PROFILE)
     for job in expand(profile):
-        run_dir = Path(job.run_dir)
-        run_dir.mkdir(parents=True)
-        info = {"stage": job.stage, "task": job.task, "variant": job.variant, "seed": job.seed}
-        (run_dir / "run.json").write_text(json.dumps({**info, "status": "done"}))
         result = {}
-        if job.stage == "pretext" and job.variant.startswith("ce"):  # 8 logged losses
-            lift = 0.1 if job.variant == "ce_bf16" else 0.0
-            for k in range(8):
-                append_jsonl(run_dir / "metrics.jsonl", {"step": k, "loss": k + lift + job.seed})
+        if job.stage == "pretext" and job.variant.startswith("ce"):
             result = {"train_time_s": 120.0 if job.variant == "ce" else 60.0 + job.seed}
         elif job.task == "frozen":
             result = {"svm_best_mAP": SVM[job.variant][job.seed]}
         elif job.stage == "transfer":
             result = {"finetune_mAP": FINETUNE[(job.task, job.variant)][job.seed]}
-        (run_dir / "result.json").write_text(json.dumps(result))
+        run_dir = record(job, result)
+        if job.stage == "pretext" and job.variant.startswith("ce"):  # 8 logged losses
+            lift = 0.1 if job.variant == "ce_bf16" else 0.0
+            for k in range(8):
+                append_jsonl(run_dir / "metrics.jsonl", {"step": k, "loss": k + lift + job.seed})
     return profile
 
 

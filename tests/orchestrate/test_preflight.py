@@ -61,7 +61,7 @@ def test_every_mistake_is_reported_at_once_grouped_and_nothing_starts(
         "    unknown key(s) ['finetune.epochz']; valid keys: finetune.epochs, finetune.batch_size, "
         "finetune.optimizer, finetune.lr, finetune.encoder_lr_mult, finetune.momentum, "
         "finetune.weight_decay, finetune.warmup_epochs, finetune.head, finetune.hidden, "
-        "finetune.dropout, finetune.rescale, finetune.rescale_batch, finetune.clip_grad "
+        "finetune.dropout, finetune.rescale, finetune.rescale_batch, finetune.clip_grad, finetune.amp "
         "[2 jobs: transfer/classify/ce/seed0, transfer/classify/ae/seed0]",
         "  missing files and folders:",
         f"    {t}/no_pretrain_set/VOC2007",
