@@ -15,17 +15,26 @@ setting, which this module finds in the profile itself:
 Every difference is bf16 − fp32 over the seeds both have, with the paired 95% t-interval of
 :func:`orchestrate.tables.difference_ci`. Written: ``precision.csv`` / ``precision.md`` in the
 results folder; the Markdown section goes into its README.
+
+The same profile's results folders from several machines (their ``runs.csv``) pool into one
+comparison with n = seeds x machines, each (machine, seed) a pair (``precision_pooled.md``); the
+loss curves, which need the run folders, are left out:
+
+    python -m orchestrate.precision --profile precision --out results/precision \
+        results/precision results/machines/amd_epyc/precision --names "Intel Xeon" "AMD EPYC"
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from core.atomic_io import atomic_write_text, read_jsonl
-from orchestrate.profile import Profile
+from core.cli import UserError, run_cli
+from orchestrate.profile import Profile, load_profile, profile_path
 from orchestrate.tables import difference_ci, format_difference, to_markdown
 
 OFF = ("off", "auto")
@@ -106,10 +115,38 @@ def loss_quarters(run_dir: str | Path) -> dict[str, float]:
             "loss_last_quarter": float(np.mean(losses[-q:]))}  # fmt: skip
 
 
-def values(runs: pd.DataFrame, stage: str, task: str, variant: str, key: str) -> dict[int, float]:
-    """{seed: value} of ``key`` over the finished runs of (stage, task, variant)."""
+def trained_in(runs: pd.DataFrame, sel: pd.DataFrame, of_pretext: bool) -> pd.Series:
+    """The recorded precision of each row of ``sel`` (a part of ``runs``): its own (a pretext run,
+    a fine-tuning run), or with ``of_pretext`` that of the pretext run of its variant and seed (an
+    evaluation of it); NaN where none is recorded (folders from before the record)."""
+    if "precision" not in runs:
+        return pd.Series(np.nan, index=sel.index, dtype=object)
+    if not of_pretext:
+        return sel["precision"]
+    pre = runs[runs["stage"] == "pretext"].set_index(["variant", "seed"])["precision"]
+    return pd.Series([pre.get((v, s)) for v, s in zip(sel["variant"], sel["seed"])],
+                     index=sel.index, dtype=object)  # fmt: skip
+
+
+def values(
+    runs: pd.DataFrame, stage: str, task: str, variant: str, key: str,
+    precision: str | None = None, of_pretext: bool = False, left_out: set | None = None,
+) -> dict[int, float]:  # fmt: skip
+    """{seed: value} of ``key`` over the finished runs of (stage, task, variant); with
+    ``precision``, only those that trained in it (:func:`trained_in`; unrecorded ones count):
+    ``amp=auto`` resolves per machine, so a partner without ``amp`` is fp32 only where its run
+    folder says so. The runs left out go into ``left_out`` as (task, variant, seed, recorded)."""
     sel = runs[(runs["stage"] == stage) & (runs["task"] == task) & (runs["variant"] == variant)]
     sel = sel[sel["status"] == "done"]
+    if precision is not None:
+        got = trained_in(runs, sel, of_pretext)
+        keep = got.isna() | (got == precision)
+        if left_out is not None:
+            what = "pretext" if of_pretext else task
+            left_out.update(
+                (what, variant, int(s), g) for s, g in zip(sel["seed"][~keep], got[~keep])
+            )
+        sel = sel[keep]
     if key.startswith("loss_"):
         out = {int(r.seed): loss_quarters(r.run_dir).get(key) for r in sel.itertuples()}
         return {s: v for s, v in out.items() if v is not None}
@@ -120,11 +157,13 @@ def values(runs: pd.DataFrame, stage: str, task: str, variant: str, key: str) ->
 
 
 def row(what: str, amp: str, label: str, fp32: dict, low: dict, scale: float) -> dict | None:
-    """One compared metric: n, means and stds of both, bf16 − fp32 with its interval."""
-    if not fp32 or not low:
+    """One compared metric over the seeds both sides have: n, means and stds of both, bf16 − fp32
+    with its paired interval."""
+    seeds = fp32.keys() & low.keys()
+    if not seeds:
         return None
-    fp32 = {s: v * scale for s, v in fp32.items()}
-    low = {s: v * scale for s, v in low.items()}
+    fp32 = {s: fp32[s] * scale for s in sorted(seeds)}
+    low = {s: low[s] * scale for s in sorted(seeds)}
     d = difference_ci(low, fp32)
     std = lambda x: float(np.std(list(x.values()), ddof=1)) if len(x) > 1 else np.nan  # noqa: E731
     return {"compared": what, "amp": amp, "metric": label, "n": d.n, "test": d.test,
@@ -134,35 +173,46 @@ def row(what: str, amp: str, label: str, fp32: dict, low: dict, scale: float) ->
             "excludes_0": bool(d.significant), "cell": format_difference(d, 2)}  # fmt: skip
 
 
-def precision_table(runs: pd.DataFrame, profile: Profile) -> pd.DataFrame:
-    """One line per compared (pair, metric) of ``profile`` in ``runs``."""
+def precision_table(
+    runs: pd.DataFrame, profile: Profile, left_out: set | None = None, losses: bool = True
+) -> pd.DataFrame:
+    """One line per compared (pair, metric) of ``profile`` in ``runs`` (the loss curves only with
+    ``losses``); the runs left out for a recorded precision other than the pair's go into
+    ``left_out`` (:func:`values`)."""
     titles = {n: s.title or n for n, s in profile.pretext.variants.items()}
     rows = []
     for fp32, low, amp in variant_pairs(profile):
         what = f"pretext: {titles[low]} vs {titles[fp32]}"
         for stage, task, key, scale, label in VARIANT_METRICS:
-            a = values(runs, stage, task, fp32, key)
-            b = values(runs, stage, task, low, key)
+            if key.startswith("loss_") and not losses:
+                continue
+            a = values(runs, stage, task, fp32, key, "fp32", True, left_out)
+            b = values(runs, stage, task, low, key, amp, True, left_out)
             rows.append(row(what, amp, label, a, b, scale))
     for (stage, fp32_task), (_, low_task), amp in task_pairs(profile):
         for variant in profile.tasks()[(stage, low_task)].variants:
             what = f"{low_task} vs {fp32_task}, on {titles.get(variant, variant)}"
             for key, scale, label in TASK_METRICS:
-                a = values(runs, stage, fp32_task, variant, key)
-                b = values(runs, stage, low_task, variant, key)
+                a = values(runs, stage, fp32_task, variant, key, "fp32", left_out=left_out)
+                b = values(runs, stage, low_task, variant, key, amp, left_out=left_out)
                 rows.append(row(what, amp, label, a, b, scale))
     return pd.DataFrame([r for r in rows if r is not None])
 
 
-def write_precision(runs: pd.DataFrame, profile: Profile, out: Path) -> list[str]:
-    """precision.csv / .md of ``profile`` from ``runs`` into ``out``; the README's Markdown section
-    (none when the profile compares no precisions)."""
+def write_precision(
+    runs: pd.DataFrame, profile: Profile, out: Path, name: str = "precision", where: str = "",
+    losses: bool = True,
+) -> list[str]:  # fmt: skip
+    """``<name>``.csv / .md of ``profile`` from ``runs`` into ``out`` (``where``: a sentence on
+    where the runs come from; ``losses``: with the loss curves, read from the run folders); the
+    README's Markdown section (none when the profile compares no precisions)."""
     if runs.empty or not (variant_pairs(profile) or task_pairs(profile)):
         return []
-    table = precision_table(runs, profile)
+    left_out: set = set()
+    table = precision_table(runs, profile, left_out, losses)
     if table.empty:
         return []
-    atomic_write_text(out / "precision.csv", table.drop(columns="cell").to_csv(index=False))
+    atomic_write_text(out / f"{name}.csv", table.drop(columns="cell").to_csv(index=False))
     fmt = lambda m, s: f"{m:.3g}" + ("" if np.isnan(s) else f" ± {s:.2g}")  # noqa: E731
     low = table["amp"].iloc[0] if table["amp"].nunique() == 1 else "low precision"
     shown = pd.DataFrame({
@@ -179,11 +229,70 @@ def write_precision(runs: pd.DataFrame, profile: Profile, out: Path) -> list[str
         to_markdown(shown),
         f"Mean ± sample std over seeds; {low} − fp32 with the paired-seed 95% t-interval "
         "(`*`: it excludes 0; at 95% about 1 in 20 intervals excludes 0 where nothing differs). "
-        "Evaluations in the profile's splits (precision.yaml: train -> val).",
+        f"Evaluations in the profile's splits (precision.yaml: train -> val).{where}",
         "",
         "Differences whose interval excludes 0:" if verdict else "No interval excludes 0.",
         *verdict,
         "",
     ]
-    atomic_write_text(out / "precision.md", "\n".join(lines))
+    if left_out:  # e.g. an fp32 partner without amp= that amp=auto trained in bf16 on this machine
+        lines += [
+            "Left out, as their run folder records another precision than their side of the pair "
+            "(task, variant, seed: recorded):",
+            *(f"- {t}, {v}, seed {s}: {g}" for t, v, s, g in sorted(left_out)),
+            "",
+        ]
+    atomic_write_text(out / f"{name}.md", "\n".join(lines))
     return lines
+
+
+SEED_OFFSET = 100  # the k-th pooled folder's seed s is seed k * 100 + s
+
+
+def pooled_runs(folders: list[Path]) -> pd.DataFrame:
+    """The run lists (``runs.csv``) of ``folders`` as one, the k-th folder's seeds offset by
+    k * :data:`SEED_OFFSET` so that each (machine, seed) is its own pair."""
+    frames = []
+    for k, folder in enumerate(folders):
+        path = folder / "runs.csv"
+        if not path.is_file():
+            raise UserError(f"{path}: no run list (a results folder of orchestrate.report)")
+        runs = pd.read_csv(path)
+        if not {"stage", "task", "variant", "seed", "status"} <= set(runs.columns):
+            raise UserError(f"{path}: not a run list of orchestrate.report")
+        if (runs["seed"] >= SEED_OFFSET).any():
+            raise UserError(f"{path}: seeds of {SEED_OFFSET} or more cannot be pooled")
+        frames.append(runs.assign(seed=runs["seed"] + k * SEED_OFFSET))
+    return pd.concat(frames, ignore_index=True)
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    p = argparse.ArgumentParser(description="bf16 against fp32, pooled over machines")
+    p.add_argument("folders", type=Path, nargs="+", help="results folders of the same profile")
+    p.add_argument("--profile", default="precision", help="the profile (name or yaml path)")
+    p.add_argument("--names", nargs="+", default=None, help="what each folder is (the CPUs)")
+    p.add_argument("--out", type=Path, required=True, help="write precision_pooled.csv/.md here")
+    args = p.parse_args(argv)
+    names = args.names or [str(f) for f in args.folders]
+    if len(names) != len(args.folders):
+        raise UserError(f"--names: {len(names)} names for {len(args.folders)} folders")
+    runs = pooled_runs(args.folders)
+    where = (
+        " Pooled: "
+        + "; ".join(
+            f"seeds {k * SEED_OFFSET}+ from `{f}` ({n})"
+            for k, (f, n) in enumerate(zip(args.folders, names))
+        )
+        + " (the loss curves need the run folders: left out)."
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    profile = load_profile(profile_path(args.profile))
+    lines = write_precision(runs, profile, args.out, "precision_pooled", where, losses=False)
+    if not lines:
+        raise UserError(f"{args.profile}: no precision pair with runs in {args.folders}")
+    print(f"wrote {args.out / 'precision_pooled.md'}")
+    return lines
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -112,8 +112,25 @@ RETRIEVAL_COLUMNS = (
 )
 
 
+# The run folder's meta.json keys of the precision a run trained in (core.machine.resolve_amp):
+# a pretext run's, a fine-tuning classification run's.
+PRECISION_KEYS = ("precision", "finetune_precision")
+
+
+def recorded_precision(run_dir: Path) -> str | None:
+    """``fp32`` / ``bf16`` / ``fp16``: what ``run_dir``'s meta.json records it trained in; None
+    where it records none (a stage without training steps, a folder from before the record)."""
+    try:
+        meta = json.loads((run_dir / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    found = [meta[k] for k in PRECISION_KEYS if isinstance(meta, dict) and k in meta]
+    return found[0] if found else None
+
+
 def collect_runs(root: str | Path) -> pd.DataFrame:
-    """One row per run folder under ``root`` (any depth): identity, status, metrics (``m.<key>``)."""
+    """One row per run folder under ``root`` (any depth): identity, status, the precision it
+    trained in where its meta.json records one (``precision``), metrics (``m.<key>``)."""
     rows = []
     for run_json in sorted(Path(root).rglob("run.json")):
         run_dir = run_json.parent
@@ -129,6 +146,9 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
             "run_dir": str(run_dir),
             "status": info.get("status", "pending"),
         }
+        precision = recorded_precision(run_dir)
+        if precision is not None:
+            row["precision"] = precision
         result = run_dir / "result.json"
         if result.exists():
             row["status"] = "done"

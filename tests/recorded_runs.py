@@ -27,10 +27,13 @@ def fake_profile(tmp_path: Path, name: str, body: str) -> Profile:
     return load_profile(path)
 
 
-def record(job: Job, result: dict) -> Path:
-    """``job``'s run folder, finished with ``result``: run.json (its identity) and result.json."""
+def record(job: Job, result: dict, meta: dict | None = None) -> Path:
+    """``job``'s run folder, finished with ``result``: run.json (its identity) and result.json;
+    with ``meta``, a meta.json of it (as the stages record e.g. their precision)."""
     run_dir = Path(job.run_dir)
     run_dir.mkdir(parents=True)
+    if meta is not None:
+        (run_dir / "meta.json").write_text(json.dumps(meta))
     info = {"stage": job.stage, "task": job.task, "variant": job.variant, "seed": job.seed}
     (run_dir / "run.json").write_text(json.dumps({**info, "status": "done"}))
     (run_dir / "result.json").write_text(json.dumps(result))

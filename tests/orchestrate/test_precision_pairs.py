@@ -86,9 +86,12 @@ def test_pairs_are_found_by_config_and_the_other_overrides(tmp_path):
     ]
 
 
+T_975_5 = 2.570582  # 5 degrees of freedom (6 pairs: 3 seeds on each of two machines)
+
+
 def paired(diffs):
     d = pd.Series(diffs)
-    half = T_975_2 * d.std() / len(d) ** 0.5
+    half = {3: T_975_2, 6: T_975_5}[len(d)] * d.std() / len(d) ** 0.5
     return d.mean(), d.mean() - half, d.mean() + half
 
 
@@ -145,3 +148,73 @@ def test_the_precision_profile_pairs_every_trained_method_and_fine_tuning():
     assert task_pairs(profile) == [
         (("transfer", "classify"), ("transfer", "classify_bf16"), "bf16")
     ]
+
+
+def test_runs_whose_recorded_precision_is_not_their_side_of_the_pair_are_left_out(tmp_path):
+    # amp=auto resolves per machine: on a CPU with AMX, a validated stage's "fp32" partner without
+    # amp= trains in bf16. Its run folder says so, and the comparison leaves it out, and says so.
+    profile = fake_runs(tmp_path)
+    root = Path(profile.runs_root)
+    (root / "pretext" / "ce" / "seed1" / "meta.json").write_text('{"precision": "bf16"}')
+    for seed in (0, 2):
+        (root / "pretext" / "ce" / f"seed{seed}" / "meta.json").write_text('{"precision": "fp32"}')
+    for seed in range(3):
+        (root / "pretext" / "ce_bf16" / f"seed{seed}" / "meta.json").write_text(
+            '{"precision": "bf16"}'
+        )
+    ft = root / "transfer" / "classify_bf16" / "ce" / "seed2" / "meta.json"
+    ft.write_text('{"finetune_precision": "fp32"}')  # a bf16 task that ran fp32: left out too
+    runs = collect_runs(root)
+    pre = runs[runs["stage"] == "pretext"].set_index(["variant", "seed"])["precision"]
+    assert pre[("ce", 1)] == "bf16" and pre[("ce", 0)] == "fp32" and pd.isna(pre[("rot", 0)])
+    out = Path(profile.results_dir)
+    out.mkdir(parents=True)
+    lines = write_precision(runs, profile, out)
+    table = pd.read_csv(out / "precision.csv")
+    ce = table[table["compared"] == "pretext: CE bf16 vs CE fp32"].set_index("metric")
+    svm = ce.loc["frozen SVM best layer, mAP"]  # seeds 0 and 2: (0.31-0.30, 0.34-0.34) x 100
+    assert svm["n"] == 2 and svm["diff"] == pytest.approx(0.5)
+    assert ce.loc["pretext train time, min"]["n"] == 2
+    task = table[table["compared"] == "classify_bf16 vs classify, on CE fp32"]
+    assert set(task["n"]) == {2}  # the task's own precision: seed 2 left out, 0 and 1 compared
+    text = "\n".join(lines)
+    assert "- pretext, ce, seed 1: bf16" in text and "- classify_bf16, ce, seed 2: fp32" in text
+    rot = table[table["compared"].str.startswith("pretext: rot_bf16")]
+    assert rot["n"].iloc[0] == 3  # nothing recorded: counted, as folders from before the record
+
+
+def test_two_machines_run_lists_pool_into_pairs_of_machine_and_seed(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from orchestrate import precision
+
+    profile = fake_runs(tmp_path)
+    runs = collect_runs(profile.runs_root)
+    a, b = tmp_path / "xeon", tmp_path / "epyc"
+    for folder, lift in ((a, 0.0), (b, 0.02)):  # the second machine: bf16 CE 2 mAP higher
+        folder.mkdir()
+        shifted = runs.copy()
+        bf16 = (shifted["variant"] == "ce_bf16") & (shifted["task"] == "frozen")
+        shifted.loc[bf16, "m.svm_best_mAP"] += lift
+        shifted.to_csv(folder / "runs.csv", index=False)
+    out = tmp_path / "pooled"
+    argv = ["--profile", str(tmp_path / "fake_precision.yaml"), "--out", str(out), str(a), str(b)]
+    precision.main([*argv, "--names", "Xeon", "EPYC"])
+    table = pd.read_csv(out / "precision_pooled.csv")
+    ce = table[table["compared"] == "pretext: CE bf16 vs CE fp32"].set_index("metric")
+    mean, low, high = paired([1.0, 3.0, 0.0, 3.0, 5.0, 2.0])  # seeds 0-2, then 100-102
+    svm = ce.loc["frozen SVM best layer, mAP"]
+    assert svm["n"] == 6 and (svm["diff"], svm["ci_low"], svm["ci_high"]) == pytest.approx(
+        (mean, low, high)
+    )
+    assert not any(m.startswith("pretext loss") for m in ce.index)  # no run folders: no losses
+    text = (out / "precision_pooled.md").read_text()
+    assert f"seeds 0+ from `{a}` (Xeon)" in text and f"seeds 100+ from `{b}` (EPYC)" in text
+    # a folder without a run list: one error line, exit 2
+    (tmp_path / "empty").mkdir()
+    bad = [*argv[:4], str(a), str(tmp_path / "empty")]
+    proc = subprocess.run([sys.executable, "-m", "orchestrate.precision", *bad],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+    assert len(proc.stderr.splitlines()) == 1 and "runs.csv: no run list" in proc.stderr
