@@ -218,7 +218,8 @@ def bf16_markdown(runs: dict) -> list[str]:
     lines = [
         "",
         f"bf16 autocast beside fp32, our step in the same alternation ({steps[0]['cpu_bf16']}; "
-        "the trainer's amp=auto stays fp32 on a CPU until docs/precision.md's val check is done):",
+        f"the trainer's amp=auto, so 'ours' above, is {steps[0]['settings']['autocast'] or 'fp32'} "
+        "here: core.machine.resolve_amp, docs/precision.md):",
         "",
         "| network | batch | fp32 img/s | bf16 img/s | bf16 / fp32 | fraction of bf16 matmul | bf16 matmul GFLOP/s |",
         "|---|---|---|---|---|---|---|",

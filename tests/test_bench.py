@@ -120,36 +120,51 @@ def test_gpu_section_renders_the_recorded_gpu_runs():
     assert "No GPU run is recorded" in run.gpu_markdown(None)[0]
 
 
-@pytest.mark.parametrize("units", [True, False])
-def test_step_times_bf16_beside_fp32_where_the_cpu_has_bf16_units(monkeypatch, units):
-    from bench import machine
+@pytest.mark.parametrize(
+    ("flags", "ours", "other"),
+    [
+        ({"amx_bf16", "avx512_bf16"}, "bf16", "fp32"),  # matrix units: amp=auto is bf16 (pretext)
+        ({"avx512_bf16"}, "fp32", "bf16"),  # vector units only: auto stays fp32, bf16 timed beside
+        (set(), "fp32", None),  # no native bf16: nothing timed beside
+    ],
+)
+def test_step_times_the_other_precision_beside_ours_where_the_cpu_has_bf16(
+    monkeypatch, flags, ours, other
+):
+    from bench import machine as bench_machine
+    from core import machine
 
-    why = "injected"
-    monkeypatch.setattr(step, "cpu_bf16", lambda: (units, why))
+    monkeypatch.setattr(machine, "cpu_flags", lambda: set(flags))
+    monkeypatch.setattr(machine, "CPU_BF16_STAGES", frozenset({"pretext"}))
     monkeypatch.setattr(
-        step, "matmul_gflops", lambda dtype=torch.float32: machine.matmul_gflops(128, 0.05, dtype)
+        step,
+        "matmul_gflops",
+        lambda dtype=torch.float32: bench_machine.matmul_gflops(128, 0.05, dtype),
     )
     s = step.measure_step("small64", 2, 1, "cpu")
-    assert s["settings"]["autocast"] is None and s["cpu_bf16"] == why  # ours: fp32 on a CPU
-    bf16_keys = {"ours_bf16_images_per_s", "bf16_speedup", "bf16_fraction_of_bf16_matmul"}
-    if not units:
-        assert not bf16_keys & s.keys()
+    assert s["settings"]["autocast"] == {"fp32": None, "bf16": "bfloat16"}[ours]
+    assert s["cpu_bf16"] == machine.cpu_bf16(flags)[1]
+    bf16_keys = {"bf16_speedup", "bf16_fraction_of_bf16_matmul", "bf16_images_per_s"}
+    if other is None:
+        assert not bf16_keys & s.keys() and "ours_bf16_images_per_s" not in s
         return
-    assert s["fp32_images_per_s"] == s["ours_images_per_s"]
-    assert s["bf16_images_per_s"] == s["ours_bf16_images_per_s"] > 0
+    bf16, fp32 = ("ours", "ours_fp32") if ours == "bf16" else ("ours_bf16", "ours")
+    assert s["fp32_images_per_s"] == s[f"{fp32}_images_per_s"] > 0
+    assert s["bf16_images_per_s"] == s[f"{bf16}_images_per_s"] > 0
     assert s["bf16_speedup"] == pytest.approx(s["bf16_images_per_s"] / s["fp32_images_per_s"])
     assert s["bf16_fraction_of_bf16_matmul"] == pytest.approx(
-        s["ours_bf16_gflops"] / s["bf16_matmul_gflops"]
+        s[f"{bf16}_gflops"] / s["bf16_matmul_gflops"]
     )
     # the same weights and batch: the first losses agree to bf16 rounding
-    loss, loss_bf16 = s["first_loss_ours"]["loss"], s["first_loss_ours_bf16"]["loss"]
+    loss, loss_bf16 = s[f"first_loss_{fp32}"]["loss"], s[f"first_loss_{bf16}"]["loss"]
     assert loss_bf16 == pytest.approx(loss, rel=3e-2) and loss_bf16 != loss
 
 
 def test_bf16_rows_render_only_the_steps_that_timed_bf16():
     timed = {"arch": "small64", "batch": 32, "cpu_bf16": "the CPU has bf16 matrix units (x)",
              "fp32_images_per_s": 100.0, "bf16_images_per_s": 150.0, "bf16_speedup": 1.5,
-             "bf16_fraction_of_bf16_matmul": 0.25, "bf16_matmul_gflops": 200.0}  # fmt: skip
+             "bf16_fraction_of_bf16_matmul": 0.25, "bf16_matmul_gflops": 200.0,
+             "settings": {"autocast": "bfloat16"}}  # fmt: skip
     runs = {"step_small64": {"step": timed}, "step_inpaint128": {"step": {"arch": "inpaint128"}},
             "retrieval_10k": {}}  # fmt: skip
     lines = run.bf16_markdown(runs)
@@ -157,6 +172,7 @@ def test_bf16_rows_render_only_the_steps_that_timed_bf16():
     assert rows == ["| small64 | 32 | 100.0 | 150.0 | **1.50x** | 0.25 | 200.0 |"]
     assert not any(line.startswith("| inpaint128") for line in lines)
     assert "bf16 matrix units (x)" in "\n".join(lines)
+    assert "amp=auto, so 'ours' above, is bfloat16 here" in "\n".join(lines)
     assert run.bf16_markdown({"step_inpaint128": {"step": {"arch": "inpaint128"}}}) == []
 
 

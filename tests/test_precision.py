@@ -60,18 +60,21 @@ def test_explicit_bf16_is_bf16_and_says_when_it_is_emulated(flags, emulated):
     assert ("emulated" in why) is emulated
 
 
-def test_no_stage_is_validated_for_cpu_bf16_yet():
-    # the val quality check (docs/precision.md) has not been run: no CPU trains in bf16 by default
-    assert not machine.CPU_BF16_STAGES
+def test_pretext_and_fine_tuning_are_validated_for_cpu_bf16():
+    # docs/precision.md: both checked on val on the AMX and the AMD type (PROFILE=precision);
+    # mmdet / mmseg and feature extraction have no amp key
+    assert set(machine.CPU_BF16_STAGES) == {"pretext", "classify"}
 
 
-def test_the_builtin_config_stays_fp32_on_a_cpu_even_with_amx(monkeypatch):
-    monkeypatch.setattr(machine, "cpu_flags", lambda: AMX)
+@pytest.mark.parametrize(("flags", "dtype"), [(AMX, torch.bfloat16), (AVX512_BF16, None),
+                                              (NEITHER, None)])  # fmt: skip
+def test_the_builtin_config_is_bf16_on_a_cpu_with_amx_and_fp32_elsewhere(monkeypatch, flags, dtype):
+    monkeypatch.setattr(machine, "cpu_flags", lambda: flags)
     cfg = resolve(Config())
     assert cfg.amp == "auto"
+    assert step_settings(cfg, CPU)[1] is dtype
+    monkeypatch.setattr(machine, "CPU_BF16_STAGES", frozenset())  # a stage not validated: fp32
     assert step_settings(cfg, CPU)[1] is None
-    monkeypatch.setattr(machine, "CPU_BF16_STAGES", frozenset({"pretext"}))  # once validated
-    assert step_settings(cfg, CPU)[1] is torch.bfloat16
 
 
 def test_precision_names():
@@ -136,7 +139,12 @@ def test_a_recorded_fact_is_compared_only_when_a_run_resumes(tmp_path):
     assert run_folder.open_run(run, _Cfg(), set(), facts=fp32) == {"loss": 1.0}  # its record
 
 
-def test_a_builtin_cpu_run_records_fp32_and_why(tiny_train_args, tmp_path):
+@pytest.mark.parametrize(("flags", "recorded"), [(AMX, "bf16"), (AVX512_BF16, "fp32")])
+def test_a_builtin_cpu_run_records_its_precision_and_why(
+    tiny_train_args, tmp_path, monkeypatch, flags, recorded
+):
+    monkeypatch.setattr(machine, "cpu_flags", lambda: flags)
     main(parse_config([*tiny_train_args, "optim.steps=2", "checkpoint_every=2"]))
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
-    assert meta["precision"] == "fp32" and meta["precision_reason"].startswith("amp=auto")
+    assert meta["precision"] == recorded and meta["precision_reason"].startswith("amp=auto")
+    assert ("matrix units" in meta["precision_reason"]) is (recorded == "bf16")

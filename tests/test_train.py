@@ -32,7 +32,11 @@ def test_loss_goes_down_and_outputs_are_written(tiny_train_args, tmp_path):
     assert state["step"] == 30 and state["method"] == "context_encoder"
 
 
-def test_resume_after_interruption_gives_the_same_weights(tiny_train_args, tmp_path):
+@pytest.mark.parametrize(
+    "amp", ["off", "bf16"]
+)  # bf16: native with AMX / AVX512-BF16, else emulated
+def test_resume_after_interruption_gives_the_same_weights(tiny_train_args, tmp_path, amp):
+    tiny_train_args = [*tiny_train_args, f"amp={amp}"]
     straight = [
         a.replace(str(tmp_path / "run"), str(tmp_path / "straight")) for a in tiny_train_args
     ]
