@@ -190,6 +190,16 @@ def copy_figure(src: Path, dst: Path) -> bool:
     return True
 
 
+def precision_line(runs: pd.DataFrame) -> list[str]:
+    """What the trained runs recorded as their precision (core.machine.resolve_amp; the
+    ``precision`` column of :func:`orchestrate.tables.collect_runs`), counted per task."""
+    if runs.empty or "precision" not in runs or runs["precision"].isna().all():
+        return []
+    counts = runs.dropna(subset=["precision"]).groupby(["task", "precision"]).size()
+    text = "; ".join(f"{task} {prec} x {n}" for (task, prec), n in counts.items())
+    return [f"- precision the runs trained in (their meta.json): {text} (docs/precision.md)"]
+
+
 def make_wall_line() -> list[str]:
     """`make table` exports CE_TABLE_START (epoch seconds, before its set-up step): the wall time
     of the whole command, set-up included."""
@@ -329,6 +339,7 @@ def write_report(profile: Profile, pipeline_wall_s: float, command: str) -> Path
         f"- git commit: {git_commit()}",
         f"- machine: {cpu_model()}, {platform.machine()}, {platform.system()}, "
         f"{shutil.os.cpu_count()} CPUs",
+        *precision_line(runs),
         f"- pipeline wall time of this invocation: {pipeline_wall_s / 60:.1f} min (jobs already done were skipped)",
         *make_wall_line(),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),

@@ -255,3 +255,16 @@ def test_report_writes_the_single_label_tables_per_layer(tmp_path, monkeypatch):
     assert list(layers.columns) == [f"{layer} linear top-1 (%)" for layer in LAYERS]
     assert layers.loc["Context encoder", "conv1 linear top-1 (%)"].startswith("21.0 ± 1.0 (n=3)")
     assert "Single-label linear probe: val top-1 per layer" in (out / "README.md").read_text()
+
+
+def test_provenance_counts_the_precision_each_task_trained_in():
+    from orchestrate.report import precision_line
+
+    runs = pd.DataFrame({"task": ["pretext", "pretext", "pretext", "classify", "frozen"],
+                         "precision": ["bf16", "bf16", "fp32", "bf16", None]})  # fmt: skip
+    assert precision_line(runs) == [
+        "- precision the runs trained in (their meta.json): classify bf16 x 1; pretext bf16 x 2; "
+        "pretext fp32 x 1 (docs/precision.md)"
+    ]
+    assert precision_line(runs.assign(precision=None)) == []  # folders from before the record
+    assert precision_line(runs.drop(columns="precision")) == []
