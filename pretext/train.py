@@ -152,8 +152,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     eval_images: int = 256
     device: str = "auto"  # auto | cpu | cuda
-    # auto: bf16 on a GPU; fp32 on a CPU (bf16 once validated there: core.machine.resolve_amp,
-    # docs/precision.md). Resolved per machine, recorded in meta.json as ``precision``.
+    # auto: bf16 on a GPU and on a CPU with AMX matrix units, fp32 on other CPUs
+    # (core.machine.resolve_amp, docs/precision.md). Resolved per machine, recorded in meta.json.
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on GPU only
     compile: bool = False

@@ -71,9 +71,9 @@ class FinetuneConfig:
     rescale: bool = False  # Krähenbühl et al. data-dependent init of the new layers
     rescale_batch: int = 128
     clip_grad: float = 10.0  # max gradient norm (0: off)
-    # The training steps' precision (core.machine.resolve_amp; docs/precision.md): auto = fp32 on a
-    # CPU until the stage is in core.machine.CPU_BF16_STAGES; bf16 = torch's CPU autocast (weights
-    # and Adam state fp32). Evaluation and the linear probes stay fp32.
+    # The training steps' precision (core.machine.resolve_amp; docs/precision.md): auto = bf16 on a
+    # CPU with AMX ("classify" is in core.machine.CPU_BF16_STAGES), fp32 on other CPUs; bf16 =
+    # torch's CPU autocast (weights and Adam state fp32). Evaluation and linear probes stay fp32.
     amp: Literal["auto", "off", "bf16"] = "auto"
 
 
