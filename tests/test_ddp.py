@@ -32,6 +32,8 @@ CANCELLED = {f"decoder.layers.{i}.bias" for i in (0, 3, 6)} | {
     f"decoder.layers.{i}.running_mean" for i in (1, 4, 7)
 }
 OUTPUT_ATOL = 1e-2  # the output is a tanh, in [-1, 1]
+# From an image store (test below), measured on the Intel Xeon type: 3.1e-2 and 1.1e-2 after 8 steps
+STORE_RTOL, STORE_OUTPUT_ATOL = 0.1, 3e-2
 
 
 def args(voc, run_dir):
@@ -46,6 +48,9 @@ def args(voc, run_dir):
         "log_every=1",
         "eval_images=4",
         "threads=1",
+        # fp32: the tolerances above are fp32 reduction-order drift; amp=auto is bf16 on a CPU with
+        # AMX (docs/precision.md), whose 8-bit mantissa puts the two runs further apart than that
+        "amp=off",
     ]
 
 
@@ -187,21 +192,25 @@ def test_two_processes_from_an_image_store_reach_the_weights_of_one(tiny_voc, tm
     finish(torchrun(tiny_voc, two, extra), two)
     a, b = load_checkpoint(one), load_checkpoint(two)
     assert a["step"] == b["step"] == STEPS and a["data_store"] == b["data_store"]
+    ref, got = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
+    # the same samples (pixel for pixel: tests/test_batch_augment.py), so the losses agree up to
+    # the reduction-order drift, which Adam amplifies step by step. It depends on the data and the
+    # CPU type: on this 48-image set under 5e-5 by step 8 on the AMD EPYC type; on the Intel Xeon
+    # type (2026-12-03) 8.6e-8 at step 1, 0 at step 3, then ~4x a step to 1.2e-4 at step 8, with the
+    # weights STORE_RTOL-close (3.1e-2) and the output 1.1e-2 apart. A wrong slice or an unsynced
+    # BatchNorm differs from the first step (per-rank BN: 1.37 in the weights), hence the tight
+    # check on the first steps and the looser one at the end.
+    for r, g in zip(ref, got, strict=True):
+        rel = 1e-6 if r["step"] <= 3 else 1e-3
+        assert g["loss_rec"] == pytest.approx(r["loss_rec"], rel=rel), r["step"]
     out_a, out_b = output_on_fixed_batch(a), output_on_fixed_batch(b)
-    assert torch.allclose(out_a, out_b, rtol=0, atol=OUTPUT_ATOL)
+    assert torch.allclose(out_a, out_b, rtol=0, atol=STORE_OUTPUT_ATOL)
     worst = max(
         float((x - b["model"][k]).abs().max() / x.abs().max().clamp_min(1e-12))
         for k, x in a["model"].items()
         if x.is_floating_point() and k not in CANCELLED
     )
-    assert worst < RTOL
-    ref, got = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
-    # the same samples (pixel for pixel: tests/test_batch_augment.py), so the losses agree up to
-    # the reduction-order drift. That drift depends on the data: on a 1000-image mini-VOC it
-    # reaches 2.3e-4 by step 8, and so does one process at threads=2 against threads=1 (2.8e-4);
-    # this 48-image set stays under 5e-5.
-    for r, g in zip(ref, got, strict=True):
-        assert g["loss_rec"] == pytest.approx(r["loss_rec"], rel=5e-5), r["step"]
+    assert worst < STORE_RTOL
 
 
 def test_two_process_run_with_the_probe_reaches_the_same_weights(ddp_run, tiny_voc, tmp_path):

@@ -147,4 +147,4 @@ def test_a_builtin_cpu_run_records_its_precision_and_why(
     main(parse_config([*tiny_train_args, "optim.steps=2", "checkpoint_every=2"]))
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
     assert meta["precision"] == recorded and meta["precision_reason"].startswith("amp=auto")
-    assert ("matrix units" in meta["precision_reason"]) is (recorded == "bf16")
+    assert ("has bf16 matrix units" in meta["precision_reason"]) is (recorded == "bf16")
