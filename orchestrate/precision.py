@@ -35,7 +35,7 @@ import pandas as pd
 from core.atomic_io import atomic_write_text, read_jsonl
 from core.cli import UserError, run_cli
 from orchestrate.profile import Profile, load_profile, profile_path
-from orchestrate.tables import difference_ci, format_difference, to_markdown
+from orchestrate.tables import difference_ci, format_difference, read_run_list, to_markdown
 
 OFF = ("off", "auto")
 
@@ -115,34 +115,35 @@ def loss_quarters(run_dir: str | Path) -> dict[str, float]:
             "loss_last_quarter": float(np.mean(losses[-q:]))}  # fmt: skip
 
 
-def trained_in(runs: pd.DataFrame, sel: pd.DataFrame, of_pretext: bool) -> pd.Series:
-    """The recorded precision of each row of ``sel`` (a part of ``runs``): its own (a pretext run,
-    a fine-tuning run), or with ``of_pretext`` that of the pretext run of its variant and seed (an
-    evaluation of it); NaN where none is recorded (folders from before the record)."""
+def with_pretext_precision(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with ``pretext_precision``: on each row, what the pretext run of its variant and
+    seed recorded (an evaluation's precision is that of the run it reads); NaN where none is
+    recorded (folders from before the record)."""
     if "precision" not in runs:
-        return pd.Series(np.nan, index=sel.index, dtype=object)
-    if not of_pretext:
-        return sel["precision"]
+        return runs.assign(precision=np.nan, pretext_precision=np.nan)
     pre = runs[runs["stage"] == "pretext"].set_index(["variant", "seed"])["precision"]
-    return pd.Series([pre.get((v, s)) for v, s in zip(sel["variant"], sel["seed"])],
-                     index=sel.index, dtype=object)  # fmt: skip
+    keys = pd.MultiIndex.from_arrays([runs["variant"], runs["seed"]])
+    out = runs.copy()  # one block per dtype: collect_runs' frame grows a column at a time
+    out["pretext_precision"] = pre.reindex(keys).to_numpy()
+    return out
 
 
 def values(
     runs: pd.DataFrame, stage: str, task: str, variant: str, key: str,
-    precision: str | None = None, of_pretext: bool = False, left_out: set | None = None,
+    precision: str | None = None, column: str = "precision", left_out: set | None = None,
 ) -> dict[int, float]:  # fmt: skip
     """{seed: value} of ``key`` over the finished runs of (stage, task, variant); with
-    ``precision``, only those that trained in it (:func:`trained_in`; unrecorded ones count):
-    ``amp=auto`` resolves per machine, so a partner without ``amp`` is fp32 only where its run
-    folder says so. The runs left out go into ``left_out`` as (task, variant, seed, recorded)."""
+    ``precision``, only those whose ``column`` (``precision``: their own; ``pretext_precision``,
+    from :func:`with_pretext_precision`: their pretext run's) records it or nothing: ``amp=auto``
+    resolves per machine, so a partner without ``amp`` is fp32 only where its run folder says so.
+    The runs left out go into ``left_out`` as (task, variant, seed, recorded)."""
     sel = runs[(runs["stage"] == stage) & (runs["task"] == task) & (runs["variant"] == variant)]
     sel = sel[sel["status"] == "done"]
     if precision is not None:
-        got = trained_in(runs, sel, of_pretext)
+        got = sel[column]
         keep = got.isna() | (got == precision)
         if left_out is not None:
-            what = "pretext" if of_pretext else task
+            what = "pretext" if column == "pretext_precision" else task
             left_out.update(
                 (what, variant, int(s), g) for s, g in zip(sel["seed"][~keep], got[~keep])
             )
@@ -180,14 +181,15 @@ def precision_table(
     ``losses``); the runs left out for a recorded precision other than the pair's go into
     ``left_out`` (:func:`values`)."""
     titles = {n: s.title or n for n, s in profile.pretext.variants.items()}
+    runs = with_pretext_precision(runs)
     rows = []
     for fp32, low, amp in variant_pairs(profile):
         what = f"pretext: {titles[low]} vs {titles[fp32]}"
         for stage, task, key, scale, label in VARIANT_METRICS:
             if key.startswith("loss_") and not losses:
                 continue
-            a = values(runs, stage, task, fp32, key, "fp32", True, left_out)
-            b = values(runs, stage, task, low, key, amp, True, left_out)
+            a = values(runs, stage, task, fp32, key, "fp32", "pretext_precision", left_out)
+            b = values(runs, stage, task, low, key, amp, "pretext_precision", left_out)
             rows.append(row(what, amp, label, a, b, scale))
     for (stage, fp32_task), (_, low_task), amp in task_pairs(profile):
         for variant in profile.tasks()[(stage, low_task)].variants:
@@ -257,9 +259,7 @@ def pooled_runs(folders: list[Path]) -> pd.DataFrame:
         path = folder / "runs.csv"
         if not path.is_file():
             raise UserError(f"{path}: no run list (a results folder of orchestrate.report)")
-        runs = pd.read_csv(path)
-        if not {"stage", "task", "variant", "seed", "status"} <= set(runs.columns):
-            raise UserError(f"{path}: not a run list of orchestrate.report")
+        runs = read_run_list(path)
         if (runs["seed"] >= SEED_OFFSET).any():
             raise UserError(f"{path}: seeds of {SEED_OFFSET} or more cannot be pooled")
         frames.append(runs.assign(seed=runs["seed"] + k * SEED_OFFSET))

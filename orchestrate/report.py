@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from core.atomic_io import atomic_save, atomic_write_text, read_jsonl
-from core.cli import ArgumentParser, UserError, run_cli
+from core.cli import ArgumentParser, run_cli
 from core.features import LAYERS
 from core.machine import cpu_model
 from orchestrate.budget import write_budget
@@ -40,6 +40,7 @@ from orchestrate.tables import (
     build_table,
     collect_runs,
     lowshot_columns,
+    read_run_list,
     resolution_markdown,
     resolution_table,
     to_markdown,
@@ -357,15 +358,7 @@ def rerender(profile: Profile, runs_csv: Path) -> Path:
     wrote from the run folders) without the folders: the same cells, intervals and resolution
     lines; no test-image intervals (they need each folder's scores.npz) and no figures. The README's
     provenance is kept, with a line saying what was re-rendered."""
-    try:
-        runs = pd.read_csv(runs_csv)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise UserError(f"{runs_csv}: cannot read a runs table ({err})") from err
-    missing = {"stage", "task", "variant", "seed", "run_dir", "status"} - set(runs.columns)
-    if missing:
-        raise UserError(
-            f"{runs_csv}: not a runs.csv of orchestrate.report, missing {sorted(missing)}"
-        )
+    runs = read_run_list(runs_csv)
     out = Path(profile.results_dir)
     sections = write_tables(runs, profile, out, bootstrap=None)
     readme = out / "README.md"

@@ -26,8 +26,9 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-from core import image_scores
+from core import image_scores, run_folder
 from core.atomic_io import atomic_write_text
+from core.cli import UserError
 from core.features import LAYERS
 
 
@@ -121,7 +122,7 @@ def recorded_precision(run_dir: Path) -> str | None:
     """``fp32`` / ``bf16`` / ``fp16``: what ``run_dir``'s meta.json records it trained in; None
     where it records none (a stage without training steps, a folder from before the record)."""
     try:
-        meta = json.loads((run_dir / "meta.json").read_text())
+        meta = run_folder.read_meta(run_dir)
     except (OSError, json.JSONDecodeError):
         return None
     found = [meta[k] for k in PRECISION_KEYS if isinstance(meta, dict) and k in meta]
@@ -158,6 +159,22 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
         rows.append(row)
     columns = ["stage", "task", "variant", "seed", "run_dir", "status"]
     return pd.DataFrame(rows, columns=columns if not rows else None)
+
+
+RUN_LIST_COLUMNS = {"stage", "task", "variant", "seed", "run_dir", "status"}
+
+
+def read_run_list(path: Path) -> pd.DataFrame:
+    """A ``runs.csv`` as :mod:`orchestrate.report` writes it (:func:`collect_runs`' table); a file
+    that is not one is a UserError (one ``error:`` line)."""
+    try:
+        runs = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise UserError(f"{path}: cannot read a runs table ({err})") from err
+    missing = RUN_LIST_COLUMNS - set(runs.columns)
+    if missing:
+        raise UserError(f"{path}: not a runs.csv of orchestrate.report, missing {sorted(missing)}")
+    return runs
 
 
 def format_cell(values: list[float], digits: int, expected: int) -> str:
