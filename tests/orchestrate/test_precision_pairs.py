@@ -218,3 +218,10 @@ def test_two_machines_run_lists_pool_into_pairs_of_machine_and_seed(tmp_path, ca
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
     assert len(proc.stderr.splitlines()) == 1 and "runs.csv: no run list" in proc.stderr
+    from core.cli import UserError
+
+    with pytest.raises(UserError, match="--names: 1 names for 2 folders"):
+        precision.main([*argv, "--names", "Xeon"])
+    builtin = ["--profile", "builtin", "--out", str(out), str(a)]  # no amp pairs in it
+    with pytest.raises(UserError, match="builtin: no precision pair with runs"):
+        precision.main(builtin)
